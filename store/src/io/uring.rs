@@ -1,0 +1,258 @@
+//! The io_uring backend: one ring driven by the engine's own thread.
+//!
+//! Callers on any thread push requests into a queue and, when the ring
+//! thread is asleep in `io_uring_enter`, wake it through an eventfd whose read
+//! is always armed in the ring. The ring thread moves requests into the
+//! submission queue, reaps completions, resubmits the rest of a short
+//! transfer, and completes each request through its channel. Buffers stay
+//! owned by the in-flight request until the kernel is done with them.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::{DeviceIo, Op, Request};
+
+const RING_ENTRIES: u32 = 256;
+const WAKE: u64 = u64::MAX;
+
+struct Shared {
+    queue: Mutex<VecDeque<(Arc<File>, Request)>>,
+    wake_fd: OwnedFd,
+    sleeping: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe {
+            libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+/// Closes the ring when the last user handle goes away.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.wake();
+    }
+}
+
+/// A running ring thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Ring {
+    handle: Arc<Handle>,
+}
+
+impl Ring {
+    /// Sets up a ring and its thread; fails where io_uring is unavailable
+    /// (old kernel, seccomp, `io_uring_disabled`).
+    pub fn start() -> io::Result<Ring> {
+        let ring = IoUring::new(RING_ENTRIES)?;
+        // Probe that the opcodes we need exist (Read/Write need Linux 5.6).
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::Read::CODE, "read"),
+            (opcode::Write::CODE, "write"),
+            (opcode::Fsync::CODE, "fsync"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("io_uring lacks the {name} opcode"),
+                ));
+            }
+        }
+        // SAFETY: eventfd returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            // SAFETY: efd is a fresh fd we own.
+            wake_fd: unsafe { OwnedFd::from_raw_fd(efd) },
+            sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("cowsnap-uring".into())
+            .spawn(move || run(ring, s))?;
+        Ok(Ring {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+
+    pub(super) fn file(&self, file: Arc<File>) -> UringFile {
+        UringFile {
+            file,
+            ring: self.handle.clone(),
+        }
+    }
+}
+
+pub struct UringFile {
+    file: Arc<File>,
+    ring: Arc<Handle>,
+}
+
+impl DeviceIo for UringFile {
+    fn submit(&self, req: Request) {
+        let shared = &self.ring.shared;
+        shared
+            .queue
+            .lock()
+            .expect("uring queue")
+            .push_back((self.file.clone(), req));
+        if shared.sleeping.swap(false, Ordering::SeqCst) {
+            shared.wake();
+        }
+    }
+}
+
+/// A request in the ring, and how much of it is done.
+struct InFlight {
+    file: Arc<File>,
+    req: Request,
+    done: usize,
+}
+
+fn sqe_for(f: &InFlight) -> squeue::Entry {
+    let fd = types::Fd(f.file.as_raw_fd());
+    let off = f.req.offset + f.done as u64;
+    match f.req.op {
+        Op::Flush => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        Op::Read => {
+            let buf = f.req.buf.as_ref().expect("read has a buffer");
+            // SAFETY (for the kernel's later use): the buffer lives in the
+            // in-flight slot until the completion is reaped.
+            let ptr = unsafe { buf.as_ptr().add(f.done) } as *mut u8;
+            opcode::Read::new(fd, ptr, (buf.len() - f.done) as u32)
+                .offset(off)
+                .build()
+        }
+        Op::Write { dsync } => {
+            let buf = f.req.buf.as_ref().expect("write has a buffer");
+            let ptr = unsafe { buf.as_ptr().add(f.done) };
+            opcode::Write::new(fd, ptr, (buf.len() - f.done) as u32)
+                .offset(off)
+                .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                .build()
+        }
+    }
+}
+
+fn run(mut ring: IoUring, shared: Arc<Shared>) {
+    let mut slots: Vec<Option<InFlight>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut backlog: VecDeque<usize> = VecDeque::new();
+    let mut in_ring = 0usize;
+    let mut wake_buf = [0u8; 8];
+    let wake_fd: RawFd = shared.wake_fd.as_raw_fd();
+    let arm_wake = |ring: &mut IoUring, buf: &mut [u8; 8]| {
+        let e = opcode::Read::new(types::Fd(wake_fd), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE);
+        // SAFETY: buf lives for the whole loop (it is a local of `run`).
+        unsafe { ring.submission().push(&e).expect("ring has room for the wake read") };
+    };
+    arm_wake(&mut ring, &mut wake_buf);
+
+    loop {
+        // Take new requests.
+        let new: Vec<_> = shared.queue.lock().expect("uring queue").drain(..).collect();
+        for (file, req) in new {
+            let f = InFlight { file, req, done: 0 };
+            let idx = match free.pop() {
+                Some(i) => {
+                    slots[i] = Some(f);
+                    i
+                }
+                None => {
+                    slots.push(Some(f));
+                    slots.len() - 1
+                }
+            };
+            backlog.push_back(idx);
+        }
+        // Move as many as fit into the submission queue (one slot stays for
+        // re-arming the wake read).
+        while in_ring + 2 < RING_ENTRIES as usize {
+            let Some(idx) = backlog.pop_front() else { break };
+            let e = sqe_for(slots[idx].as_ref().expect("slot in use")).user_data(idx as u64);
+            // SAFETY: the buffer is owned by slots[idx] until completion.
+            unsafe { ring.submission().push(&e).expect("checked room") };
+            in_ring += 1;
+        }
+
+        if shared.closed.load(Ordering::SeqCst) && in_ring == 0 && backlog.is_empty() {
+            let q = shared.queue.lock().expect("uring queue");
+            if q.is_empty() {
+                return;
+            }
+            continue;
+        }
+
+        // Sleep only when nothing new has arrived since we looked.
+        shared.sleeping.store(true, Ordering::SeqCst);
+        let nothing_new = shared.queue.lock().expect("uring queue").is_empty();
+        let want = if nothing_new && !shared.closed.load(Ordering::SeqCst) { 1 } else { 0 };
+        match ring.submit_and_wait(want) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => panic!("io_uring_enter failed: {e}"),
+        }
+        shared.sleeping.store(false, Ordering::SeqCst);
+
+        let cqes: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (ud, res) in cqes {
+            if ud == WAKE {
+                arm_wake(&mut ring, &mut wake_buf);
+                continue;
+            }
+            in_ring -= 1;
+            let idx = ud as usize;
+            let f = slots[idx].as_mut().expect("completion for a live slot");
+            let result = if res < 0 {
+                let e = io::Error::from_raw_os_error(-res);
+                if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    backlog.push_back(idx);
+                    continue;
+                }
+                Err(e)
+            } else {
+                let len = f.req.buf.as_ref().map_or(0, |b| b.len());
+                f.done += res as usize;
+                if f.req.op != Op::Flush && f.done < len {
+                    if res == 0 {
+                        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at the end of the device"))
+                    } else {
+                        backlog.push_back(idx);
+                        continue;
+                    }
+                } else {
+                    Ok(())
+                }
+            };
+            let f = slots[idx].take().expect("live slot");
+            free.push(idx);
+            f.req.complete(result);
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! cowsnap's storage engine: the Linux kernel's dm-snapshot persistent
+//! exception store, byte-compatible on disk, and its copy-on-write engine, in
+//! user space.
+//!
+//! - [`format`]: the on-disk layout (header, metadata areas, records);
+//! - [`io`]: `O_DIRECT` devices, aligned buffers, the io_uring, portable and
+//!   fault-injecting backends;
+//! - [`scan`]: reading and checking a COW device's metadata;
+//! - [`pstore`]: one COW device's exception store: allocation, group commit,
+//!   invalidation, merge steps;
+//! - [`snapshot`] and [`origin`]: the engine (origin with snapshots, their
+//!   I/O paths), [`merge`]: rolling the origin back to a snapshot;
+//! - [`status`]: `dmsetup status` lines.
+
+pub mod error;
+pub mod format;
+pub mod io;
+pub mod merge;
+pub mod origin;
+pub mod pstore;
+pub mod scan;
+pub mod snapshot;
+pub mod status;
+
+pub use error::{Error, Result};
+pub use format::Layout;
+pub use io::{AlignedBuf, Backend, BackendChoice, Device};
+pub use merge::MergeProgress;
+pub use origin::{AddedSnapshot, Origin, SnapshotOptions, SnapshotStatus, Target};
+pub use pstore::{CommitStats, Usage};
+pub use snapshot::SnapId;

@@ -1,0 +1,767 @@
+//! The copy-on-write engine: an origin device and its snapshots, with the
+//! semantics of dm's `snapshot-origin`, `snapshot` and `snapshot-merge`
+//! targets in one object.
+//!
+//! - Origin read: the origin device (during a merge, an unmerged chunk comes
+//!   from the merging snapshot's COW).
+//! - Origin write: every valid snapshot lacking an affected chunk first gets
+//!   an exception for it (the chunk copied into its COW device and the record
+//!   committed, copies in parallel and the origin chunk read once per chunk
+//!   size); the origin is written only after all of them are committed and no
+//!   snapshot read of the old data is still in flight. A write to a chunk
+//!   whose exception is pending waits for it.
+//! - Snapshot read: the COW chunk when the snapshot has an exception for it,
+//!   else the origin chunk (tracked, so the origin is not overwritten under
+//!   the read).
+//! - Snapshot write: into the COW chunk; a chunk without an exception gets one
+//!   first (the origin chunk copied in when the write is partial).
+//!
+//! A gate (read side per I/O, write side for adding, deleting or starting to
+//! merge a snapshot) gives snapshot creation the atomicity of dm's
+//! suspend/resume: writes acknowledged before it are in the snapshot, writes
+//! started after it are not.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::join_all;
+use hashbrown::HashMap;
+
+use crate::error::{Error, Result};
+use crate::format::Record;
+use crate::io::{AlignedBuf, Device};
+use crate::pstore::{CommitStats, PStore, Usage};
+use crate::snapshot::{SnapId, Snapshot};
+
+/// A snapshot and the COW chunk allocated for a copy.
+type CopyTarget = (Arc<Snapshot>, u64);
+
+/// What an I/O addresses: the origin, or one of its snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Origin,
+    Snapshot(SnapId),
+}
+
+/// How to attach a COW device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotOptions {
+    /// Chunk size for a new (all-zero) COW device; an existing header wins.
+    pub chunk_sectors: Option<u32>,
+    /// The snapshot was merging when the origin was last open: it resumes in
+    /// merging state (call [`Origin::merge`] to finish it).
+    pub merging: bool,
+}
+
+/// What [`Origin::add_snapshot`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddedSnapshot {
+    pub id: SnapId,
+    /// The COW device was all zero and has been initialised.
+    pub initialised: bool,
+    /// The chunk size asked for when the COW header's differs (and won).
+    pub chunk_override: Option<u32>,
+    pub chunk_sectors: u32,
+    pub exceptions: u64,
+}
+
+/// A snapshot's state, with the numbers `dmsetup status` prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotStatus {
+    pub id: SnapId,
+    pub device: String,
+    pub chunk_sectors: u32,
+    pub valid: bool,
+    pub merging: bool,
+    pub exceptions: u64,
+    /// `None` when the snapshot is invalid (`dmsetup status` prints `Invalid`).
+    pub usage: Option<Usage>,
+    pub commits: CommitStats,
+}
+
+/// A piece of an I/O: `len` bytes at `dev_off` on `dev`, at `buf_off` in
+/// the caller's buffer.
+struct Seg {
+    dev: Device,
+    dev_off: u64,
+    buf_off: u64,
+    len: u64,
+}
+
+fn push_seg(segs: &mut Vec<Seg>, seg: Seg) {
+    if let Some(last) = segs.last_mut()
+        && last.dev.same(&seg.dev)
+        && last.dev_off + last.len == seg.dev_off
+        && last.buf_off + last.len == seg.buf_off
+    {
+        last.len += seg.len;
+        return;
+    }
+    segs.push(seg);
+}
+
+async fn read_segs(segs: Vec<Seg>, len: u64) -> Result<AlignedBuf> {
+    if let [seg] = &segs[..] {
+        return seg.dev.read(seg.dev_off, seg.len as usize).await;
+    }
+    let bufs = join_all(segs.iter().map(|s| s.dev.read(s.dev_off, s.len as usize))).await;
+    let mut out = AlignedBuf::zeroed(len as usize);
+    for (s, b) in segs.iter().zip(bufs) {
+        let b = b?;
+        out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&b);
+    }
+    Ok(out)
+}
+
+async fn write_segs(segs: Vec<Seg>, buf: AlignedBuf, fua: bool) -> Result<()> {
+    if let [seg] = &segs[..]
+        && seg.len == buf.len() as u64
+    {
+        seg.dev.write(seg.dev_off, buf, fua).await?;
+        return Ok(());
+    }
+    let results = join_all(segs.iter().map(|s| {
+        let piece = AlignedBuf::from_slice(&buf[s.buf_off as usize..(s.buf_off + s.len) as usize]);
+        s.dev.write(s.dev_off, piece, fua)
+    }))
+    .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// The part of chunk `c` (of `cb` bytes) inside `[off, off+len)`.
+fn piece(c: u64, cb: u64, off: u64, len: u64) -> Range<u64> {
+    (c * cb).max(off)..((c + 1) * cb).min(off + len)
+}
+
+pub struct Origin {
+    dev: Device,
+    gate: tokio::sync::RwLock<()>,
+    snaps: Mutex<Vec<Arc<Snapshot>>>,
+    next_id: AtomicU64,
+}
+
+impl Origin {
+    /// The engine over origin device `dev`, with no snapshots yet.
+    pub fn new(dev: Device) -> Result<Origin> {
+        if dev.size() == 0 || !dev.size().is_multiple_of(dev.block_size()) {
+            return Err(Error::Invalid {
+                device: dev.name().to_string(),
+                detail: format!(
+                    "origin size {} bytes is not a positive multiple of its logical block size {}",
+                    dev.size(),
+                    dev.block_size()
+                ),
+            });
+        }
+        Ok(Origin {
+            dev,
+            gate: tokio::sync::RwLock::new(()),
+            snaps: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Size of the origin (and of every snapshot) in bytes.
+    pub fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    /// The alignment every I/O must respect: the largest logical block size
+    /// of the origin and the COW devices.
+    pub fn block_size(&self) -> u64 {
+        self.snapshots()
+            .iter()
+            .map(|s| s.store.device().block_size())
+            .fold(self.dev.block_size(), u64::max)
+    }
+
+    pub(crate) fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        self.snaps.lock().expect("snapshot list").clone()
+    }
+
+    /// Ids of the snapshots, oldest first.
+    pub fn snapshot_ids(&self) -> Vec<SnapId> {
+        self.snapshots().iter().map(|s| s.id).collect()
+    }
+
+    pub(crate) fn snapshot(&self, id: SnapId) -> Result<Arc<Snapshot>> {
+        self.snapshots()
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or(Error::NoSnapshot(id))
+    }
+
+    pub(crate) fn merging_snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots().into_iter().find(|s| s.is_merging())
+    }
+
+    /// Attaches a COW device as a new snapshot: initialises an all-zero one
+    /// (a snapshot of the origin as it is now), or loads an existing one.
+    /// Waits for in-flight writes, flushes the origin, and holds new I/O
+    /// until the snapshot is in place.
+    pub async fn add_snapshot(&self, cow: Device, opts: SnapshotOptions) -> Result<AddedSnapshot> {
+        let _suspended = self.gate.write().await;
+        if let Some(m) = self.merging_snapshot() {
+            return Err(Error::Merging(m.id, "no snapshot can be added while one merges into the origin"));
+        }
+        self.dev.flush().await?;
+        let mut exceptions: HashMap<u64, u64> = HashMap::new();
+        let opened = PStore::open(cow, opts.chunk_sectors, Some(self.size()), |r: Record| {
+            exceptions.insert(r.old, r.new).is_none()
+        })
+        .await?;
+        exceptions.shrink_to_fit();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let layout = opened.store.layout();
+        if opts.merging && !opened.store.is_valid() {
+            return Err(Error::SnapshotInvalid {
+                device: opened.store.device().name().to_string(),
+            });
+        }
+        let snap = Arc::new(Snapshot::new(id, opened.store, exceptions, opts.merging));
+        self.snaps.lock().expect("snapshot list").push(snap);
+        Ok(AddedSnapshot {
+            id,
+            initialised: opened.initialised,
+            chunk_override: opened.chunk_override,
+            chunk_sectors: layout.chunk_sectors(),
+            exceptions: opened.exceptions,
+        })
+    }
+
+    /// Detaches a snapshot: the origin stops copying into it. Waits for the
+    /// snapshot's in-flight I/O. Returns its COW device.
+    pub async fn delete_snapshot(&self, id: SnapId) -> Result<Device> {
+        let _suspended = self.gate.write().await;
+        let s = self.snapshot(id)?;
+        if s.is_merging() {
+            return Err(Error::Merging(id, "a merging snapshot cannot be deleted"));
+        }
+        self.snaps.lock().expect("snapshot list").retain(|x| x.id != id);
+        let mut st = s.lock();
+        st.deleted = true;
+        s.changed(&mut st);
+        Ok(s.store.device().clone())
+    }
+
+    pub fn status(&self, id: SnapId) -> Result<SnapshotStatus> {
+        let s = self.snapshot(id)?;
+        Ok(SnapshotStatus {
+            id,
+            device: s.device_name().to_string(),
+            chunk_sectors: s.layout.chunk_sectors(),
+            valid: s.store.is_valid(),
+            merging: s.is_merging(),
+            exceptions: s.exception_count(),
+            usage: s.store.usage(),
+            commits: s.store.commit_stats(),
+        })
+    }
+
+    /// Sum of the group-commit counters over every snapshot.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.snapshots().iter().fold(CommitStats::default(), |a, s| {
+            let c = s.store.commit_stats();
+            CommitStats {
+                commits: a.commits + c.commits,
+                exceptions: a.exceptions + c.exceptions,
+            }
+        })
+    }
+
+    fn check_io(&self, off: u64, len: u64) -> Result<()> {
+        let bs = self.block_size();
+        if !off.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
+            return Err(Error::Misaligned {
+                device: self.dev.name().to_string(),
+                offset: off,
+                len,
+                align: bs,
+            });
+        }
+        if off.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Err(Error::OutOfRange {
+                device: self.dev.name().to_string(),
+                offset: off,
+                len,
+                size: self.size(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `off` of the origin or a snapshot.
+    pub async fn read(&self, t: Target, off: u64, len: u64) -> Result<AlignedBuf> {
+        self.check_io(off, len)?;
+        let _io = self.gate.read().await;
+        match t {
+            Target::Origin => match self.merging_snapshot() {
+                None => self.dev.read(off, len as usize).await,
+                Some(m) => self.read_origin_merging(&m, off, len).await,
+            },
+            Target::Snapshot(id) => self.read_snapshot(&self.snapshot(id)?, off, len).await,
+        }
+    }
+
+    /// Writes `buf` at `off` of the origin or a snapshot; with `fua` it is
+    /// durable on return.
+    pub async fn write(&self, t: Target, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_io(off, len)?;
+        let _io = self.gate.read().await;
+        match t {
+            Target::Origin => match self.merging_snapshot() {
+                None => {
+                    self.ensure_copied(off, len).await?;
+                    self.dev.write(off, buf, fua).await?;
+                    Ok(())
+                }
+                Some(m) => self.write_origin_merging(&m, off, buf, fua).await,
+            },
+            Target::Snapshot(id) => self.write_snapshot(&self.snapshot(id)?, off, buf, fua).await,
+        }
+    }
+
+    /// Writes zeros over `[off, off+len)`, through the same copy-on-write
+    /// path as any write.
+    pub async fn write_zeroes(&self, t: Target, off: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_io(off, len)?;
+        const STEP: u64 = 1 << 20;
+        let mut at = off;
+        while at < off + len {
+            let n = STEP.min(off + len - at);
+            self.write(t, at, AlignedBuf::zeroed(n as usize), fua).await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable: the origin and every COW
+    /// device (a write may have landed in either).
+    pub async fn flush(&self) -> Result<()> {
+        let _io = self.gate.read().await;
+        let snaps = self.snapshots();
+        let mut devs = vec![self.dev.clone()];
+        devs.extend(snaps.iter().filter(|s| s.store.is_valid()).map(|s| s.store.device().clone()));
+        for r in join_all(devs.iter().map(|d| d.flush())).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure every valid, non-merging snapshot has a committed exception
+    /// for every chunk of `[off, off+len)` and that no snapshot read of those
+    /// origin chunks is in flight: after this, the origin range may be
+    /// written (invariant 1). Snapshots that cannot take the exception
+    /// (full, or failing) are invalidated durably first; if that cannot be
+    /// made durable, this fails and the origin must not be written.
+    pub(crate) async fn ensure_copied(&self, off: u64, len: u64) -> Result<()> {
+        loop {
+            let mut create: Vec<(Arc<Snapshot>, u64, u64)> = Vec::new();
+            let mut wait: Option<(Arc<Snapshot>, u64)> = None;
+            let mut invalidate: Vec<(Arc<Snapshot>, &'static str)> = Vec::new();
+            for s in self.snapshots() {
+                let mut st = s.lock();
+                if st.deleted || st.merging {
+                    continue;
+                }
+                if !s.store.is_valid() {
+                    if !s.store.is_durably_invalid() {
+                        invalidate.push((s.clone(), "the snapshot failed"));
+                    }
+                    continue;
+                }
+                let epoch = Snapshot::epoch(&st);
+                for c in s.chunks(off, len) {
+                    if st.exceptions.contains_key(&c) {
+                        if st.origin_readers.get(c) > 0 && wait.is_none() {
+                            wait = Some((s.clone(), epoch));
+                        }
+                        continue;
+                    }
+                    if st.pending.contains_key(&c) {
+                        if wait.is_none() {
+                            wait = Some((s.clone(), epoch));
+                        }
+                        continue;
+                    }
+                    match s.store.prepare() {
+                        Ok(new) => {
+                            st.pending.insert(c, new);
+                            create.push((s.clone(), c, new));
+                        }
+                        Err(_) => {
+                            invalidate.push((s.clone(), "Unable to allocate exception."));
+                            break;
+                        }
+                    }
+                }
+            }
+            if create.is_empty() && wait.is_none() && invalidate.is_empty() {
+                return Ok(());
+            }
+            for (s, why) in invalidate {
+                s.invalidate(why).await?;
+            }
+            if !create.is_empty() {
+                self.create_exceptions(create).await?;
+            }
+            if let Some((s, epoch)) = wait {
+                s.wait_change(epoch).await;
+            }
+        }
+    }
+
+    /// Copies origin chunks into the snapshots that need them and commits
+    /// the exceptions; each origin chunk is read once per chunk size.
+    async fn create_exceptions(&self, list: Vec<(Arc<Snapshot>, u64, u64)>) -> Result<()> {
+        let mut groups: BTreeMap<(u64, u64), Vec<CopyTarget>> = BTreeMap::new();
+        for (s, c, new) in list {
+            groups.entry((s.chunk_bytes(), c)).or_default().push((s, new));
+        }
+        let results = join_all(
+            groups
+                .into_iter()
+                .map(|((cb, c), targets)| self.copy_chunk(cb, c, targets)),
+        )
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn copy_chunk(&self, cb: u64, c: u64, targets: Vec<CopyTarget>) -> Result<()> {
+        let start = c * cb;
+        let len = cb.min(self.size() - start);
+        let data = match self.dev.read(start, len as usize).await {
+            Ok(d) => d,
+            Err(e) => {
+                for (s, _) in &targets {
+                    s.store.abandon();
+                    let mut st = s.lock();
+                    st.pending.remove(&c);
+                    s.changed(&mut st);
+                }
+                return Err(e);
+            }
+        };
+        let n = targets.len();
+        let mut data = Some(data);
+        let results = join_all(targets.into_iter().enumerate().map(|(i, (s, new))| {
+            let buf = if i + 1 == n && len == cb {
+                data.take().expect("moved once")
+            } else {
+                let mut b = AlignedBuf::zeroed(cb as usize);
+                b[..len as usize].copy_from_slice(data.as_ref().expect("still here"));
+                b
+            };
+            finish_exception(s, c, new, buf)
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn read_snapshot(&self, s: &Arc<Snapshot>, off: u64, len: u64) -> Result<AlignedBuf> {
+        let cb = s.chunk_bytes();
+        let mut segs = Vec::new();
+        let mut tracked = Vec::new();
+        {
+            let mut st = s.lock();
+            self.check_snapshot_usable(s, &st)?;
+            for c in s.chunks(off, len) {
+                let p = piece(c, cb, off, len);
+                match st.exceptions.get(&c) {
+                    Some(&new) => push_seg(
+                        &mut segs,
+                        Seg {
+                            dev: s.store.device().clone(),
+                            dev_off: new * cb + (p.start - c * cb),
+                            buf_off: p.start - off,
+                            len: p.end - p.start,
+                        },
+                    ),
+                    None => {
+                        st.origin_readers.inc(c);
+                        tracked.push(c);
+                        push_seg(
+                            &mut segs,
+                            Seg {
+                                dev: self.dev.clone(),
+                                dev_off: p.start,
+                                buf_off: p.start - off,
+                                len: p.end - p.start,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let r = read_segs(segs, len).await;
+        if !tracked.is_empty() {
+            let mut st = s.lock();
+            for c in tracked {
+                st.origin_readers.dec(c);
+            }
+            s.changed(&mut st);
+        }
+        r
+    }
+
+    fn check_snapshot_usable(&self, s: &Snapshot, st: &crate::snapshot::SnapState) -> Result<()> {
+        if st.deleted {
+            return Err(Error::NoSnapshot(s.id));
+        }
+        if st.merging {
+            return Err(Error::Merging(s.id, "a merging snapshot cannot be read or written; its content is the origin's"));
+        }
+        if !s.store.is_valid() {
+            return Err(s.invalid_error());
+        }
+        Ok(())
+    }
+
+    async fn write_snapshot(&self, s: &Arc<Snapshot>, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
+        let cb = s.chunk_bytes();
+        let len = buf.len() as u64;
+        // Fast path: every chunk already has an exception.
+        let direct = {
+            let st = s.lock();
+            self.check_snapshot_usable(s, &st)?;
+            let mut segs = Vec::new();
+            let mut all = true;
+            for c in s.chunks(off, len) {
+                let Some(&new) = st.exceptions.get(&c) else {
+                    all = false;
+                    break;
+                };
+                let p = piece(c, cb, off, len);
+                push_seg(
+                    &mut segs,
+                    Seg {
+                        dev: s.store.device().clone(),
+                        dev_off: new * cb + (p.start - c * cb),
+                        buf_off: p.start - off,
+                        len: p.end - p.start,
+                    },
+                );
+            }
+            all.then_some(segs)
+        };
+        if let Some(segs) = direct {
+            return write_segs(segs, buf, fua).await;
+        }
+        let results = join_all(s.chunks(off, len).map(|c| {
+            let p = piece(c, cb, off, len);
+            let data = AlignedBuf::from_slice(&buf[(p.start - off) as usize..(p.end - off) as usize]);
+            self.write_snapshot_chunk(s, c, p.start - c * cb, data, fua)
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// Writes `data` at byte `within` of chunk `c` of snapshot `s`, creating
+    /// the exception first when there is none.
+    async fn write_snapshot_chunk(&self, s: &Arc<Snapshot>, c: u64, within: u64, data: AlignedBuf, fua: bool) -> Result<()> {
+        let cb = s.chunk_bytes();
+        enum Next {
+            Existing(u64),
+            Wait(u64),
+            Create(u64),
+            Full,
+        }
+        let new = loop {
+            let next = {
+                let mut st = s.lock();
+                self.check_snapshot_usable(s, &st)?;
+                if let Some(&new) = st.exceptions.get(&c) {
+                    Next::Existing(new)
+                } else if st.pending.contains_key(&c) {
+                    Next::Wait(Snapshot::epoch(&st))
+                } else {
+                    match s.store.prepare() {
+                        Ok(new) => {
+                            st.pending.insert(c, new);
+                            Next::Create(new)
+                        }
+                        Err(_) => Next::Full,
+                    }
+                }
+            };
+            match next {
+                Next::Existing(new) => {
+                    s.store.device().write(new * cb + within, data, fua).await?;
+                    return Ok(());
+                }
+                Next::Wait(epoch) => s.wait_change(epoch).await,
+                Next::Create(new) => break new,
+                Next::Full => {
+                    s.invalidate("Unable to allocate exception.").await?;
+                    return Err(s.invalid_error());
+                }
+            }
+        };
+        let chunk = if data.len() as u64 == cb {
+            data
+        } else {
+            // Partial write: the rest of the chunk comes from the origin,
+            // which cannot change under us while our exception is pending.
+            let start = c * cb;
+            let olen = cb.min(self.size() - start);
+            let mut chunk = AlignedBuf::zeroed(cb as usize);
+            match self.dev.read(start, olen as usize).await {
+                Ok(o) => chunk[..olen as usize].copy_from_slice(&o),
+                Err(e) => {
+                    s.store.abandon();
+                    let mut st = s.lock();
+                    st.pending.remove(&c);
+                    s.changed(&mut st);
+                    return Err(e);
+                }
+            }
+            chunk[within as usize..within as usize + data.len()].copy_from_slice(&data);
+            chunk
+        };
+        finish_exception(s.clone(), c, new, chunk).await?;
+        if s.store.is_valid() {
+            Ok(())
+        } else {
+            Err(s.invalid_error())
+        }
+    }
+
+    async fn read_origin_merging(&self, m: &Arc<Snapshot>, off: u64, len: u64) -> Result<AlignedBuf> {
+        let (segs, tracked) = self.map_merging(m, off, len).await;
+        let r = read_segs(segs, len).await;
+        self.untrack_merging(m, tracked);
+        r
+    }
+
+    async fn write_origin_merging(&self, m: &Arc<Snapshot>, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
+        let len = buf.len() as u64;
+        let (segs, tracked) = self.map_merging(m, off, len).await;
+        // The physical origin changes only where the merging snapshot has no
+        // exception: the other snapshots need their copies there first.
+        let mut r = Ok(());
+        for seg in segs.iter().filter(|s| s.dev.same(&self.dev)) {
+            r = self.ensure_copied(seg.dev_off, seg.len).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        if r.is_ok() {
+            r = write_segs(segs, buf, fua).await;
+        }
+        self.untrack_merging(m, tracked);
+        r
+    }
+
+    /// Maps an origin range during a merge: chunks the merging snapshot
+    /// still holds live in its COW device. Waits while the range overlaps the
+    /// merge step in flight; registers the COW chunks used so the next step
+    /// waits for this I/O.
+    async fn map_merging(&self, m: &Arc<Snapshot>, off: u64, len: u64) -> (Vec<Seg>, Vec<u64>) {
+        let cb = m.chunk_bytes();
+        loop {
+            let mapped = {
+                let mut st = m.lock();
+                let chunks = m.chunks(off, len);
+                if st
+                    .merge_step
+                    .as_ref()
+                    .is_some_and(|step| step.start < chunks.end && chunks.start < step.end)
+                {
+                    Err(Snapshot::epoch(&st))
+                } else {
+                    let mut segs = Vec::new();
+                    let mut tracked = Vec::new();
+                    for c in chunks {
+                        let p = piece(c, cb, off, len);
+                        let seg = match st.exceptions.get(&c) {
+                            Some(&new) => {
+                                tracked.push(c);
+                                Seg {
+                                    dev: m.store.device().clone(),
+                                    dev_off: new * cb + (p.start - c * cb),
+                                    buf_off: p.start - off,
+                                    len: p.end - p.start,
+                                }
+                            }
+                            None => Seg {
+                                dev: self.dev.clone(),
+                                dev_off: p.start,
+                                buf_off: p.start - off,
+                                len: p.end - p.start,
+                            },
+                        };
+                        push_seg(&mut segs, seg);
+                    }
+                    for &c in &tracked {
+                        st.cow_io.inc(c);
+                    }
+                    Ok((segs, tracked))
+                }
+            };
+            match mapped {
+                Ok(m) => return m,
+                Err(epoch) => m.wait_change(epoch).await,
+            }
+        }
+    }
+
+    fn untrack_merging(&self, m: &Arc<Snapshot>, tracked: Vec<u64>) {
+        if tracked.is_empty() {
+            return;
+        }
+        let mut st = m.lock();
+        for c in tracked {
+            st.cow_io.dec(c);
+        }
+        m.changed(&mut st);
+    }
+
+    pub(crate) fn gate(&self) -> &tokio::sync::RwLock<()> {
+        &self.gate
+    }
+
+    pub(crate) fn remove_snapshot(&self, id: SnapId) {
+        self.snaps.lock().expect("snapshot list").retain(|x| x.id != id);
+    }
+}
+
+/// Writes the copy of chunk `c` into COW chunk `new` of `s` and commits the
+/// exception; on success the exception is visible to lookups. A COW
+/// device that fails is invalidated: the call succeeds once that is
+/// durable (the origin may go ahead without this snapshot), and fails if
+/// even that cannot be done.
+async fn finish_exception(s: Arc<Snapshot>, c: u64, new: u64, buf: AlignedBuf) -> Result<()> {
+    let cb = s.chunk_bytes();
+    let failure = match s.store.device().write(new * cb, buf, false).await {
+        Err(e) => {
+            s.store.abandon();
+            Some(format!("Error writing COW chunk {new}: {e}"))
+        }
+        Ok(_) => match s.store.commit(Record { old: c, new }).await {
+            Ok(()) => None,
+            Err(e) => Some(format!("{e}")),
+        },
+    };
+    {
+        let mut st = s.lock();
+        st.pending.remove(&c);
+        if failure.is_none() {
+            st.exceptions.insert(c, new);
+        }
+        s.changed(&mut st);
+    }
+    match failure {
+        None => Ok(()),
+        Some(why) => s.invalidate(&why).await,
+    }
+}

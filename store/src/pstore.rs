@@ -1,0 +1,559 @@
+//! The persistent exception store of one COW device: its header, its
+//! metadata areas, allocation of data chunks, group commit of new exceptions,
+//! and the merge steps that remove them again. The engine (`origin`) decides
+//! *which* exceptions to create and copies the data; this module makes them
+//! durable in the kernel's format.
+//!
+//! # Commit: what is written, in what order, and why a crash is safe
+//!
+//! An exception `{old, new}` is created in three steps:
+//! 1. [`PStore::prepare`] hands out data chunk `new` (memory only);
+//! 2. the engine copies the origin chunk into COW chunk `new` with a plain
+//!    write and waits for it to complete;
+//! 3. [`PStore::commit`] queues the record. One commit at a time writes every
+//!    queued record into the in-memory area and then
+//!    - (a) if the area is now full, writes zeros over the *next* area;
+//!    - (b) `fdatasync`s the COW device: every completed copy (and the
+//!      zeroed next area) is durable;
+//!    - (c) writes the area with `RWF_DSYNC` (FUA).
+//!
+//!    Only then are the waiters told the exception is committed.
+//!
+//! A crash before (c) completes leaves either the old area or (the write is
+//! sector-atomic, not area-atomic) the old area with some of the new records
+//! present; each record that reaches the disk points at data made durable by
+//! (b), so every record read back is right. Records not yet acknowledged are
+//! simply absent, and the origin was never written over their chunks
+//! (invariant 1 of DESIGN.md: the engine writes the origin only after the
+//! commit). Because of (a), the next area is zero on disk before the full
+//! area that precedes it can be read as full, so a reader finds the end.
+//!
+//! Exceptions prepared while a commit is in flight share the next one (the
+//! kernel's `pending_count`): a commit starts when nothing else is being
+//! copied, or when at least as many records wait as copies are still running,
+//! or when the waiting records fill the area.
+//!
+//! # Invalidation
+//!
+//! A COW device that is full, or whose commit fails, makes the snapshot
+//! invalid: `valid = 0` is written to the header with `RWF_DSYNC`, and only
+//! once that is durable may the origin be written without the copy.
+//!
+//! # Merge
+//!
+//! [`PStore::prepare_merge`] finds the last run of consecutive exceptions;
+//! the merge driver copies them onto the origin and flushes it;
+//! [`PStore::commit_merge`] clears those records and writes the area with
+//! `RWF_DSYNC`. A crash in between leaves the records in place, and copying
+//! them again is harmless.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::format::{DEFAULT_CHUNK_SECTORS, DISK_VERSION, Header, HeaderState, Layout, RECORD_SIZE, Record};
+use crate::io::{AlignedBuf, Device};
+use crate::scan::{ScanOptions, read_header, scan_areas};
+
+/// What `dmsetup status` reports for a snapshot, in sectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub allocated_sectors: u64,
+    pub total_sectors: u64,
+    pub metadata_sectors: u64,
+}
+
+/// Why a new exception cannot be prepared.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrepareError {
+    /// No data chunk left: the snapshot overflows.
+    Full,
+    /// The snapshot is already invalid.
+    Invalid,
+}
+
+/// Counters of the group commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CommitStats {
+    /// Area writes that committed new exceptions.
+    pub commits: u64,
+    /// Exceptions those writes committed.
+    pub exceptions: u64,
+}
+
+impl CommitStats {
+    /// Mean exceptions per commit.
+    pub fn per_commit(&self) -> f64 {
+        if self.commits == 0 {
+            0.0
+        } else {
+            self.exceptions as f64 / self.commits as f64
+        }
+    }
+}
+
+struct Waiting {
+    rec: Record,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+struct State {
+    valid: bool,
+    /// `valid = 0` is durable on the device.
+    invalid_durable: bool,
+    next_free: u64,
+    current_area: u64,
+    /// Records in `area` (committed, or in the commit in flight).
+    current_committed: u64,
+    area: AlignedBuf,
+    /// Exceptions prepared whose copy is still running.
+    prepared: u64,
+    queue: Vec<Waiting>,
+    committing: bool,
+    stats: CommitStats,
+}
+
+/// One COW device's exception store.
+pub struct PStore {
+    dev: Device,
+    layout: Layout,
+    st: Mutex<State>,
+    header_lock: tokio::sync::Mutex<()>,
+}
+
+/// What [`PStore::open`] found.
+pub struct Opened {
+    pub store: Arc<PStore>,
+    /// The device was all zero and has been initialised.
+    pub initialised: bool,
+    /// The chunk size asked for, when the header's differs (the header wins).
+    pub chunk_override: Option<u32>,
+    /// Exceptions loaded.
+    pub exceptions: u64,
+}
+
+impl PStore {
+    /// Opens the store on `dev`: initialises an all-zero device (with
+    /// `chunk_sectors`, or the default), or loads an existing one, calling
+    /// `insert` for every exception (it returns false for a duplicate origin
+    /// chunk). `origin_bytes`, when given, bounds the origin chunks. A
+    /// header chunk size different from `chunk_sectors` wins, as in the
+    /// kernel. Any inconsistency in the metadata refuses the device.
+    pub async fn open(
+        dev: Device,
+        chunk_sectors: Option<u32>,
+        origin_bytes: Option<u64>,
+        mut insert: impl FnMut(Record) -> bool,
+    ) -> Result<Opened> {
+        let name = dev.name().to_string();
+        let fmt_err = |source| Error::Format {
+            device: name.clone(),
+            source,
+        };
+        match read_header(&dev).await? {
+            HeaderState::New => {
+                let layout = Layout::new(chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS)).map_err(fmt_err)?;
+                check_geometry(&dev, layout)?;
+                if !dev.writable() {
+                    return Err(Error::Invalid {
+                        device: name,
+                        detail: "the COW device is not initialised (all-zero header) and was opened read-only".into(),
+                    });
+                }
+                // Zero area 0, make that durable, then write the header: a
+                // crash in between leaves an all-zero (new) device.
+                let cb = layout.chunk_bytes() as usize;
+                dev.write(layout.area_offset(0), AlignedBuf::zeroed(cb), false).await?;
+                dev.flush().await?;
+                let mut h = AlignedBuf::zeroed(cb);
+                Header {
+                    valid: true,
+                    version: DISK_VERSION,
+                    chunk_sectors: layout.chunk_sectors(),
+                }
+                .encode(&mut h);
+                dev.write(0, h, true).await?;
+                Ok(Opened {
+                    store: Arc::new(PStore::new(dev, layout, true, layout.first_data_chunk(), 0, 0, AlignedBuf::zeroed(cb))),
+                    initialised: true,
+                    chunk_override: None,
+                    exceptions: 0,
+                })
+            }
+            HeaderState::Existing(h) => {
+                let layout = h.check().map_err(fmt_err)?;
+                let chunk_override = chunk_sectors.filter(|&c| c != layout.chunk_sectors());
+                if let Some(asked) = chunk_override {
+                    tracing::warn!(
+                        device = %name,
+                        "chunk size {} in device metadata overrides the requested chunk size of {asked}",
+                        layout.chunk_sectors()
+                    );
+                }
+                check_geometry(&dev, layout)?;
+                let cb = layout.chunk_bytes() as usize;
+                if !h.valid {
+                    tracing::warn!(device = %name, "snapshot is marked invalid");
+                    let st = PStore::new(dev, layout, false, layout.first_data_chunk(), 0, 0, AlignedBuf::zeroed(cb));
+                    st.st.lock().expect("pstore").invalid_durable = true;
+                    return Ok(Opened {
+                        store: Arc::new(st),
+                        initialised: false,
+                        chunk_override,
+                        exceptions: 0,
+                    });
+                }
+                let opts = ScanOptions {
+                    origin_chunks: origin_bytes.map(|b| b.div_ceil(layout.chunk_bytes())),
+                    stop_at_first: true,
+                };
+                let scan = scan_areas(&dev, layout, opts, |_, _, r| insert(r)).await?;
+                if let Some(p) = scan.problems.first() {
+                    return Err(Error::Corrupt {
+                        device: name,
+                        detail: p.to_string(),
+                    });
+                }
+                Ok(Opened {
+                    store: Arc::new(PStore::new(
+                        dev,
+                        layout,
+                        true,
+                        scan.next_free,
+                        scan.current_area,
+                        scan.current_committed,
+                        scan.area,
+                    )),
+                    initialised: false,
+                    chunk_override,
+                    exceptions: scan.exceptions,
+                })
+            }
+        }
+    }
+
+    fn new(
+        dev: Device,
+        layout: Layout,
+        valid: bool,
+        next_free: u64,
+        current_area: u64,
+        current_committed: u64,
+        area: AlignedBuf,
+    ) -> PStore {
+        PStore {
+            dev,
+            layout,
+            st: Mutex::new(State {
+                valid,
+                invalid_durable: false,
+                next_free,
+                current_area,
+                current_committed,
+                area,
+                prepared: 0,
+                queue: Vec::new(),
+                committing: false,
+                stats: CommitStats::default(),
+            }),
+            header_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.st.lock().expect("pstore").valid
+    }
+
+    /// `valid = 0` is on the device: the origin may be written without
+    /// copying into this snapshot.
+    pub fn is_durably_invalid(&self) -> bool {
+        self.st.lock().expect("pstore").invalid_durable
+    }
+
+    /// The usage `dmsetup status` prints; `None` for an invalid snapshot.
+    pub fn usage(&self) -> Option<Usage> {
+        let st = self.st.lock().expect("pstore");
+        st.valid.then(|| Usage {
+            allocated_sectors: st.next_free * u64::from(self.layout.chunk_sectors()),
+            total_sectors: self.dev.size() / crate::format::SECTOR_SIZE,
+            metadata_sectors: self.layout.metadata_sectors(st.current_area),
+        })
+    }
+
+    pub fn commit_stats(&self) -> CommitStats {
+        self.st.lock().expect("pstore").stats
+    }
+
+    /// Allocates the data chunk for a new exception.
+    pub fn prepare(&self) -> Result<u64, PrepareError> {
+        let mut st = self.st.lock().expect("pstore");
+        if !st.valid {
+            return Err(PrepareError::Invalid);
+        }
+        if !self.layout.fits(st.next_free, self.dev.size()) {
+            return Err(PrepareError::Full);
+        }
+        let c = st.next_free;
+        st.next_free = self.layout.next_data_chunk(c);
+        st.prepared += 1;
+        Ok(c)
+    }
+
+    /// Commits an exception whose data is in COW chunk `rec.new` (the write
+    /// has completed). Returns once the record is durable, or an error when
+    /// the snapshot became invalid instead.
+    pub async fn commit(self: &Arc<Self>, rec: Record) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut st = self.st.lock().expect("pstore");
+            st.prepared -= 1;
+            st.queue.push(Waiting { rec, done: tx });
+            self.should_lead(&mut st)
+        };
+        if lead {
+            tokio::spawn(self.clone().commit_loop());
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(detail)) => Err(Error::Invalid {
+                device: self.dev.name().to_string(),
+                detail,
+            }),
+            Err(_) => Err(Error::Invalid {
+                device: self.dev.name().to_string(),
+                detail: "the commit was abandoned".into(),
+            }),
+        }
+    }
+
+    /// Gives back a prepared exception that will not be committed (its copy
+    /// failed). The chunk stays allocated: a hole, as the format allows.
+    pub fn abandon(self: &Arc<Self>) {
+        let lead = {
+            let mut st = self.st.lock().expect("pstore");
+            st.prepared -= 1;
+            self.should_lead(&mut st)
+        };
+        if lead {
+            tokio::spawn(self.clone().commit_loop());
+        }
+    }
+
+    /// Whether a commit should start now; if so, marks one as running.
+    fn should_lead(&self, st: &mut State) -> bool {
+        if st.committing || st.queue.is_empty() {
+            return false;
+        }
+        let queued = st.queue.len() as u64;
+        let room = self.layout.exceptions_per_area() - st.current_committed;
+        if st.prepared == 0 || queued >= st.prepared || queued >= room || !st.valid {
+            st.committing = true;
+            return true;
+        }
+        false
+    }
+
+    async fn commit_loop(self: Arc<Self>) {
+        loop {
+            let (batch, area, area_idx, fills) = {
+                let mut st = self.st.lock().expect("pstore");
+                if !st.valid {
+                    let queue = std::mem::take(&mut st.queue);
+                    st.committing = false;
+                    drop(st);
+                    for w in queue {
+                        let _ = w.done.send(Err("the snapshot is invalid".into()));
+                    }
+                    return;
+                }
+                let epa = self.layout.exceptions_per_area();
+                let n = (st.queue.len() as u64).min(epa - st.current_committed) as usize;
+                let batch: Vec<Waiting> = st.queue.drain(..n).collect();
+                for w in &batch {
+                    let at = st.current_committed as usize * RECORD_SIZE;
+                    w.rec.encode(&mut st.area[at..at + RECORD_SIZE]);
+                    st.current_committed += 1;
+                }
+                let fills = st.current_committed == epa;
+                (batch, AlignedBuf::from_slice(&st.area), st.current_area, fills)
+            };
+            let result = self.write_area(area_idx, area, fills).await;
+            let failure = match &result {
+                Ok(()) => {
+                    let mut st = self.st.lock().expect("pstore");
+                    st.stats.commits += 1;
+                    st.stats.exceptions += batch.len() as u64;
+                    if fills {
+                        st.current_area += 1;
+                        st.current_committed = 0;
+                        st.area.fill(0);
+                    }
+                    None
+                }
+                Err(e) => {
+                    let detail = format!("commit failed, snapshot invalidated: {e}");
+                    tracing::error!(device = %self.dev.name(), "Invalidating snapshot: {e}");
+                    let _ = self.invalidate().await;
+                    Some(detail)
+                }
+            };
+            for w in batch {
+                let _ = w.done.send(match &failure {
+                    None => Ok(()),
+                    Some(d) => Err(d.clone()),
+                });
+            }
+            let mut st = self.st.lock().expect("pstore");
+            st.committing = false;
+            if !self.should_lead(&mut st) {
+                return;
+            }
+        }
+    }
+
+    /// Steps (a)–(c) of the commit (see the module comment).
+    async fn write_area(&self, area: u64, buf: AlignedBuf, fills: bool) -> Result<()> {
+        let cb = self.layout.chunk_bytes();
+        if fills {
+            let next = self.layout.area_location(area + 1);
+            if !self.layout.fits(next, self.dev.size()) {
+                return Err(Error::Invalid {
+                    device: self.dev.name().to_string(),
+                    detail: format!("no room for metadata area {} (chunk {next}): the COW device is full", area + 1),
+                });
+            }
+            self.dev
+                .write(next * cb, AlignedBuf::zeroed(cb as usize), false)
+                .await?;
+        }
+        self.dev.flush().await?;
+        self.dev.write(self.layout.area_offset(area), buf, true).await?;
+        Ok(())
+    }
+
+    /// Makes the snapshot invalid: in memory at once (no new exceptions),
+    /// then `valid = 0` on the device with `RWF_DSYNC`. Returns once that is
+    /// durable; an error means it is not, and the origin must not be written
+    /// as if the snapshot were gone.
+    pub async fn invalidate(&self) -> Result<()> {
+        {
+            let mut st = self.st.lock().expect("pstore");
+            st.valid = false;
+            if st.invalid_durable {
+                return Ok(());
+            }
+        }
+        let _g = self.header_lock.lock().await;
+        if self.st.lock().expect("pstore").invalid_durable {
+            return Ok(());
+        }
+        let mut h = AlignedBuf::zeroed(self.layout.chunk_bytes() as usize);
+        Header {
+            valid: false,
+            version: DISK_VERSION,
+            chunk_sectors: self.layout.chunk_sectors(),
+        }
+        .encode(&mut h);
+        self.dev.write(0, h, true).await?;
+        self.st.lock().expect("pstore").invalid_durable = true;
+        Ok(())
+    }
+
+    /// The last run of consecutive exceptions (same step in origin and COW
+    /// chunks) at the end of the list: `(last record, run length)`, or `None`
+    /// when no exception is left. Only the merge driver calls this, and no
+    /// exception is being committed while it runs.
+    pub async fn prepare_merge(&self) -> Result<Option<(Record, u64)>> {
+        let epa = self.layout.exceptions_per_area();
+        loop {
+            let back_to = {
+                let st = self.st.lock().expect("pstore");
+                if st.current_committed > 0 {
+                    let rec = |i: u64| {
+                        let at = i as usize * RECORD_SIZE;
+                        Record::decode(&st.area[at..at + RECORD_SIZE])
+                    };
+                    let last = rec(st.current_committed - 1);
+                    let mut n = 1u64;
+                    while n < st.current_committed {
+                        let r = rec(st.current_committed - 1 - n);
+                        if r.old.wrapping_add(n) != last.old || r.new.wrapping_add(n) != last.new {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    return Ok(Some((last, n)));
+                }
+                if st.current_area == 0 {
+                    return Ok(None);
+                }
+                st.current_area - 1
+            };
+            let buf = self
+                .dev
+                .read(self.layout.area_offset(back_to), self.layout.chunk_bytes() as usize)
+                .await?;
+            let mut st = self.st.lock().expect("pstore");
+            st.current_area = back_to;
+            st.area = buf;
+            st.current_committed = epa;
+        }
+    }
+
+    /// Removes the last `nr` exceptions (merged onto the origin, which has
+    /// been flushed) and makes that durable.
+    pub async fn commit_merge(&self, nr: u64) -> Result<()> {
+        let (buf, area) = {
+            let mut st = self.st.lock().expect("pstore");
+            assert!(nr <= st.current_committed, "commit_merge of more records than the area holds");
+            let end = st.current_committed as usize * RECORD_SIZE;
+            let start = end - nr as usize * RECORD_SIZE;
+            st.area[start..end].fill(0);
+            (AlignedBuf::from_slice(&st.area), st.current_area)
+        };
+        self.dev.write(self.layout.area_offset(area), buf, true).await?;
+        let mut st = self.st.lock().expect("pstore");
+        st.current_committed -= nr;
+        // As the kernel: the value next_free would have had if every
+        // exception had been committed in order (only `status` uses it now).
+        st.next_free = self.layout.area_location(st.current_area) + st.current_committed + 1;
+        Ok(())
+    }
+}
+
+/// Refuses geometry the kernel refuses: a chunk not a multiple of the
+/// device's logical block size, a device too small for header, one area and
+/// one data chunk.
+fn check_geometry(dev: &Device, layout: Layout) -> Result<()> {
+    if !layout.chunk_bytes().is_multiple_of(dev.block_size()) {
+        return Err(Error::Invalid {
+            device: dev.name().to_string(),
+            detail: format!(
+                "chunk size {} bytes is not a multiple of the device's logical block size {}",
+                layout.chunk_bytes(),
+                dev.block_size()
+            ),
+        });
+    }
+    if dev.size() < layout.min_device_bytes() {
+        return Err(Error::Invalid {
+            device: dev.name().to_string(),
+            detail: format!(
+                "COW device of {} bytes is too small: it needs at least {} bytes (a header, one metadata area and one data chunk of {} bytes)",
+                dev.size(),
+                layout.min_device_bytes(),
+                layout.chunk_bytes()
+            ),
+        });
+    }
+    Ok(())
+}
