@@ -1,1 +1,60 @@
-fn main() {}
+//! `cowsnap`: one executable for every role of the product.
+//!
+//! - `cow ...`: offline tools for COW devices (create, check, dump, status,
+//!   export, merge, delta), in the style of thin-provisioning-tools;
+//! - `io`: a `qemu-io` for the engine;
+//! - `bench ...`: benchmarks that print ratios against a baseline measured in
+//!   the same run.
+
+mod bench;
+mod cow;
+mod io_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cowsnap", version, about = "Volume snapshots with the Linux dm-snapshot on-disk format, in user space")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Offline tools for COW devices (dm-snapshot persistent exception stores).
+    #[command(subcommand)]
+    Cow(cow::CowCommand),
+    /// Run qemu-io style commands against an origin and its snapshots through the engine.
+    Io(io_cmd::IoArgs),
+    /// Benchmarks (ratios against a baseline measured in the same run).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COWSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.cmd {
+        Command::Cow(c) => cow::run(c),
+        Command::Io(a) => io_cmd::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("cowsnap: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
