@@ -345,6 +345,20 @@ impl Origin {
         Ok(())
     }
 
+    /// Discards `[off, off+len)`: a hint that the data is no longer needed.
+    /// The content of a discarded range is unspecified afterwards (NBD TRIM,
+    /// `BLKDISCARD`); this engine leaves it unchanged, so a discard never
+    /// triggers copy-on-write into the snapshots and never frees space.
+    pub async fn discard(&self, t: Target, off: u64, len: u64) -> Result<()> {
+        self.check_io(off, len)?;
+        if let Target::Snapshot(id) = t {
+            let s = self.snapshot(id)?;
+            let st = s.lock();
+            self.check_snapshot_usable(&s, &st)?;
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable: the origin and every COW
     /// device (a write may have landed in either).
     pub async fn flush(&self) -> Result<()> {
