@@ -39,7 +39,9 @@ pub enum Error {
     },
     #[error("{device}: corrupt COW metadata: {detail} (run `cowsnap cow check` on it)")]
     Corrupt { device: String, detail: String },
-    #[error("{device}: the snapshot is invalid (overflowed or failed); its data cannot be read or written")]
+    #[error(
+        "{device}: the snapshot is invalid (overflowed or failed); its data cannot be read or written"
+    )]
     SnapshotInvalid { device: String },
     #[error("{device}: I/O at byte {offset} length {len} is outside the device ({size} bytes)")]
     OutOfRange {

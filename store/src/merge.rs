@@ -46,7 +46,10 @@ impl Origin {
         if let Some(m) = self.merging_snapshot()
             && m.id != id
         {
-            return Err(Error::Merging(m.id, "another snapshot of this origin is already merging"));
+            return Err(Error::Merging(
+                m.id,
+                "another snapshot of this origin is already merging",
+            ));
         }
         if !s.store.is_valid() {
             return Err(s.invalid_error());
@@ -138,7 +141,11 @@ impl Origin {
         let len = (old.end * cb).min(self.size()) - off;
         self.ensure_copied(off, len).await?;
         // 4. Copy and flush.
-        let data = s.store.device().read(new_start * cb, (n * cb) as usize).await?;
+        let data = s
+            .store
+            .device()
+            .read(new_start * cb, (n * cb) as usize)
+            .await?;
         let data = if len == data.len() as u64 {
             data
         } else {

@@ -210,8 +210,16 @@ impl Origin {
     /// until the snapshot is in place.
     pub async fn add_snapshot(&self, cow: Device, opts: SnapshotOptions) -> Result<AddedSnapshot> {
         let _suspended = self.gate.write().await;
-        if let Some(m) = self.merging_snapshot() {
-            return Err(Error::Merging(m.id, "no snapshot can be added while one merges into the origin"));
+        // Reloading the other snapshots of an origin that is merging is
+        // fine; taking a new one is not (the origin's content is in flux).
+        if let Some(m) = self.merging_snapshot()
+            && (opts.merging
+                || crate::scan::read_header(&cow).await? == crate::format::HeaderState::New)
+        {
+            return Err(Error::Merging(
+                m.id,
+                "no new snapshot can be taken while one merges into the origin",
+            ));
         }
         self.dev.flush().await?;
         let mut exceptions: HashMap<u64, u64> = HashMap::new();
@@ -246,7 +254,10 @@ impl Origin {
         if s.is_merging() {
             return Err(Error::Merging(id, "a merging snapshot cannot be deleted"));
         }
-        self.snaps.lock().expect("snapshot list").retain(|x| x.id != id);
+        self.snaps
+            .lock()
+            .expect("snapshot list")
+            .retain(|x| x.id != id);
         let mut st = s.lock();
         st.deleted = true;
         s.changed(&mut st);
@@ -269,13 +280,15 @@ impl Origin {
 
     /// Sum of the group-commit counters over every snapshot.
     pub fn commit_stats(&self) -> CommitStats {
-        self.snapshots().iter().fold(CommitStats::default(), |a, s| {
-            let c = s.store.commit_stats();
-            CommitStats {
-                commits: a.commits + c.commits,
-                exceptions: a.exceptions + c.exceptions,
-            }
-        })
+        self.snapshots()
+            .iter()
+            .fold(CommitStats::default(), |a, s| {
+                let c = s.store.commit_stats();
+                CommitStats {
+                    commits: a.commits + c.commits,
+                    exceptions: a.exceptions + c.exceptions,
+                }
+            })
     }
 
     fn check_io(&self, off: u64, len: u64) -> Result<()> {
@@ -327,7 +340,10 @@ impl Origin {
                 }
                 Some(m) => self.write_origin_merging(&m, off, buf, fua).await,
             },
-            Target::Snapshot(id) => self.write_snapshot(&self.snapshot(id)?, off, buf, fua).await,
+            Target::Snapshot(id) => {
+                self.write_snapshot(&self.snapshot(id)?, off, buf, fua)
+                    .await
+            }
         }
     }
 
@@ -339,7 +355,8 @@ impl Origin {
         let mut at = off;
         while at < off + len {
             let n = STEP.min(off + len - at);
-            self.write(t, at, AlignedBuf::zeroed(n as usize), fua).await?;
+            self.write(t, at, AlignedBuf::zeroed(n as usize), fua)
+                .await?;
             at += n;
         }
         Ok(())
@@ -365,7 +382,12 @@ impl Origin {
         let _io = self.gate.read().await;
         let snaps = self.snapshots();
         let mut devs = vec![self.dev.clone()];
-        devs.extend(snaps.iter().filter(|s| s.store.is_valid()).map(|s| s.store.device().clone()));
+        devs.extend(
+            snaps
+                .iter()
+                .filter(|s| s.store.is_valid())
+                .map(|s| s.store.device().clone()),
+        );
         for r in join_all(devs.iter().map(|d| d.flush())).await {
             r?;
         }
@@ -440,7 +462,10 @@ impl Origin {
     async fn create_exceptions(&self, list: Vec<(Arc<Snapshot>, u64, u64)>) -> Result<()> {
         let mut groups: BTreeMap<(u64, u64), Vec<CopyTarget>> = BTreeMap::new();
         for (s, c, new) in list {
-            groups.entry((s.chunk_bytes(), c)).or_default().push((s, new));
+            groups
+                .entry((s.chunk_bytes(), c))
+                .or_default()
+                .push((s, new));
         }
         let results = join_all(
             groups
@@ -533,7 +558,10 @@ impl Origin {
             return Err(Error::NoSnapshot(s.id));
         }
         if st.merging {
-            return Err(Error::Merging(s.id, "a merging snapshot cannot be read or written; its content is the origin's"));
+            return Err(Error::Merging(
+                s.id,
+                "a merging snapshot cannot be read or written; its content is the origin's",
+            ));
         }
         if !s.store.is_valid() {
             return Err(s.invalid_error());
@@ -541,7 +569,13 @@ impl Origin {
         Ok(())
     }
 
-    async fn write_snapshot(&self, s: &Arc<Snapshot>, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
+    async fn write_snapshot(
+        &self,
+        s: &Arc<Snapshot>,
+        off: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> Result<()> {
         let cb = s.chunk_bytes();
         let len = buf.len() as u64;
         // Fast path: every chunk already has an exception.
@@ -573,7 +607,8 @@ impl Origin {
         }
         let results = join_all(s.chunks(off, len).map(|c| {
             let p = piece(c, cb, off, len);
-            let data = AlignedBuf::from_slice(&buf[(p.start - off) as usize..(p.end - off) as usize]);
+            let data =
+                AlignedBuf::from_slice(&buf[(p.start - off) as usize..(p.end - off) as usize]);
             self.write_snapshot_chunk(s, c, p.start - c * cb, data, fua)
         }))
         .await;
@@ -582,7 +617,14 @@ impl Origin {
 
     /// Writes `data` at byte `within` of chunk `c` of snapshot `s`, creating
     /// the exception first when there is none.
-    async fn write_snapshot_chunk(&self, s: &Arc<Snapshot>, c: u64, within: u64, data: AlignedBuf, fua: bool) -> Result<()> {
+    async fn write_snapshot_chunk(
+        &self,
+        s: &Arc<Snapshot>,
+        c: u64,
+        within: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<()> {
         let cb = s.chunk_bytes();
         enum Next {
             Existing(u64),
@@ -650,14 +692,25 @@ impl Origin {
         }
     }
 
-    async fn read_origin_merging(&self, m: &Arc<Snapshot>, off: u64, len: u64) -> Result<AlignedBuf> {
+    async fn read_origin_merging(
+        &self,
+        m: &Arc<Snapshot>,
+        off: u64,
+        len: u64,
+    ) -> Result<AlignedBuf> {
         let (segs, tracked) = self.map_merging(m, off, len).await;
         let r = read_segs(segs, len).await;
         self.untrack_merging(m, tracked);
         r
     }
 
-    async fn write_origin_merging(&self, m: &Arc<Snapshot>, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
+    async fn write_origin_merging(
+        &self,
+        m: &Arc<Snapshot>,
+        off: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> Result<()> {
         let len = buf.len() as u64;
         let (segs, tracked) = self.map_merging(m, off, len).await;
         // The physical origin changes only where the merging snapshot has no
@@ -745,7 +798,10 @@ impl Origin {
     }
 
     pub(crate) fn remove_snapshot(&self, id: SnapId) {
-        self.snaps.lock().expect("snapshot list").retain(|x| x.id != id);
+        self.snaps
+            .lock()
+            .expect("snapshot list")
+            .retain(|x| x.id != id);
     }
 }
 

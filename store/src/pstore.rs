@@ -52,7 +52,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::format::{DEFAULT_CHUNK_SECTORS, DISK_VERSION, Header, HeaderState, Layout, RECORD_SIZE, Record};
+use crate::format::{
+    DEFAULT_CHUNK_SECTORS, DISK_VERSION, Header, HeaderState, Layout, RECORD_SIZE, Record,
+};
 use crate::io::{AlignedBuf, Device};
 use crate::scan::{ScanOptions, read_header, scan_areas};
 
@@ -153,7 +155,8 @@ impl PStore {
         };
         match read_header(&dev).await? {
             HeaderState::New => {
-                let layout = Layout::new(chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS)).map_err(fmt_err)?;
+                let layout =
+                    Layout::new(chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS)).map_err(fmt_err)?;
                 check_geometry(&dev, layout)?;
                 if !dev.writable() {
                     return Err(Error::Invalid {
@@ -164,7 +167,8 @@ impl PStore {
                 // Zero area 0, make that durable, then write the header: a
                 // crash in between leaves an all-zero (new) device.
                 let cb = layout.chunk_bytes() as usize;
-                dev.write(layout.area_offset(0), AlignedBuf::zeroed(cb), false).await?;
+                dev.write(layout.area_offset(0), AlignedBuf::zeroed(cb), false)
+                    .await?;
                 dev.flush().await?;
                 let mut h = AlignedBuf::zeroed(cb);
                 Header {
@@ -175,7 +179,15 @@ impl PStore {
                 .encode(&mut h);
                 dev.write(0, h, true).await?;
                 Ok(Opened {
-                    store: Arc::new(PStore::new(dev, layout, true, layout.first_data_chunk(), 0, 0, AlignedBuf::zeroed(cb))),
+                    store: Arc::new(PStore::new(
+                        dev,
+                        layout,
+                        true,
+                        layout.first_data_chunk(),
+                        0,
+                        0,
+                        AlignedBuf::zeroed(cb),
+                    )),
                     initialised: true,
                     chunk_override: None,
                     exceptions: 0,
@@ -195,7 +207,15 @@ impl PStore {
                 let cb = layout.chunk_bytes() as usize;
                 if !h.valid {
                     tracing::warn!(device = %name, "snapshot is marked invalid");
-                    let st = PStore::new(dev, layout, false, layout.first_data_chunk(), 0, 0, AlignedBuf::zeroed(cb));
+                    let st = PStore::new(
+                        dev,
+                        layout,
+                        false,
+                        layout.first_data_chunk(),
+                        0,
+                        0,
+                        AlignedBuf::zeroed(cb),
+                    );
                     st.st.lock().expect("pstore").invalid_durable = true;
                     return Ok(Opened {
                         store: Arc::new(st),
@@ -384,7 +404,12 @@ impl PStore {
                     st.current_committed += 1;
                 }
                 let fills = st.current_committed == epa;
-                (batch, AlignedBuf::from_slice(&st.area), st.current_area, fills)
+                (
+                    batch,
+                    AlignedBuf::from_slice(&st.area),
+                    st.current_area,
+                    fills,
+                )
             };
             let result = self.write_area(area_idx, area, fills).await;
             let failure = match &result {
@@ -428,7 +453,10 @@ impl PStore {
             if !self.layout.fits(next, self.dev.size()) {
                 return Err(Error::Invalid {
                     device: self.dev.name().to_string(),
-                    detail: format!("no room for metadata area {} (chunk {next}): the COW device is full", area + 1),
+                    detail: format!(
+                        "no room for metadata area {} (chunk {next}): the COW device is full",
+                        area + 1
+                    ),
                 });
             }
             self.dev
@@ -436,7 +464,9 @@ impl PStore {
                 .await?;
         }
         self.dev.flush().await?;
-        self.dev.write(self.layout.area_offset(area), buf, true).await?;
+        self.dev
+            .write(self.layout.area_offset(area), buf, true)
+            .await?;
         Ok(())
     }
 
@@ -500,7 +530,10 @@ impl PStore {
             };
             let buf = self
                 .dev
-                .read(self.layout.area_offset(back_to), self.layout.chunk_bytes() as usize)
+                .read(
+                    self.layout.area_offset(back_to),
+                    self.layout.chunk_bytes() as usize,
+                )
                 .await?;
             let mut st = self.st.lock().expect("pstore");
             st.current_area = back_to;
@@ -514,13 +547,18 @@ impl PStore {
     pub async fn commit_merge(&self, nr: u64) -> Result<()> {
         let (buf, area) = {
             let mut st = self.st.lock().expect("pstore");
-            assert!(nr <= st.current_committed, "commit_merge of more records than the area holds");
+            assert!(
+                nr <= st.current_committed,
+                "commit_merge of more records than the area holds"
+            );
             let end = st.current_committed as usize * RECORD_SIZE;
             let start = end - nr as usize * RECORD_SIZE;
             st.area[start..end].fill(0);
             (AlignedBuf::from_slice(&st.area), st.current_area)
         };
-        self.dev.write(self.layout.area_offset(area), buf, true).await?;
+        self.dev
+            .write(self.layout.area_offset(area), buf, true)
+            .await?;
         let mut st = self.st.lock().expect("pstore");
         st.current_committed -= nr;
         // As the kernel: the value next_free would have had if every

@@ -19,14 +19,51 @@ const READ_AHEAD: u64 = 16;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Problem {
-    DeviceTooSmall { bytes: u64, min_bytes: u64 },
-    NewChunkPastEnd { area: u64, index: u64, old: u64, new: u64, device_chunks: u64 },
-    NewChunkIsMetadata { area: u64, index: u64, old: u64, new: u64 },
-    DuplicateNewChunk { area: u64, index: u64, old: u64, new: u64 },
-    DuplicateOldChunk { area: u64, index: u64, old: u64, new: u64 },
-    OldChunkPastOrigin { area: u64, index: u64, old: u64, new: u64, origin_chunks: u64 },
-    AreaPastEnd { area: u64, chunk: u64, device_chunks: u64 },
-    AreaNotZeroed { area: u64, index: u64 },
+    DeviceTooSmall {
+        bytes: u64,
+        min_bytes: u64,
+    },
+    NewChunkPastEnd {
+        area: u64,
+        index: u64,
+        old: u64,
+        new: u64,
+        device_chunks: u64,
+    },
+    NewChunkIsMetadata {
+        area: u64,
+        index: u64,
+        old: u64,
+        new: u64,
+    },
+    DuplicateNewChunk {
+        area: u64,
+        index: u64,
+        old: u64,
+        new: u64,
+    },
+    DuplicateOldChunk {
+        area: u64,
+        index: u64,
+        old: u64,
+        new: u64,
+    },
+    OldChunkPastOrigin {
+        area: u64,
+        index: u64,
+        old: u64,
+        new: u64,
+        origin_chunks: u64,
+    },
+    AreaPastEnd {
+        area: u64,
+        chunk: u64,
+        device_chunks: u64,
+    },
+    AreaNotZeroed {
+        area: u64,
+        index: u64,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -36,27 +73,58 @@ impl fmt::Display for Problem {
                 f,
                 "device of {bytes} bytes is smaller than a header, one metadata area and one data chunk ({min_bytes} bytes)"
             ),
-            Problem::NewChunkPastEnd { area, index, old, new, device_chunks } => write!(
+            Problem::NewChunkPastEnd {
+                area,
+                index,
+                old,
+                new,
+                device_chunks,
+            } => write!(
                 f,
                 "area {area} record {index}: origin chunk {old} -> COW chunk {new}, past the end of the device ({device_chunks} chunks)"
             ),
-            Problem::NewChunkIsMetadata { area, index, old, new } => write!(
+            Problem::NewChunkIsMetadata {
+                area,
+                index,
+                old,
+                new,
+            } => write!(
                 f,
                 "area {area} record {index}: origin chunk {old} -> COW chunk {new}, which is a header or metadata chunk"
             ),
-            Problem::DuplicateNewChunk { area, index, old, new } => write!(
+            Problem::DuplicateNewChunk {
+                area,
+                index,
+                old,
+                new,
+            } => write!(
                 f,
                 "area {area} record {index}: origin chunk {old} -> COW chunk {new}, which an earlier record already uses"
             ),
-            Problem::DuplicateOldChunk { area, index, old, new } => write!(
+            Problem::DuplicateOldChunk {
+                area,
+                index,
+                old,
+                new,
+            } => write!(
                 f,
                 "area {area} record {index}: origin chunk {old} -> COW chunk {new}, but an earlier record already maps origin chunk {old}"
             ),
-            Problem::OldChunkPastOrigin { area, index, old, new, origin_chunks } => write!(
+            Problem::OldChunkPastOrigin {
+                area,
+                index,
+                old,
+                new,
+                origin_chunks,
+            } => write!(
                 f,
                 "area {area} record {index}: origin chunk {old} -> COW chunk {new}, past the end of the origin ({origin_chunks} chunks)"
             ),
-            Problem::AreaPastEnd { area, chunk, device_chunks } => write!(
+            Problem::AreaPastEnd {
+                area,
+                chunk,
+                device_chunks,
+            } => write!(
                 f,
                 "area {area} (chunk {chunk}) follows a full area but lies past the end of the device ({device_chunks} chunks)"
             ),
@@ -176,7 +244,12 @@ pub async fn scan_areas(
             s.current_committed = epa;
             break;
         }
-        let bufs = join_all(batch.iter().map(|&a| dev.read(layout.area_offset(a), cb as usize))).await;
+        let bufs = join_all(
+            batch
+                .iter()
+                .map(|&a| dev.read(layout.area_offset(a), cb as usize)),
+        )
+        .await;
         area += batch.len() as u64;
         for (a, buf) in batch.into_iter().zip(bufs) {
             let buf = buf?;
@@ -184,9 +257,20 @@ pub async fn scan_areas(
             for (i, r) in records.iter().enumerate() {
                 let (i, old, new) = (i as u64, r.old, r.new);
                 let problem = if new >= device_chunks {
-                    Some(Problem::NewChunkPastEnd { area: a, index: i, old, new, device_chunks })
+                    Some(Problem::NewChunkPastEnd {
+                        area: a,
+                        index: i,
+                        old,
+                        new,
+                        device_chunks,
+                    })
                 } else if layout.is_metadata(new) {
-                    Some(Problem::NewChunkIsMetadata { area: a, index: i, old, new })
+                    Some(Problem::NewChunkIsMetadata {
+                        area: a,
+                        index: i,
+                        old,
+                        new,
+                    })
                 } else if opts.origin_chunks.is_some_and(|n| old >= n) {
                     Some(Problem::OldChunkPastOrigin {
                         area: a,
@@ -196,9 +280,19 @@ pub async fn scan_areas(
                         origin_chunks: opts.origin_chunks.unwrap_or(0),
                     })
                 } else if used_new.test_and_set(new) {
-                    Some(Problem::DuplicateNewChunk { area: a, index: i, old, new })
+                    Some(Problem::DuplicateNewChunk {
+                        area: a,
+                        index: i,
+                        old,
+                        new,
+                    })
                 } else if !visit(a, i, *r) {
-                    Some(Problem::DuplicateOldChunk { area: a, index: i, old, new })
+                    Some(Problem::DuplicateOldChunk {
+                        area: a,
+                        index: i,
+                        old,
+                        new,
+                    })
                 } else {
                     s.exceptions += 1;
                     max_new = max_new.max(new);
@@ -214,7 +308,10 @@ pub async fn scan_areas(
             if !full {
                 let end = records.len();
                 if buf[end * RECORD_SIZE..].iter().any(|&b| b != 0) {
-                    s.problems.push(Problem::AreaNotZeroed { area: a, index: end as u64 });
+                    s.problems.push(Problem::AreaNotZeroed {
+                        area: a,
+                        index: end as u64,
+                    });
                 }
                 s.current_area = a;
                 s.current_committed = end as u64;
@@ -223,6 +320,8 @@ pub async fn scan_areas(
             }
         }
     }
-    s.next_free = layout.skip_metadata(max_new + 1).max(layout.first_data_chunk());
+    s.next_free = layout
+        .skip_metadata(max_new + 1)
+        .max(layout.first_data_chunk());
     Ok(s)
 }

@@ -67,7 +67,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) fn new(id: SnapId, store: Arc<PStore>, exceptions: HashMap<u64, u64>, merging: bool) -> Snapshot {
+    pub(crate) fn new(
+        id: SnapId,
+        store: Arc<PStore>,
+        exceptions: HashMap<u64, u64>,
+        merging: bool,
+    ) -> Snapshot {
         Snapshot {
             id,
             layout: store.layout(),

@@ -9,7 +9,10 @@ use crate::pstore::Usage;
 /// after the target name.
 pub fn dm_status_line(origin_sectors: Option<u64>, usage: Option<Usage>) -> String {
     let body = match usage {
-        Some(u) => format!("{}/{} {}", u.allocated_sectors, u.total_sectors, u.metadata_sectors),
+        Some(u) => format!(
+            "{}/{} {}",
+            u.allocated_sectors, u.total_sectors, u.metadata_sectors
+        ),
         None => "Invalid".to_string(),
     };
     match origin_sectors {
@@ -29,8 +32,14 @@ mod tests {
             total_sectors: 32768,
             metadata_sectors: 16,
         };
-        assert_eq!(dm_status_line(Some(131072), Some(u)), "0 131072 snapshot 16/32768 16");
-        assert_eq!(dm_status_line(Some(131072), None), "0 131072 snapshot Invalid");
+        assert_eq!(
+            dm_status_line(Some(131072), Some(u)),
+            "0 131072 snapshot 16/32768 16"
+        );
+        assert_eq!(
+            dm_status_line(Some(131072), None),
+            "0 131072 snapshot Invalid"
+        );
         assert_eq!(dm_status_line(None, Some(u)), "16/32768 16");
     }
 }

@@ -26,7 +26,10 @@ enum Step {
     /// Concurrent writes; the target index picks the origin (0) or a snapshot.
     Writes(Vec<(usize, u64, u64, u64)>),
     Read(usize, u64, u64),
-    Create { chunk_sectors: u32, cow_units: u64 },
+    Create {
+        chunk_sectors: u32,
+        cow_units: u64,
+    },
     Delete(usize),
     /// Merge snapshot `idx` while these origin writes run beside it.
     Merge(usize, Vec<(u64, u64, u64)>),
@@ -73,7 +76,9 @@ impl ModelSnap {
         u64::from(self.chunk_sectors) * 512
     }
     fn capacity(&self) -> u64 {
-        Layout::new(self.chunk_sectors).unwrap().capacity(self.cow_bytes)
+        Layout::new(self.chunk_sectors)
+            .unwrap()
+            .capacity(self.cow_bytes)
     }
     /// Marks the chunks of a range used; returns false if that overflows.
     fn touch(&mut self, off: u64, len: u64) -> bool {
@@ -173,11 +178,16 @@ impl World {
         let size = ORIGIN_UNITS * UNIT;
         self.check_read(Target::Origin, None, 0, size).await;
         for (i, s) in self.snaps.iter().enumerate() {
-            self.check_read(Target::Snapshot(s.id), Some(i), 0, size).await;
+            self.check_read(Target::Snapshot(s.id), Some(i), 0, size)
+                .await;
             let st = self.origin.status(s.id).unwrap();
             assert_eq!(st.valid, s.valid, "snapshot {i} validity");
             if s.valid {
-                assert_eq!(st.exceptions, s.used.len() as u64, "snapshot {i} exception count");
+                assert_eq!(
+                    st.exceptions,
+                    s.used.len() as u64,
+                    "snapshot {i} exception count"
+                );
             }
         }
     }
@@ -192,7 +202,10 @@ impl World {
                 for (t, off, len, seed) in ws {
                     let (off, len) = self.scale(off, len);
                     let (target, idx) = self.target(t).unwrap();
-                    if taken.iter().any(|&(tt, o, l)| tt == target && o < off + len && off < o + l) {
+                    if taken
+                        .iter()
+                        .any(|&(tt, o, l)| tt == target && o < off + len && off < o + l)
+                    {
                         continue;
                     }
                     taken.push((target, off, len));
@@ -207,7 +220,8 @@ impl World {
                             let s = &mut self.snaps[*i];
                             if s.valid {
                                 if s.touch(*off, data.len() as u64) {
-                                    s.image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+                                    s.image[*off as usize..*off as usize + data.len()]
+                                        .copy_from_slice(data);
                                 } else {
                                     s.valid = false;
                                 }
@@ -239,7 +253,10 @@ impl World {
                 let (target, idx) = self.target(t).unwrap();
                 self.check_read(target, idx, off, len).await;
             }
-            Step::Create { chunk_sectors, cow_units } => {
+            Step::Create {
+                chunk_sectors,
+                cow_units,
+            } => {
                 if self.snaps.len() >= 3 {
                     return;
                 }
@@ -251,7 +268,10 @@ impl World {
                     cow_units * cb
                 };
                 self.files += 1;
-                let path = common::sparse_file(&self.dir.path().join(format!("cow{}", self.files)), cow_bytes);
+                let path = common::sparse_file(
+                    &self.dir.path().join(format!("cow{}", self.files)),
+                    cow_bytes,
+                );
                 let dev = self.backend.open(&path, true).unwrap();
                 let added = self
                     .origin
@@ -324,16 +344,17 @@ impl World {
                 let origin = self.origin.clone();
                 let id = s.id;
                 let merge = tokio::spawn(async move { origin.merge(id, |_| {}).await });
-                let results = join_all(
-                    ops.iter()
-                        .map(|(off, data)| self.origin.write(Target::Origin, *off, AlignedBuf::from_slice(data), false)),
-                )
+                let results = join_all(ops.iter().map(|(off, data)| {
+                    self.origin
+                        .write(Target::Origin, *off, AlignedBuf::from_slice(data), false)
+                }))
                 .await;
                 for r in results {
                     r.unwrap();
                 }
                 // Reads during the merge see the merged content.
-                self.check_read(Target::Origin, None, 0, ORIGIN_UNITS * UNIT).await;
+                self.check_read(Target::Origin, None, 0, ORIGIN_UNITS * UNIT)
+                    .await;
                 merge.await.unwrap().unwrap();
                 assert!(self.origin.status(id).is_err(), "merged snapshot is gone");
                 std::fs::remove_file(&s.path).unwrap();
@@ -348,7 +369,11 @@ impl World {
         self.origin = Arc::new(Origin::new(dev).unwrap());
         for s in &mut self.snaps {
             let dev = self.backend.open(&s.path, true).unwrap();
-            let added = self.origin.add_snapshot(dev, SnapshotOptions::default()).await.unwrap();
+            let added = self
+                .origin
+                .add_snapshot(dev, SnapshotOptions::default())
+                .await
+                .unwrap();
             assert!(!added.initialised);
             assert_eq!(added.chunk_sectors, s.chunk_sectors);
             s.id = added.id;
@@ -383,7 +408,13 @@ fn report_model_steps() {
     // Runs a fixed long workload so every run counts a known minimum, and
     // prints the number of model steps this test binary executed.
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let steps = prop::collection::vec(step(), 150).new_tree(&mut runner).unwrap().current();
+    let steps = prop::collection::vec(step(), 150)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
     run_case(steps);
-    eprintln!("model steps executed by this binary so far: {}", STEPS.load(Ordering::Relaxed));
+    eprintln!(
+        "model steps executed by this binary so far: {}",
+        STEPS.load(Ordering::Relaxed)
+    );
 }

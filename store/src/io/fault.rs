@@ -15,7 +15,7 @@
 //! Requests run synchronously inside `submit`, which keeps a test that runs
 //! on a current-thread runtime deterministic for its seed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -145,15 +145,18 @@ impl FaultController {
         st.powered = false;
         let (mut kept, mut dropped) = (0, 0);
         for v in st.devices.values_mut() {
+            // Later kept versions of a sector win, as on the disk.
+            let mut survivors: BTreeMap<u64, Box<[u8; SECTOR]>> = BTreeMap::new();
             for (sector, data) in std::mem::take(&mut v.log) {
                 if rng.random_bool(0.5) {
-                    write_sector(&v.file, sector, &data[..])?;
+                    survivors.insert(sector, data);
                     kept += 1;
                 } else {
                     dropped += 1;
                 }
             }
             v.latest.clear();
+            write_sectors(&v.file, survivors)?;
         }
         Ok((kept, dropped))
     }
@@ -187,7 +190,10 @@ impl FaultController {
                 }
             }
         }
-        let v = st.devices.get_mut(path).expect("device opened through this controller");
+        let v = st
+            .devices
+            .get_mut(path)
+            .expect("device opened through this controller");
         match req.op {
             Op::Read => {
                 let buf = req.buf.as_mut().expect("read buffer");
@@ -212,8 +218,9 @@ impl FaultController {
                 Ok(())
             }
             Op::Write { dsync: true } => {
+                // Straight to stable storage (the file; see Flush).
                 let buf = req.buf.as_mut().expect("write buffer");
-                execute_sync(&v.file, req.op, req.offset, Some(buf))?;
+                execute_sync(&v.file, Op::Write { dsync: false }, req.offset, Some(buf))?;
                 let first = req.offset / SECTOR as u64;
                 let end = first + (buf.len() / SECTOR) as u64;
                 if v.log.iter().any(|(s, _)| (first..end).contains(s)) {
@@ -226,19 +233,43 @@ impl FaultController {
                 Ok(())
             }
             Op::Flush => {
-                for (sector, data) in std::mem::take(&mut v.log) {
-                    write_sector(&v.file, sector, &data[..])?;
-                }
+                // The file is the simulated disk's stable storage: moving the
+                // volatile sectors there is the flush (the host's own
+                // fdatasync would add nothing to the simulation).
+                let latest: BTreeMap<u64, Box<[u8; SECTOR]>> =
+                    std::mem::take(&mut v.log).into_iter().collect();
                 v.latest.clear();
-                execute_sync(&v.file, Op::Flush, 0, None)
+                write_sectors(&v.file, latest)
             }
         }
     }
 }
 
-fn write_sector(file: &File, sector: u64, data: &[u8]) -> io::Result<()> {
-    let mut b = AlignedBuf::from_slice(data);
-    execute_sync(file, Op::Write { dsync: false }, sector * SECTOR as u64, Some(&mut b))
+/// Writes sectors to the file, one write per run of consecutive sectors.
+fn write_sectors(file: &File, sectors: BTreeMap<u64, Box<[u8; SECTOR]>>) -> io::Result<()> {
+    let mut run: Vec<u8> = Vec::new();
+    let mut start = 0u64;
+    let mut flush = |start: u64, run: &mut Vec<u8>| -> io::Result<()> {
+        if !run.is_empty() {
+            let mut b = AlignedBuf::from_slice(run);
+            execute_sync(
+                file,
+                Op::Write { dsync: false },
+                start * SECTOR as u64,
+                Some(&mut b),
+            )?;
+            run.clear();
+        }
+        Ok(())
+    };
+    for (sector, data) in sectors {
+        if run.is_empty() || start + (run.len() / SECTOR) as u64 != sector {
+            flush(start, &mut run)?;
+            start = sector;
+        }
+        run.extend_from_slice(&data[..]);
+    }
+    flush(start, &mut run)
 }
 
 struct FaultFile {

@@ -151,7 +151,10 @@ impl Device {
                 align: bs,
             });
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.inner.size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.inner.size)
+        {
             return Err(Error::OutOfRange {
                 device: self.inner.name.clone(),
                 offset,
@@ -162,7 +165,12 @@ impl Device {
         Ok(())
     }
 
-    async fn run(&self, op: Op, offset: u64, buf: Option<AlignedBuf>) -> Result<Option<AlignedBuf>> {
+    async fn run(
+        &self,
+        op: Op,
+        offset: u64,
+        buf: Option<AlignedBuf>,
+    ) -> Result<Option<AlignedBuf>> {
         let (tx, rx) = oneshot::channel();
         self.inner.io.submit(Request {
             op,
@@ -268,7 +276,10 @@ impl Backend {
     pub fn start(choice: BackendChoice) -> Result<Backend, String> {
         match choice {
             BackendChoice::Portable => {
-                tracing::info!(backend = "portable", "I/O backend: portable (pread/pwritev2 thread pool), as configured");
+                tracing::info!(
+                    backend = "portable",
+                    "I/O backend: portable (pread/pwritev2 thread pool), as configured"
+                );
                 Ok(Backend::Portable(portable::Pool::start()))
             }
             BackendChoice::Uring => match uring::Ring::start() {
@@ -280,7 +291,10 @@ impl Backend {
             },
             BackendChoice::Auto => match uring::Ring::start() {
                 Ok(r) => {
-                    tracing::info!(backend = "io_uring", "I/O backend: io_uring (the kernel allows it)");
+                    tracing::info!(
+                        backend = "io_uring",
+                        "I/O backend: io_uring (the kernel allows it)"
+                    );
                     Ok(Backend::Uring(r))
                 }
                 Err(e) => {
@@ -405,7 +419,12 @@ fn file_dio_alignment(file: &File) -> Option<u64> {
 
 /// Runs one request synchronously on `fd` with plain syscalls: the portable
 /// backend's worker threads and the fault layer's durable half both use it.
-pub(crate) fn execute_sync(file: &File, op: Op, offset: u64, buf: Option<&mut AlignedBuf>) -> io::Result<()> {
+pub(crate) fn execute_sync(
+    file: &File,
+    op: Op,
+    offset: u64,
+    buf: Option<&mut AlignedBuf>,
+) -> io::Result<()> {
     let fd = file.as_raw_fd();
     match op {
         Op::Flush => {
@@ -436,7 +455,10 @@ pub(crate) fn execute_sync(file: &File, op: Op, offset: u64, buf: Option<&mut Al
                     return Err(e);
                 }
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the device"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "read past the end of the device",
+                    ));
                 }
                 done += n as usize;
             }
@@ -453,7 +475,9 @@ pub(crate) fn execute_sync(file: &File, op: Op, offset: u64, buf: Option<&mut Al
                     iov_len: buf.len() - done,
                 };
                 // SAFETY: one valid iovec.
-                let n = unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) };
+                let n = unsafe {
+                    libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags)
+                };
                 if n < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() == io::ErrorKind::Interrupted {
@@ -462,7 +486,10 @@ pub(crate) fn execute_sync(file: &File, op: Op, offset: u64, buf: Option<&mut Al
                     return Err(e);
                 }
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "device accepted no bytes",
+                    ));
                 }
                 done += n as usize;
             }

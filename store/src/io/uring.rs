@@ -170,13 +170,22 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
             .build()
             .user_data(WAKE);
         // SAFETY: buf lives for the whole loop (it is a local of `run`).
-        unsafe { ring.submission().push(&e).expect("ring has room for the wake read") };
+        unsafe {
+            ring.submission()
+                .push(&e)
+                .expect("ring has room for the wake read")
+        };
     };
     arm_wake(&mut ring, &mut wake_buf);
 
     loop {
         // Take new requests.
-        let new: Vec<_> = shared.queue.lock().expect("uring queue").drain(..).collect();
+        let new: Vec<_> = shared
+            .queue
+            .lock()
+            .expect("uring queue")
+            .drain(..)
+            .collect();
         for (file, req) in new {
             let f = InFlight { file, req, done: 0 };
             let idx = match free.pop() {
@@ -194,7 +203,9 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
         // Move as many as fit into the submission queue (one slot stays for
         // re-arming the wake read).
         while in_ring + 2 < RING_ENTRIES as usize {
-            let Some(idx) = backlog.pop_front() else { break };
+            let Some(idx) = backlog.pop_front() else {
+                break;
+            };
             let e = sqe_for(slots[idx].as_ref().expect("slot in use")).user_data(idx as u64);
             // SAFETY: the buffer is owned by slots[idx] until completion.
             unsafe { ring.submission().push(&e).expect("checked room") };
@@ -212,15 +223,24 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
         // Sleep only when nothing new has arrived since we looked.
         shared.sleeping.store(true, Ordering::SeqCst);
         let nothing_new = shared.queue.lock().expect("uring queue").is_empty();
-        let want = if nothing_new && !shared.closed.load(Ordering::SeqCst) { 1 } else { 0 };
+        let want = if nothing_new && !shared.closed.load(Ordering::SeqCst) {
+            1
+        } else {
+            0
+        };
         match ring.submit_and_wait(want) {
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => panic!("io_uring_enter failed: {e}"),
         }
         shared.sleeping.store(false, Ordering::SeqCst);
 
-        let cqes: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let cqes: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
         for (ud, res) in cqes {
             if ud == WAKE {
                 arm_wake(&mut ring, &mut wake_buf);
@@ -241,7 +261,10 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
                 f.done += res as usize;
                 if f.req.op != Op::Flush && f.done < len {
                     if res == 0 {
-                        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at the end of the device"))
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "short transfer at the end of the device",
+                        ))
                     } else {
                         backlog.push_back(idx);
                         continue;
