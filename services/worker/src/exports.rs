@@ -1,0 +1,73 @@
+//! The NBD exports a worker serves: one per volume (`volumes/VOL`, the
+//! origin) and one per snapshot (`volumes/VOL/snapshots/SNAP`). The worker
+//! adds and removes them as volumes and snapshots come and go; the NBD
+//! server looks them up by name at each handshake.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use cowsnap_store::{Origin, Target};
+
+/// One export: an engine target and whether clients may write to it.
+pub struct Export {
+    /// The resource name, which is also the NBD export name.
+    pub name: String,
+    pub origin: Arc<Origin>,
+    pub target: Target,
+    pub writable: bool,
+    /// Preferred I/O size to advertise (the chunk size).
+    pub preferred_block_size: u32,
+}
+
+impl Export {
+    /// Size in bytes (the origin's; every snapshot has its origin's size).
+    pub fn size(&self) -> u64 {
+        self.origin.size()
+    }
+
+    /// The alignment every request must respect.
+    pub fn min_block_size(&self) -> u32 {
+        self.origin.block_size() as u32
+    }
+}
+
+/// The export table, shared by the worker and the NBD server.
+#[derive(Default)]
+pub struct Exports {
+    map: RwLock<BTreeMap<String, Arc<Export>>>,
+}
+
+impl Exports {
+    pub fn new() -> Arc<Exports> {
+        Arc::new(Exports::default())
+    }
+
+    /// Adds (or replaces) an export.
+    pub fn insert(&self, export: Export) {
+        self.map
+            .write()
+            .expect("exports")
+            .insert(export.name.clone(), Arc::new(export));
+    }
+
+    /// Removes an export; connections already using it see errors on their
+    /// next request (the engine refuses I/O to a deleted or merging
+    /// snapshot).
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        self.map.write().expect("exports").remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.map.read().expect("exports").get(name).cloned()
+    }
+
+    /// Every export, by name.
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        self.map
+            .read()
+            .expect("exports")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
