@@ -249,7 +249,7 @@ impl FaultController {
 fn write_sectors(file: &File, sectors: BTreeMap<u64, Box<[u8; SECTOR]>>) -> io::Result<()> {
     let mut run: Vec<u8> = Vec::new();
     let mut start = 0u64;
-    let mut flush = |start: u64, run: &mut Vec<u8>| -> io::Result<()> {
+    let flush = |start: u64, run: &mut Vec<u8>| -> io::Result<()> {
         if !run.is_empty() {
             let mut b = AlignedBuf::from_slice(run);
             execute_sync(
