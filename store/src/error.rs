@@ -17,26 +17,19 @@ pub enum FormatError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{device}: {op} at byte {offset}: {source}")]
+    // The messages carry their cause, which is therefore not a `source()`
+    // (a chain printed with `{:#}` would repeat it).
+    #[error("{device}: {op} at byte {offset}: {cause}")]
     Io {
         device: String,
         op: &'static str,
         offset: u64,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("{device}: cannot open: {source}")]
-    Open {
-        device: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{device}: {source}")]
-    Format {
-        device: String,
-        #[source]
-        source: FormatError,
-    },
+    #[error("{device}: cannot open: {cause}")]
+    Open { device: String, cause: io::Error },
+    #[error("{device}: {cause}")]
+    Format { device: String, cause: FormatError },
     #[error("{device}: corrupt COW metadata: {detail} (run `cowsnap cow check` on it)")]
     Corrupt { device: String, detail: String },
     #[error(
@@ -63,20 +56,23 @@ pub enum Error {
     NoSnapshot(u64),
     #[error("snapshot {0} is merging: {1}")]
     Merging(u64, &'static str),
+    #[error("{device}: the device has been shut down")]
+    Shutdown { device: String },
 }
 
 impl Error {
     /// The errno that best describes this error to a block client (NBD).
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } | Error::Open { source, .. } => {
-                source.raw_os_error().unwrap_or(libc::EIO)
+            Error::Io { cause, .. } | Error::Open { cause, .. } => {
+                cause.raw_os_error().unwrap_or(libc::EIO)
             }
             Error::OutOfRange { .. } | Error::Misaligned { .. } | Error::Invalid { .. } => {
                 libc::EINVAL
             }
             Error::NoSnapshot(_) => libc::ENODEV,
             Error::Merging(..) => libc::EBUSY,
+            Error::Shutdown { .. } => libc::ESHUTDOWN,
             _ => libc::EIO,
         }
     }

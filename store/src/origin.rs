@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
@@ -143,6 +143,7 @@ pub struct Origin {
     gate: tokio::sync::RwLock<()>,
     snaps: Mutex<Vec<Arc<Snapshot>>>,
     next_id: AtomicU64,
+    closed: AtomicBool,
 }
 
 impl Origin {
@@ -163,6 +164,7 @@ impl Origin {
             gate: tokio::sync::RwLock::new(()),
             snaps: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -312,10 +314,43 @@ impl Origin {
         Ok(())
     }
 
+    /// Enters the gate for one I/O; fails once the origin is shut down.
+    async fn enter(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let g = self.gate.read().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Shutdown {
+                device: self.dev.name().to_string(),
+            });
+        }
+        Ok(g)
+    }
+
+    /// Stops the engine: waits for the I/O in flight, flushes every device,
+    /// and fails every later request with [`Error::Shutdown`] (ESHUTDOWN).
+    /// Used before a volume's device is released and on process shutdown.
+    pub async fn shutdown(&self) -> Result<()> {
+        let _suspended = self.gate.write().await;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let snaps = self.snapshots();
+        let mut devs = vec![self.dev.clone()];
+        devs.extend(
+            snaps
+                .iter()
+                .filter(|s| s.store.is_valid())
+                .map(|s| s.store.device().clone()),
+        );
+        for r in join_all(devs.iter().map(|d| d.flush())).await {
+            r?;
+        }
+        Ok(())
+    }
+
     /// Reads `len` bytes at `off` of the origin or a snapshot.
     pub async fn read(&self, t: Target, off: u64, len: u64) -> Result<AlignedBuf> {
         self.check_io(off, len)?;
-        let _io = self.gate.read().await;
+        let _io = self.enter().await?;
         match t {
             Target::Origin => match self.merging_snapshot() {
                 None => self.dev.read(off, len as usize).await,
@@ -330,7 +365,7 @@ impl Origin {
     pub async fn write(&self, t: Target, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
         let len = buf.len() as u64;
         self.check_io(off, len)?;
-        let _io = self.gate.read().await;
+        let _io = self.enter().await?;
         match t {
             Target::Origin => match self.merging_snapshot() {
                 None => {
@@ -379,7 +414,7 @@ impl Origin {
     /// Makes every acknowledged write durable: the origin and every COW
     /// device (a write may have landed in either).
     pub async fn flush(&self) -> Result<()> {
-        let _io = self.gate.read().await;
+        let _io = self.enter().await?;
         let snaps = self.snapshots();
         let mut devs = vec![self.dev.clone()];
         devs.extend(

@@ -149,9 +149,9 @@ impl PStore {
         mut insert: impl FnMut(Record) -> bool,
     ) -> Result<Opened> {
         let name = dev.name().to_string();
-        let fmt_err = |source| Error::Format {
+        let fmt_err = |cause| Error::Format {
             device: name.clone(),
-            source,
+            cause,
         };
         match read_header(&dev).await? {
             HeaderState::New => {

@@ -139,7 +139,8 @@ impl fmt::Display for Problem {
 /// Reads and decodes the header (the first sector; we read a whole 4 KiB
 /// block to respect any logical block size).
 pub async fn read_header(dev: &Device) -> Result<HeaderState> {
-    let len = dev.block_size().max(4096).min(dev.size()) as usize;
+    let bs = dev.block_size();
+    let len = (dev.size().min(4096.max(bs)) / bs * bs) as usize;
     if len < 16 {
         return Err(Error::Invalid {
             device: dev.name().to_string(),
@@ -147,9 +148,9 @@ pub async fn read_header(dev: &Device) -> Result<HeaderState> {
         });
     }
     let buf = dev.read(0, len).await?;
-    Header::decode(&buf).map_err(|source| Error::Format {
+    Header::decode(&buf).map_err(|cause| Error::Format {
         device: dev.name().to_string(),
-        source,
+        cause,
     })
 }
 

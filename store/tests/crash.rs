@@ -616,10 +616,12 @@ fn merged_chunk_rewritten_during_merge_survives_a_cut() {
             origin.start_merge(a.id).await.unwrap();
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let o2 = origin.clone();
-            let merge =
-                tokio::spawn(
-                    async move { o2.merge(a.id, move |p| drop(tx.send(p.chunks_left))).await },
-                );
+            let merge = tokio::spawn(async move {
+                o2.merge(a.id, move |p| {
+                    let _ = tx.send(p.chunks_left);
+                })
+                .await
+            });
             // Wait until the first step (chunk 10) is merged.
             while rx.recv().await.unwrap() != 1 {}
             let new = vec![0x42u8; cb as usize];

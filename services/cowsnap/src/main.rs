@@ -14,8 +14,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Counts live heap bytes so `bench store` can measure RAM per exception.
+#[global_allocator]
+static ALLOC: bench::alloc::CountingAlloc = bench::alloc::CountingAlloc;
+
 #[derive(Parser)]
-#[command(name = "cowsnap", version, about = "Volume snapshots with the Linux dm-snapshot on-disk format, in user space")]
+#[command(
+    name = "cowsnap",
+    version,
+    about = "Volume snapshots with the Linux dm-snapshot on-disk format, in user space"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

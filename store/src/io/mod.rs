@@ -91,7 +91,7 @@ pub struct Device {
 
 struct DeviceInner {
     name: String,
-    io: Box<dyn DeviceIo>,
+    io: Arc<dyn DeviceIo>,
     size: u64,
     block_size: u64,
     writable: bool,
@@ -110,7 +110,7 @@ impl Device {
         Device {
             inner: Arc::new(DeviceInner {
                 name,
-                io,
+                io: Arc::from(io),
                 size,
                 block_size,
                 writable,
@@ -120,6 +120,20 @@ impl Device {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// A view of the first `size` bytes of this device (a raw device larger
+    /// than the volume or COW it holds). The view is a device of its own.
+    pub fn truncated(&self, size: u64) -> Device {
+        Device {
+            inner: Arc::new(DeviceInner {
+                name: self.inner.name.clone(),
+                io: self.inner.io.clone(),
+                size: size.min(self.inner.size),
+                block_size: self.inner.block_size,
+                writable: self.inner.writable,
+            }),
+        }
     }
 
     /// Whether both handles are the same open device.
@@ -182,13 +196,13 @@ impl Device {
             device: self.inner.name.clone(),
             op: op.name(),
             offset,
-            source: io::Error::other("I/O backend stopped"),
+            cause: io::Error::other("I/O backend stopped"),
         })?;
-        c.result.map_err(|source| Error::Io {
+        c.result.map_err(|cause| Error::Io {
             device: self.inner.name.clone(),
             op: op.name(),
             offset,
-            source,
+            cause,
         })?;
         Ok(c.buf)
     }
@@ -216,7 +230,7 @@ impl Device {
                 device: self.inner.name.clone(),
                 op: "write",
                 offset,
-                source: io::Error::from_raw_os_error(libc::EROFS),
+                cause: io::Error::from_raw_os_error(libc::EROFS),
             });
         }
         Ok(self
@@ -337,9 +351,9 @@ impl Backend {
 /// Opens `path` with `O_DIRECT` and reads its size and logical block size.
 pub fn open_direct(path: &Path, writable: bool) -> Result<(Arc<File>, u64, u64)> {
     let name = path.display().to_string();
-    let open_err = |source: io::Error| Error::Open {
+    let open_err = |cause: io::Error| Error::Open {
         device: name.clone(),
-        source,
+        cause,
     };
     let file = OpenOptions::new()
         .read(true)
@@ -347,7 +361,9 @@ pub fn open_direct(path: &Path, writable: bool) -> Result<(Arc<File>, u64, u64)>
         .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EINVAL) {
+            let direct_refused = e.raw_os_error() == Some(libc::EINVAL)
+                && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_file());
+            if direct_refused {
                 open_err(io::Error::new(
                     e.kind(),
                     "O_DIRECT is not supported here (tmpfs?); use a block device or a file on a disk file system",

@@ -1,0 +1,43 @@
+//! The benchmark's scratch files: a fresh directory on a disk file system
+//! (removed when the run ends), sparse files of a given size.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// A fresh `cowsnap-bench-*` directory inside `parent`, removed on drop.
+pub fn scratch_dir(parent: &Path) -> anyhow::Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if is_tmpfs(parent)? {
+        bail!(
+            "{} is on tmpfs, where O_DIRECT does not work: pass --dir on a disk file system",
+            parent.display()
+        );
+    }
+    tempfile::Builder::new()
+        .prefix("cowsnap-bench-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a scratch directory in {}", parent.display()))
+}
+
+fn is_tmpfs(path: &Path) -> anyhow::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs fills the zeroed struct from a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == TMPFS_MAGIC)
+}
+
+/// Creates (or truncates) a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
+    let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
+    Ok(path.to_path_buf())
+}

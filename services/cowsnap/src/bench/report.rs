@@ -1,0 +1,336 @@
+//! The store benchmark's report: each figure with its baseline, ratio and
+//! target, printed as a table or as one JSON object. A missed target is
+//! reported as a miss, never hidden; the exit code does not depend on it
+//! (speed is measured, not asserted).
+
+use serde::Serialize;
+use serde::ser::SerializeMap;
+
+/// Which way a target points.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub enum Cmp {
+    #[serde(rename = ">=")]
+    AtLeast,
+    #[serde(rename = "<=")]
+    AtMost,
+}
+
+/// What a target is about: the ratio to the baseline, or the value itself.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum On {
+    Ratio,
+    Value,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Goal {
+    pub on: On,
+    pub cmp: Cmp,
+    pub threshold: f64,
+}
+
+impl Goal {
+    pub fn ratio_at_least(t: f64) -> Option<Goal> {
+        Some(Goal {
+            on: On::Ratio,
+            cmp: Cmp::AtLeast,
+            threshold: t,
+        })
+    }
+
+    pub fn ratio_at_most(t: f64) -> Option<Goal> {
+        Some(Goal {
+            on: On::Ratio,
+            cmp: Cmp::AtMost,
+            threshold: t,
+        })
+    }
+
+    pub fn value_at_least(t: f64) -> Option<Goal> {
+        Some(Goal {
+            on: On::Value,
+            cmp: Cmp::AtLeast,
+            threshold: t,
+        })
+    }
+
+    pub fn value_at_most(t: f64) -> Option<Goal> {
+        Some(Goal {
+            on: On::Value,
+            cmp: Cmp::AtMost,
+            threshold: t,
+        })
+    }
+
+    fn met(&self, value: f64, ratio: f64) -> bool {
+        let x = match self.on {
+            On::Ratio => ratio,
+            On::Value => value,
+        };
+        match self.cmp {
+            Cmp::AtLeast => x >= self.threshold,
+            Cmp::AtMost => x <= self.threshold,
+        }
+    }
+
+    fn describe(&self, unit: &str) -> String {
+        let op = match self.cmp {
+            Cmp::AtLeast => "≥",
+            Cmp::AtMost => "≤",
+        };
+        match self.on {
+            On::Ratio => format!("ratio {op} {}", self.threshold),
+            On::Value => format!("{op} {} {unit}", self.threshold),
+        }
+    }
+}
+
+/// One measured figure against its baseline.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub label: String,
+    pub value: f64,
+    pub unit: &'static str,
+    pub baseline: f64,
+    /// What the baseline is (raw device figure, bound, ...).
+    pub baseline_label: String,
+    /// `value / baseline`.
+    pub ratio: f64,
+    /// `None`: reported for information, no target.
+    pub target: Option<Goal>,
+    pub target_text: Option<String>,
+    /// `None` when there is no target.
+    pub pass: Option<bool>,
+    /// `pass`, `miss` or `info`.
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Figure {
+    pub fn new(
+        label: &str,
+        value: f64,
+        unit: &'static str,
+        baseline: f64,
+        baseline_label: &str,
+        target: Option<Goal>,
+    ) -> Figure {
+        let ratio = value / baseline;
+        let pass = target.map(|t| t.met(value, ratio));
+        Figure {
+            label: label.to_string(),
+            value,
+            unit,
+            baseline,
+            baseline_label: baseline_label.to_string(),
+            ratio,
+            target_text: target.map(|t| t.describe(unit)),
+            target,
+            pass,
+            result: match pass {
+                Some(true) => "pass",
+                Some(false) => "miss",
+                None => "info",
+            },
+            note: None,
+        }
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Figure {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+/// Figures in the order they were measured, serialised as a JSON object
+/// keyed by figure id.
+#[derive(Default, Debug)]
+pub struct Figures(pub Vec<(&'static str, Figure)>);
+
+impl Serialize for Figures {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl Figures {
+    pub fn push(&mut self, id: &'static str, f: Figure) {
+        self.0.push((id, f));
+    }
+}
+
+/// The raw device figures every ratio is taken against.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    /// Sequential O_DIRECT read, chunk-sized I/O, `depth` in flight (MB/s).
+    pub read_mb_s: f64,
+    /// Sequential O_DIRECT overwrite of allocated blocks, chunk-sized I/O (MB/s).
+    pub write_mb_s: f64,
+    /// 4 KiB random O_DIRECT overwrites, `depth` in flight (IOPS).
+    pub random_write_4k_iops: f64,
+    /// First write of the scratch files (allocating), 1 MiB I/O, 8 in flight (MB/s).
+    pub prewrite_mb_s: f64,
+    /// `1/(1/R + 2/W)`: the best a first write with one snapshot can do (MB/s).
+    pub first_write_bound_mb_s: f64,
+    /// `1/(1/R + 9/W)`: the same with eight snapshots (MB/s).
+    pub first_write_bound_8_mb_s: f64,
+    /// Mean `fdatasync` latency after one chunk-sized write, one at a time (ms).
+    pub flush_ms: f64,
+    /// Mean latency of one chunk-sized `RWF_DSYNC` write, one at a time (ms).
+    pub dsync_write_ms: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: &'static str,
+    pub chunk_sectors: u32,
+    pub chunk_bytes: u64,
+    pub depth: usize,
+    pub quick: bool,
+    pub dir: String,
+    /// What was done to make the baseline and the engine comparable.
+    pub preparation: String,
+    /// Bytes of the origin region written and read by the bandwidth figures.
+    pub region_bytes: u64,
+    /// Bytes of the origin region of the eight-snapshot figure.
+    pub region_8_bytes: u64,
+    pub random_write_ops: u64,
+    pub load_exceptions: u64,
+    pub baseline: Baseline,
+    pub figures: Figures,
+    pub commits: serde_json::Value,
+    pub targets_met: usize,
+    pub targets_missed: usize,
+    pub elapsed_secs: f64,
+}
+
+impl Report {
+    pub fn tally(&mut self) {
+        self.targets_met = self
+            .figures
+            .0
+            .iter()
+            .filter(|(_, f)| f.pass == Some(true))
+            .count();
+        self.targets_missed = self
+            .figures
+            .0
+            .iter()
+            .filter(|(_, f)| f.pass == Some(false))
+            .count();
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let b = &self.baseline;
+        let _ = writeln!(
+            o,
+            "cowsnap bench store: I/O backend {}, chunk {} sectors ({} KiB), {} I/Os in flight{}",
+            self.backend,
+            self.chunk_sectors,
+            self.chunk_bytes / 1024,
+            self.depth,
+            if self.quick { ", quick mode" } else { "" }
+        );
+        let _ = writeln!(o, "scratch directory: {}", self.dir);
+        let _ = writeln!(o, "preparation: {}", self.preparation);
+        let _ = writeln!(
+            o,
+            "raw device (same files, same backend, same I/O sizes and depth): R {:.0} MB/s, W {:.0} MB/s ({} KiB sequential), \
+             4 KiB random write {:.0} IOPS; allocating first write {:.0} MB/s",
+            b.read_mb_s,
+            b.write_mb_s,
+            self.chunk_bytes / 1024,
+            b.random_write_4k_iops,
+            b.prewrite_mb_s
+        );
+        let _ = writeln!(
+            o,
+            "durability, one at a time: flush {:.2} ms, {} KiB DSYNC write {:.2} ms",
+            b.flush_ms,
+            self.chunk_bytes / 1024,
+            b.dsync_write_ms
+        );
+        let _ = writeln!(
+            o,
+            "bounds: first write 1/(1/R+2/W) = {:.0} MB/s with 1 snapshot, 1/(1/R+9/W) = {:.0} MB/s with 8",
+            b.first_write_bound_mb_s, b.first_write_bound_8_mb_s
+        );
+        let _ = writeln!(o);
+        let rows: Vec<[String; 6]> = self
+            .figures
+            .0
+            .iter()
+            .map(|(_, f)| {
+                [
+                    f.label.clone(),
+                    format!("{} {}", num(f.value), f.unit),
+                    format!("{} ({})", num(f.baseline), f.baseline_label),
+                    format!("{:.2}", f.ratio),
+                    f.target_text.clone().unwrap_or_else(|| "-".into()),
+                    f.result.to_string(),
+                ]
+            })
+            .collect();
+        let head = ["figure", "value", "baseline", "ratio", "target", "result"].map(String::from);
+        let mut w = [0usize; 6];
+        for r in std::iter::once(&head).chain(&rows) {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        for r in std::iter::once(&head).chain(&rows) {
+            let mut line = String::new();
+            for (i, c) in r.iter().enumerate() {
+                let pad = w[i] - c.chars().count();
+                if i == 1 || i == 3 {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(c);
+                } else {
+                    line.push_str(c);
+                    line.push_str(&" ".repeat(pad));
+                }
+                line.push_str("  ");
+            }
+            let _ = writeln!(o, "{}", line.trim_end());
+        }
+        let notes: Vec<_> = self
+            .figures
+            .0
+            .iter()
+            .filter_map(|(_, f)| f.note.as_ref().map(|n| (f.label.as_str(), n)))
+            .collect();
+        if !notes.is_empty() {
+            let _ = writeln!(o);
+            for (label, n) in notes {
+                let _ = writeln!(o, "note ({label}): {n}");
+            }
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "targets: {} met, {} missed; {:.1} s",
+            self.targets_met, self.targets_missed, self.elapsed_secs
+        );
+        o
+    }
+}
+
+/// A number with as many digits as it deserves.
+fn num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
