@@ -1,7 +1,13 @@
 //! cowsnap's gRPC APIs, generated from `proto/`:
 //! - [`worker::v1`]: `cowsnap.worker.v1`, the control service <-> worker API;
 //!
-//! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection.
+//! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
+//! [`names`], the resource names every side parses the same way, and
+//! [`server`], what every cowsnap gRPC server shares (listen addresses,
+//! reflection, health).
+
+pub mod names;
+pub mod server;
 
 /// The encoded `FileDescriptorSet` of every cowsnap `.proto` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

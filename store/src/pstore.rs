@@ -397,7 +397,11 @@ impl PStore {
                 }
                 let epa = self.layout.exceptions_per_area();
                 let n = (st.queue.len() as u64).min(epa - st.current_committed) as usize;
-                let batch: Vec<Waiting> = st.queue.drain(..n).collect();
+                let mut batch: Vec<Waiting> = st.queue.drain(..n).collect();
+                // Copies complete in any order; records in allocation order
+                // keep runs of consecutive chunks together, which merge
+                // steps (and the kernel's) copy in one I/O.
+                batch.sort_unstable_by_key(|w| w.rec.new);
                 for w in &batch {
                     let at = st.current_committed as usize * RECORD_SIZE;
                     w.rec.encode(&mut st.area[at..at + RECORD_SIZE]);

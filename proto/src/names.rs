@@ -1,0 +1,112 @@
+//! Resource names of the API (AIP-122): `volumes/{volume}` and
+//! `volumes/{volume}/snapshots/{snapshot}`, which are also the NBD export
+//! names, and `operations/{op}` / `tasks/{task}` for long-running work.
+//! Scripts depend on these names, so they are parsed in one place.
+
+/// Checks a resource id: 1 to 63 characters of `[a-z0-9-]`, starting with a
+/// letter and not ending with a hyphen. Returns a message naming what is
+/// wrong.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > 63 {
+        return Err(format!("{id:?} is longer than 63 characters"));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(format!("{id:?} must start with a lower-case letter"));
+    }
+    if id.ends_with('-') {
+        return Err(format!("{id:?} must not end with a hyphen"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}: only lower-case letters, digits and hyphens are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// `volumes/{volume}`.
+pub fn volume(volume: &str) -> String {
+    format!("volumes/{volume}")
+}
+
+/// `volumes/{volume}/snapshots/{snapshot}`.
+pub fn snapshot(volume: &str, snapshot: &str) -> String {
+    format!("volumes/{volume}/snapshots/{snapshot}")
+}
+
+/// The volume id of `volumes/{volume}`.
+pub fn parse_volume(name: &str) -> Result<&str, String> {
+    let id = name
+        .strip_prefix("volumes/")
+        .filter(|rest| !rest.contains('/'))
+        .ok_or_else(|| format!("{name:?} is not a volume name (volumes/VOLUME)"))?;
+    check_id(id).map_err(|e| format!("volume id {e}"))?;
+    Ok(id)
+}
+
+/// The volume and snapshot ids of `volumes/{volume}/snapshots/{snapshot}`.
+pub fn parse_snapshot(name: &str) -> Result<(&str, &str), String> {
+    let bad = || format!("{name:?} is not a snapshot name (volumes/VOLUME/snapshots/SNAPSHOT)");
+    let rest = name.strip_prefix("volumes/").ok_or_else(bad)?;
+    let (vol, snap) = rest.split_once("/snapshots/").ok_or_else(bad)?;
+    if snap.contains('/') {
+        return Err(bad());
+    }
+    check_id(vol).map_err(|e| format!("volume id {e}"))?;
+    check_id(snap).map_err(|e| format!("snapshot id {e}"))?;
+    Ok((vol, snap))
+}
+
+/// The id of `{collection}/{id}` for a collection such as `operations` or
+/// `tasks` (ids there may also contain digits first).
+pub fn parse_in<'a>(collection: &str, name: &'a str) -> Result<&'a str, String> {
+    name.strip_prefix(collection)
+        .and_then(|r| r.strip_prefix('/'))
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .ok_or_else(|| format!("{name:?} is not a name of the form {collection}/ID"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["v", "vol-1", "a1", &"a".repeat(63)] {
+            assert!(check_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1a",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            &"a".repeat(64),
+        ] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(parse_volume("volumes/v1"), Ok("v1"));
+        assert!(parse_volume("volumes/v1/snapshots/s").is_err());
+        assert!(parse_volume("vols/v1").is_err());
+        assert_eq!(parse_snapshot("volumes/v1/snapshots/s1"), Ok(("v1", "s1")));
+        assert!(parse_snapshot("volumes/v1/snapshots/").is_err());
+        assert!(parse_snapshot("volumes/v1/snapshots/s1/x").is_err());
+        assert!(parse_snapshot("volumes/v1").is_err());
+        assert_eq!(parse_in("tasks", "tasks/7"), Ok("7"));
+        assert!(parse_in("tasks", "operations/7").is_err());
+        assert_eq!(snapshot("a", "b"), "volumes/a/snapshots/b");
+    }
+}

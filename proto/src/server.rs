@@ -1,0 +1,127 @@
+//! What every cowsnap gRPC server shares: where it listens (`host:port` or
+//! `unix:PATH`), server reflection (both `grpc.reflection.v1` and
+//! `v1alpha`: grpcurl 1.8 asks for the latter) and `grpc.health.v1`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
+
+/// A listening address: TCP `host:port`, or a unix socket `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path (unix:/run/cowsnap.sock)".into());
+            }
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        if !s.contains(':') {
+            return Err(format!("{s:?} is not host:port or unix:PATH"));
+        }
+        Ok(Listen::Tcp(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The reflection services (v1 and v1alpha) over every cowsnap descriptor
+/// and the health service's, plus a health reporter already serving.
+pub fn reflection_and_health() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    Ok((v1, v1alpha, reporter, health))
+}
+
+/// A bound gRPC listener (bind first, so callers learn the port and fail
+/// early on a taken address).
+pub enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Bound {
+    pub async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
+        match listen {
+            Listen::Tcp(a) => Ok(Bound::Tcp(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a}"))?,
+            )),
+            Listen::Unix(p) => {
+                // A stale socket from a previous run is replaced.
+                if std::os::unix::net::UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = tokio::net::UnixListener::bind(p)
+                    .with_context(|| format!("cannot listen on unix:{}", p.display()))?;
+                Ok(Bound::Unix(l, p.clone()))
+            }
+        }
+    }
+
+    /// Where it listens (the real port for `:0`).
+    pub fn local(&self) -> Listen {
+        match self {
+            Bound::Tcp(l) => Listen::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+            Bound::Unix(_, p) => Listen::Unix(p.clone()),
+        }
+    }
+
+    /// Serves `router` until `shutdown` is cancelled, then finishes the calls
+    /// in flight.
+    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let stop = async move { shutdown.cancelled().await };
+        match self {
+            Bound::Tcp(l) => router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    stop,
+                )
+                .await
+                .context("gRPC server failed"),
+            Bound::Unix(l, p) => {
+                let r = router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(l),
+                        stop,
+                    )
+                    .await
+                    .context("gRPC server failed");
+                let _ = std::fs::remove_file(p);
+                r
+            }
+        }
+    }
+}
