@@ -9,7 +9,8 @@
 //! - [`pstore`]: one COW device's exception store: allocation, group commit,
 //!   invalidation, merge steps;
 //! - [`snapshot`] and [`origin`]: the engine (origin with snapshots, their
-//!   I/O paths), [`merge`]: rolling the origin back to a snapshot;
+//!   I/O paths), [`table`]: a snapshot's exceptions in memory, [`merge`]:
+//!   rolling the origin back to a snapshot;
 //! - [`status`]: `dmsetup status` lines.
 
 pub mod error;
@@ -21,6 +22,7 @@ pub mod pstore;
 pub mod scan;
 pub mod snapshot;
 pub mod status;
+pub mod table;
 
 pub use error::{Error, Result};
 pub use format::Layout;

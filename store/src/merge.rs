@@ -57,6 +57,7 @@ impl Origin {
         let mut st = s.lock();
         st.merging = true;
         s.changed(&mut st);
+        self.set_merging(id);
         Ok(())
     }
 
@@ -94,6 +95,7 @@ impl Origin {
         }
         let _suspended = self.gate().write().await;
         self.remove_snapshot(id);
+        self.set_merging(0);
         let mut st = s.lock();
         st.merging = false;
         st.deleted = true;

@@ -24,16 +24,16 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use futures::future::join_all;
-use hashbrown::HashMap;
 
 use crate::error::{Error, Result};
 use crate::format::Record;
 use crate::io::{AlignedBuf, Device};
 use crate::pstore::{CommitStats, PStore, Usage};
 use crate::snapshot::{SnapId, Snapshot};
+use crate::table::ExceptionTable;
 
 /// A snapshot and the COW chunk allocated for a copy.
 type CopyTarget = (Arc<Snapshot>, u64);
@@ -141,7 +141,11 @@ fn piece(c: u64, cb: u64, off: u64, len: u64) -> Range<u64> {
 pub struct Origin {
     dev: Device,
     gate: tokio::sync::RwLock<()>,
-    snaps: Mutex<Vec<Arc<Snapshot>>>,
+    snaps: RwLock<Arc<Vec<Arc<Snapshot>>>>,
+    /// Id of the merging snapshot, 0 when none.
+    merging: AtomicU64,
+    /// The I/O alignment (largest logical block size of all devices).
+    io_block: AtomicU64,
     next_id: AtomicU64,
     closed: AtomicBool,
 }
@@ -159,10 +163,13 @@ impl Origin {
                 ),
             });
         }
+        let block_size = dev.block_size();
         Ok(Origin {
             dev,
             gate: tokio::sync::RwLock::new(()),
-            snaps: Mutex::new(Vec::new()),
+            snaps: RwLock::new(Arc::new(Vec::new())),
+            merging: AtomicU64::new(0),
+            io_block: AtomicU64::new(block_size),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         })
@@ -180,14 +187,27 @@ impl Origin {
     /// The alignment every I/O must respect: the largest logical block size
     /// of the origin and the COW devices.
     pub fn block_size(&self) -> u64 {
-        self.snapshots()
-            .iter()
-            .map(|s| s.store.device().block_size())
-            .fold(self.dev.block_size(), u64::max)
+        self.io_block.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn snapshots(&self) -> Vec<Arc<Snapshot>> {
-        self.snaps.lock().expect("snapshot list").clone()
+    /// The snapshots, oldest first: a shared copy of the list (it is
+    /// replaced, never changed in place, when snapshots come and go).
+    pub(crate) fn snapshots(&self) -> Arc<Vec<Arc<Snapshot>>> {
+        self.snaps.read().expect("snapshot list").clone()
+    }
+
+    /// Replaces the snapshot list (under the gate's write side) and what
+    /// follows from it.
+    fn set_snapshots(&self, f: impl FnOnce(&mut Vec<Arc<Snapshot>>)) {
+        let mut guard = self.snaps.write().expect("snapshot list");
+        let mut list = guard.as_ref().clone();
+        f(&mut list);
+        let bs = list
+            .iter()
+            .map(|s| s.store.device().block_size())
+            .fold(self.dev.block_size(), u64::max);
+        self.io_block.store(bs, Ordering::Relaxed);
+        *guard = Arc::new(list);
     }
 
     /// Ids of the snapshots, oldest first.
@@ -197,13 +217,25 @@ impl Origin {
 
     pub(crate) fn snapshot(&self, id: SnapId) -> Result<Arc<Snapshot>> {
         self.snapshots()
-            .into_iter()
+            .iter()
             .find(|s| s.id == id)
+            .cloned()
             .ok_or(Error::NoSnapshot(id))
     }
 
+    /// The snapshot merging into the origin, if any (one atomic load when
+    /// none is: the common case on every I/O).
     pub(crate) fn merging_snapshot(&self) -> Option<Arc<Snapshot>> {
-        self.snapshots().into_iter().find(|s| s.is_merging())
+        match self.merging.load(Ordering::Acquire) {
+            0 => None,
+            id => self.snapshot(id).ok(),
+        }
+    }
+
+    /// Records which snapshot merges (0: none). Called under the gate's
+    /// write side.
+    pub(crate) fn set_merging(&self, id: SnapId) {
+        self.merging.store(id, Ordering::Release);
     }
 
     /// Attaches a COW device as a new snapshot: initialises an all-zero one
@@ -224,12 +256,25 @@ impl Origin {
             ));
         }
         self.dev.flush().await?;
-        let mut exceptions: HashMap<u64, u64> = HashMap::new();
+        // Collect the records, then build the table once at its final size
+        // (growing it record by record rehashes it ~20 times for 1 M).
+        let mut records: Vec<(u64, u64)> = Vec::new();
         let opened = PStore::open(cow, opts.chunk_sectors, Some(self.size()), |r: Record| {
-            exceptions.insert(r.old, r.new).is_none()
+            records.push((r.old, r.new));
+            true
         })
         .await?;
-        exceptions.shrink_to_fit();
+        let exceptions =
+            match tokio::task::spawn_blocking(move || ExceptionTable::build(records)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(old)) => {
+                    return Err(Error::Corrupt {
+                        device: opened.store.device().name().to_string(),
+                        detail: format!("origin chunk {old} appears in more than one record"),
+                    });
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let layout = opened.store.layout();
         if opts.merging && !opened.store.is_valid() {
@@ -238,7 +283,10 @@ impl Origin {
             });
         }
         let snap = Arc::new(Snapshot::new(id, opened.store, exceptions, opts.merging));
-        self.snaps.lock().expect("snapshot list").push(snap);
+        self.set_snapshots(|l| l.push(snap));
+        if opts.merging {
+            self.set_merging(id);
+        }
         Ok(AddedSnapshot {
             id,
             initialised: opened.initialised,
@@ -256,10 +304,7 @@ impl Origin {
         if s.is_merging() {
             return Err(Error::Merging(id, "a merging snapshot cannot be deleted"));
         }
-        self.snaps
-            .lock()
-            .expect("snapshot list")
-            .retain(|x| x.id != id);
+        self.set_snapshots(|l| l.retain(|x| x.id != id));
         let mut st = s.lock();
         st.deleted = true;
         s.changed(&mut st);
@@ -440,7 +485,7 @@ impl Origin {
             let mut create: Vec<(Arc<Snapshot>, u64, u64)> = Vec::new();
             let mut wait: Option<(Arc<Snapshot>, u64)> = None;
             let mut invalidate: Vec<(Arc<Snapshot>, &'static str)> = Vec::new();
-            for s in self.snapshots() {
+            for s in self.snapshots().iter() {
                 let mut st = s.lock();
                 if st.deleted || st.merging {
                     continue;
@@ -833,10 +878,7 @@ impl Origin {
     }
 
     pub(crate) fn remove_snapshot(&self, id: SnapId) {
-        self.snaps
-            .lock()
-            .expect("snapshot list")
-            .retain(|x| x.id != id);
+        self.set_snapshots(|l| l.retain(|x| x.id != id));
     }
 }
 

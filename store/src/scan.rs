@@ -5,7 +5,8 @@
 
 use std::fmt;
 
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
 use crate::error::{Error, Result};
 use crate::format::{Header, HeaderState, Layout, RECORD_SIZE, Record, decode_area};
@@ -229,30 +230,26 @@ pub async fn scan_areas(
     }
     let mut used_new = ChunkBitmap::default();
     let mut max_new = 1u64;
-    let mut area = 0u64;
+    // A window of area reads stays in flight while earlier ones decode.
+    let mut reads = FuturesOrdered::new();
+    let mut next_read = 0u64;
+    let mut a = 0u64;
     'areas: loop {
-        // Read a batch of areas ahead; stop at the device's end.
-        let batch: Vec<u64> = (area..area + READ_AHEAD)
-            .take_while(|&a| layout.area_location(a) < device_chunks)
-            .collect();
-        if batch.is_empty() {
+        while (reads.len() as u64) < READ_AHEAD && layout.area_location(next_read) < device_chunks {
+            reads.push_back(dev.read(layout.area_offset(next_read), cb as usize));
+            next_read += 1;
+        }
+        let Some(buf) = reads.next().await else {
             s.problems.push(Problem::AreaPastEnd {
-                area,
-                chunk: layout.area_location(area),
+                area: a,
+                chunk: layout.area_location(a),
                 device_chunks,
             });
-            s.current_area = area.saturating_sub(1);
+            s.current_area = a.saturating_sub(1);
             s.current_committed = epa;
             break;
-        }
-        let bufs = join_all(
-            batch
-                .iter()
-                .map(|&a| dev.read(layout.area_offset(a), cb as usize)),
-        )
-        .await;
-        area += batch.len() as u64;
-        for (a, buf) in batch.into_iter().zip(bufs) {
+        };
+        {
             let buf = buf?;
             let (records, full) = decode_area(&buf);
             for (i, r) in records.iter().enumerate() {
@@ -320,6 +317,7 @@ pub async fn scan_areas(
                 break 'areas;
             }
         }
+        a += 1;
     }
     s.next_free = layout
         .skip_metadata(max_new + 1)

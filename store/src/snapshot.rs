@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::error::{Error, Result};
 use crate::format::Layout;
 use crate::pstore::PStore;
+use crate::table::ExceptionTable;
 
 /// Identifies a snapshot within its origin.
 pub type SnapId = u64;
@@ -42,7 +43,7 @@ impl Counts {
 
 pub(crate) struct SnapState {
     /// Completed exceptions: origin chunk → COW chunk.
-    pub exceptions: HashMap<u64, u64>,
+    pub exceptions: ExceptionTable,
     /// Exceptions being created (copy or commit in flight).
     pub pending: HashMap<u64, u64>,
     /// Snapshot reads of origin chunks in flight: the origin must not be
@@ -70,7 +71,7 @@ impl Snapshot {
     pub(crate) fn new(
         id: SnapId,
         store: Arc<PStore>,
-        exceptions: HashMap<u64, u64>,
+        exceptions: ExceptionTable,
         merging: bool,
     ) -> Snapshot {
         Snapshot {

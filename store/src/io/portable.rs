@@ -24,8 +24,12 @@ pub struct Pool {
 
 impl Pool {
     pub fn start() -> Pool {
+        Pool::with_threads(THREADS)
+    }
+
+    pub fn with_threads(threads: usize) -> Pool {
         let (tx, rx) = unbounded::<Job>();
-        for i in 0..THREADS {
+        for i in 0..threads {
             let rx: Receiver<Job> = rx.clone();
             std::thread::Builder::new()
                 .name(format!("cowsnap-io-{i}"))
@@ -40,7 +44,7 @@ impl Pool {
         Pool { tx }
     }
 
-    pub(super) fn file(&self, file: Arc<File>) -> PortableFile {
+    pub fn file(&self, file: Arc<File>) -> PortableFile {
         PortableFile {
             file,
             tx: self.tx.clone(),

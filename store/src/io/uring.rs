@@ -6,6 +6,13 @@
 //! submission queue, reaps completions, resubmits the rest of a short
 //! transfer, and completes each request through its channel. Buffers stay
 //! owned by the in-flight request until the kernel is done with them.
+//!
+//! The durability operations (`fdatasync` and `RWF_DSYNC` writes) do not go
+//! through the ring: io_uring punts them to its worker threads and, on a
+//! disk without FUA, completes a DSYNC write through one more workqueue hop
+//! (measured here: 3.7 ms per 16 KiB DSYNC write through the ring, 1.5-1.8
+//! ms as a `pwritev2` on a thread). They run on a small thread pool of the
+//! portable backend instead; reads and plain writes stay on the ring.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -16,7 +23,12 @@ use std::sync::{Arc, Mutex};
 
 use io_uring::{IoUring, opcode, squeue, types};
 
+use super::portable::{Pool, PortableFile};
 use super::{DeviceIo, Op, Request};
+
+/// Threads for the durability operations (a commit issues one flush and one
+/// DSYNC write at a time per COW device).
+const SYNC_THREADS: usize = 8;
 
 const RING_ENTRIES: u32 = 256;
 const WAKE: u64 = u64::MAX;
@@ -54,6 +66,7 @@ impl Drop for Handle {
 #[derive(Clone)]
 pub struct Ring {
     handle: Arc<Handle>,
+    sync_pool: Pool,
 }
 
 impl Ring {
@@ -94,11 +107,13 @@ impl Ring {
             .spawn(move || run(ring, s))?;
         Ok(Ring {
             handle: Arc::new(Handle { shared }),
+            sync_pool: Pool::with_threads(SYNC_THREADS),
         })
     }
 
     pub(super) fn file(&self, file: Arc<File>) -> UringFile {
         UringFile {
+            sync: self.sync_pool.file(file.clone()),
             file,
             ring: self.handle.clone(),
         }
@@ -108,10 +123,14 @@ impl Ring {
 pub struct UringFile {
     file: Arc<File>,
     ring: Arc<Handle>,
+    sync: PortableFile,
 }
 
 impl DeviceIo for UringFile {
     fn submit(&self, req: Request) {
+        if matches!(req.op, Op::Flush | Op::Write { dsync: true }) {
+            return self.sync.submit(req);
+        }
         let shared = &self.ring.shared;
         shared
             .queue
