@@ -4,11 +4,13 @@
 //!   export, merge, delta), in the style of thin-provisioning-tools;
 //! - `io`: a `qemu-io` for the engine;
 //! - `bench ...`: benchmarks that print ratios against a baseline measured in
-//!   the same run.
+//!   the same run;
+//! - `worker`: the data worker (devices, engine, NBD, worker gRPC API).
 
 mod bench;
 mod cow;
 mod io_cmd;
+mod worker_cmd;
 
 use std::process::ExitCode;
 
@@ -39,11 +41,15 @@ enum Command {
     /// Benchmarks (ratios against a baseline measured in the same run).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a data worker: devices, the COW engine, NBD exports, the worker gRPC API.
+    Worker(worker_cmd::WorkerArgs),
 }
 
-fn init_logging() {
+/// Logs go to stderr; `COWSNAP_LOG` (e.g. `debug`, `cowsnap_worker=debug`)
+/// overrides the default level.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("COWSNAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -53,11 +59,16 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Services log what they do; tools only what goes wrong.
+    init_logging(match cli.cmd {
+        Command::Worker(_) => "info",
+        _ => "warn",
+    });
     let result = match cli.cmd {
         Command::Cow(c) => cow::run(c),
         Command::Io(a) => io_cmd::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::Worker(a) => worker_cmd::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

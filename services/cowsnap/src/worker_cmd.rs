@@ -1,0 +1,145 @@
+//! `cowsnap worker`: runs a data worker. Every setting is a flag, the same
+//! as a `COWSNAP_*` environment variable, or a key of a TOML config file
+//! (`--config`), in that order of precedence.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cowsnap_store::BackendChoice;
+use cowsnap_worker::server::{ServeOptions, hostname, start};
+use cowsnap_worker::worker::WorkerConfig;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap";
+const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50052";
+const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// TOML file with any of the settings below (keys: data_dir,
+    /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io).
+    #[arg(long, env = "COWSNAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// The worker's state and, on the embedded default, its devices
+    /// [default: /var/lib/cowsnap].
+    #[arg(long, env = "COWSNAP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC API address: host:port or unix:PATH [default: 127.0.0.1:50052].
+    #[arg(long, env = "COWSNAP_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
+    /// NBD address: host:port or unix:PATH [default: 127.0.0.1:10809].
+    #[arg(long, env = "COWSNAP_NBD_LISTEN")]
+    nbd_listen: Option<String>,
+    /// NBD endpoint told to clients, e.g. nbd://node1.example:10809
+    /// [default: from --nbd-listen].
+    #[arg(long, env = "COWSNAP_NBD_ADVERTISE")]
+    nbd_advertise: Option<String>,
+    /// Globs of the raw block devices the worker may use (e.g. '/dev/loop*');
+    /// nothing else is ever opened. Repeat or separate with commas.
+    #[arg(long, env = "COWSNAP_DEVICE_ALLOW", value_delimiter = ',', num_args = 1..)]
+    device_allow: Vec<String>,
+    /// Node name reported to the control service [default: the host name].
+    #[arg(long, env = "COWSNAP_NODE")]
+    node: Option<String>,
+    /// I/O backend: auto, uring or portable [default: auto].
+    #[arg(long, env = "COWSNAP_IO")]
+    io: Option<String>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    grpc_listen: Option<String>,
+    nbd_listen: Option<String>,
+    nbd_advertise: Option<String>,
+    device_allow: Option<Vec<String>>,
+    node: Option<String>,
+    io: Option<String>,
+}
+
+/// The settings resolved from flags, environment, config file and defaults.
+pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)> {
+    let file = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("{}: bad config file", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let io: BackendChoice = args
+        .io
+        .or(file.io)
+        .unwrap_or_default()
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let grpc_listen = args
+        .grpc_listen
+        .or(file.grpc_listen)
+        .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.into())
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--grpc-listen: {e}"))?;
+    let nbd_listen = args
+        .nbd_listen
+        .or(file.nbd_listen)
+        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into())
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
+    let device_allow = if args.device_allow.is_empty() {
+        file.device_allow.unwrap_or_default()
+    } else {
+        args.device_allow
+    };
+    let cfg = WorkerConfig {
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        node: args
+            .node
+            .or(file.node)
+            .or_else(hostname)
+            .unwrap_or_else(|| "localhost".into()),
+        nbd_uri: String::new(),
+        device_allow,
+        io,
+    };
+    let opts = ServeOptions {
+        grpc_listen,
+        nbd_listen,
+        nbd_advertise: args.nbd_advertise.or(file.nbd_advertise),
+    };
+    Ok((cfg, opts))
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
+    let (cfg, opts) = resolve(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        cancel_on_signals(shutdown.clone())?;
+        let w = start(cfg, opts, shutdown).await?;
+        w.wait().await?;
+        Ok(0)
+    })
+}

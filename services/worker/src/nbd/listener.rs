@@ -1,0 +1,340 @@
+//! Where the NBD server listens, and its accept loop: TCP (`host:port`) or a
+//! unix socket (`unix:PATH`), one task per connection, and a clean stop on
+//! the shutdown token (stop accepting, let every connection finish its
+//! in-flight requests, flush and close).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{ConnError, handshake, transmission};
+use crate::exports::Exports;
+
+/// Where to listen: `host:port` (TCP; port 0 picks a free one) or
+/// `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// `host:port`, resolved when binding (`127.0.0.1:10809`, `[::]:10809`,
+    /// `localhost:0`).
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: unix: needs a socket path"));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "{s:?}: expected host:port or unix:PATH (e.g. 0.0.0.0:10809)"
+            ));
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: the host is missing (e.g. 0.0.0.0:{port})"));
+        }
+        port.parse::<u16>()
+            .map_err(|_| format!("{s:?}: {port:?} is not a port number"))?;
+        Ok(Listen::Tcp(s.to_string()))
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(a) => f.write_str(a),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The address a bound server listens on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl LocalAddr {
+    /// The NBD URI of `export` on this server, as qemu and libnbd take it.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            LocalAddr::Tcp(a) => format!("nbd://{a}/{export}"),
+            LocalAddr::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        }
+    }
+}
+
+impl fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalAddr::Tcp(a) => write!(f, "{a}"),
+            LocalAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How long a client may take from connecting to choosing an export.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A bound NBD server, not yet accepting: bind first to learn the address
+/// (port 0), then [`run`](NbdServer::run).
+pub struct NbdServer {
+    bound: Bound,
+    local: LocalAddr,
+}
+
+/// Binds `listen` and serves `exports` until `shutdown` is cancelled.
+pub async fn serve(
+    listen: &Listen,
+    exports: Arc<Exports>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    NbdServer::bind(listen).await?.run(exports, shutdown).await
+}
+
+impl NbdServer {
+    /// Binds the listening socket. A unix socket path left behind by a
+    /// server that is gone is replaced; one a live server answers on is not.
+    pub async fn bind(listen: &Listen) -> anyhow::Result<NbdServer> {
+        match listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr.as_str())
+                    .await
+                    .with_context(|| format!("NBD: cannot listen on {addr}"))?;
+                let local = LocalAddr::Tcp(l.local_addr().context("NBD: local address")?);
+                Ok(NbdServer {
+                    bound: Bound::Tcp(l),
+                    local,
+                })
+            }
+            Listen::Unix(path) => {
+                remove_stale_socket(path)?;
+                let l = UnixListener::bind(path).with_context(|| {
+                    format!("NBD: cannot listen on unix socket {}", path.display())
+                })?;
+                Ok(NbdServer {
+                    bound: Bound::Unix(l),
+                    local: LocalAddr::Unix(path.clone()),
+                })
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> &LocalAddr {
+        &self.local
+    }
+
+    /// Accepts connections until `shutdown` is cancelled, then waits for
+    /// every connection to finish its in-flight requests and close.
+    pub async fn run(
+        self,
+        exports: Arc<Exports>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        tracing::info!(listen = %self.local, "NBD server listening on {}", self.local);
+        let conns = TaskTracker::new();
+        let mut next_id: u64 = 0;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                a = accept(&self.bound) => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the
+                    // connections there are, try again shortly.
+                    let local = &self.local;
+                    tracing::warn!(listen = %local, "NBD: accept on {local} failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            next_id += 1;
+            let peer = match peer {
+                Some(p) => p,
+                None => format!("{}#{next_id}", self.local),
+            };
+            let span = tracing::debug_span!("nbd_conn", peer = %peer);
+            let exports = exports.clone();
+            let shutdown = shutdown.clone();
+            match stream {
+                Stream::Tcp(s) => {
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                }
+                Stream::Unix(s) => {
+                    let (rd, wr) = s.into_split();
+                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                }
+            }
+        }
+        let open = conns.len();
+        tracing::info!(
+            listen = %self.local,
+            connections = open,
+            "NBD server stopping: no new connections, finishing {open}"
+        );
+        drop(self.bound);
+        if let LocalAddr::Unix(path) = &self.local {
+            let _ = std::fs::remove_file(path);
+        }
+        conns.close();
+        conns.wait().await;
+        tracing::info!(listen = %self.local, "NBD server stopped");
+        Ok(())
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Accepts one connection; the peer's name when it has one.
+async fn accept(bound: &Bound) -> std::io::Result<(Stream, Option<String>)> {
+    match bound {
+        Bound::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            // Replies are small and latency matters: no Nagle.
+            s.set_nodelay(true)?;
+            Ok((Stream::Tcp(s), Some(addr.to_string())))
+        }
+        Bound::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((Stream::Unix(s), None))
+        }
+    }
+}
+
+/// One client, from handshake to close. Never returns an error: how it
+/// ended is logged here, and nothing of it reaches other connections.
+async fn connection<R, W>(
+    mut rd: R,
+    mut wr: W,
+    peer: String,
+    exports: Arc<Exports>,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tracing::debug!(%peer, "NBD connection from {peer}");
+    let result = async {
+        let negotiated = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            n = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::negotiate(&mut rd, &mut wr, &exports, &peer),
+            ) => match n {
+                Ok(n) => n?,
+                Err(_) => {
+                    return Err(ConnError::Protocol(format!(
+                        "no export chosen within {} s of connecting",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    )));
+                }
+            },
+        };
+        let Some(negotiated) = negotiated else {
+            return Ok(());
+        };
+        tracing::debug!(
+            %peer,
+            export = %negotiated.export.name,
+            structured = negotiated.structured,
+            "NBD client {peer} uses export {}",
+            negotiated.export.name
+        );
+        transmission::run(rd, wr, negotiated, peer.as_str().into(), shutdown).await
+    }
+    .await;
+    match result {
+        Ok(()) => tracing::debug!(%peer, "NBD connection from {peer} closed"),
+        Err(e) if e.is_disconnect() => {
+            tracing::debug!(%peer, error = %e, "NBD client {peer} went away: {e}")
+        }
+        Err(ConnError::Protocol(why)) => {
+            tracing::warn!(%peer, "NBD client {peer} broke the protocol ({why}); connection closed")
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "NBD connection from {peer} failed: {e}"),
+    }
+}
+
+/// Removes a unix socket file no server answers on; refuses to touch a live
+/// one or anything that is not a socket.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "NBD: {} exists and is not a socket; not replacing it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "NBD: unix socket {} is in use by another server",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("NBD: cannot remove stale socket {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_parses() {
+        assert_eq!(
+            "127.0.0.1:10809".parse::<Listen>(),
+            Ok(Listen::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!(
+            "[::1]:0".parse::<Listen>(),
+            Ok(Listen::Tcp("[::1]:0".into()))
+        );
+        assert_eq!(
+            "unix:/run/cowsnap/nbd.sock".parse::<Listen>(),
+            Ok(Listen::Unix("/run/cowsnap/nbd.sock".into()))
+        );
+        for bad in ["unix:", "10809", ":10809", "host:port", "host:70000"] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn uris() {
+        let t = LocalAddr::Tcp("127.0.0.1:1234".parse().unwrap());
+        assert_eq!(t.uri("volumes/v1"), "nbd://127.0.0.1:1234/volumes/v1");
+        let u = LocalAddr::Unix("/tmp/s".into());
+        assert_eq!(u.uri("volumes/v1"), "nbd+unix:///volumes/v1?socket=/tmp/s");
+    }
+}

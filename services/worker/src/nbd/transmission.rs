@@ -1,0 +1,590 @@
+//! The transmission phase: the request loop of one connection.
+//!
+//! One reader (this task) takes requests off the socket, receiving write
+//! payloads straight into the [`AlignedBuf`] the engine writes from. Each
+//! request then runs as its own task, at most [`MAX_IN_FLIGHT`] at a time and
+//! [`MAX_IN_FLIGHT_BYTES`] of buffers, so replies come back in whatever
+//! order the engine finishes them. Every reply goes through one writer task,
+//! so replies never interleave; read data goes from the engine's buffer to
+//! the socket without another copy. A request's slot is released only once
+//! its reply is written: a client that stops reading stops being read.
+//!
+//! The connection ends on `NBD_CMD_DISC`, end of file, a protocol error (bad
+//! request magic), a failed reply write, or the shutdown token; in every case
+//! the requests already in flight finish and are answered, writes not yet
+//! flushed are flushed, then the socket closes.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cowsnap_store::{AlignedBuf, Target};
+use futures::FutureExt;
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::handshake::Negotiated;
+use super::proto::{self, RequestHeader};
+use super::{ConnError, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES, MAX_PAYLOAD};
+use crate::exports::Export;
+
+/// Socket read buffer: request headers come through it; write payloads
+/// mostly bypass it.
+const READ_BUF: usize = 16 << 10;
+/// Socket write buffer: small replies are batched in it; read data larger
+/// than it goes to the socket directly.
+const WRITE_BUF: usize = 64 << 10;
+/// Unit of the per-connection buffer budget.
+const BUDGET_UNIT: usize = 64 << 10;
+/// How long replies may take to drain to a client once the server is
+/// shutting down, before the connection is dropped.
+const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(10);
+
+/// What one request produced.
+enum Body {
+    /// Success without data.
+    Done,
+    /// Read data for `[offset, offset + buf.len())`.
+    Data { offset: u64, buf: AlignedBuf },
+    Error {
+        errno: u32,
+        message: String,
+        /// Where it happened, for `NBD_REPLY_TYPE_ERROR_OFFSET`.
+        offset: Option<u64>,
+    },
+}
+
+/// A reply on its way to the writer, with the slot and buffer budget it
+/// holds until it is written.
+struct Reply {
+    handle: u64,
+    kind: u16,
+    body: Body,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// What every request task of the connection shares.
+struct Conn {
+    export: Arc<Export>,
+    peer: Arc<str>,
+    size: u64,
+    min_block: u64,
+    /// A write completed since the last flush started: flush at close.
+    dirty: AtomicBool,
+}
+
+/// How the request loop ended without error.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Disconnect,
+    Eof,
+    Shutdown,
+    WriterGone,
+}
+
+impl End {
+    fn describe(&self) -> &'static str {
+        match self {
+            End::Disconnect => "the client disconnected (NBD_CMD_DISC)",
+            End::Eof => "the client closed the connection",
+            End::Shutdown => "the server is shutting down",
+            End::WriterGone => "replies could not be written",
+        }
+    }
+}
+
+/// Serves requests on a connection's halves for the negotiated export until the client
+/// disconnects or `shutdown` is cancelled.
+pub async fn run<R, W>(
+    rd: R,
+    wr: W,
+    negotiated: Negotiated,
+    peer: Arc<str>,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut rd = BufReader::with_capacity(READ_BUF, rd);
+    let conn = Arc::new(Conn {
+        size: negotiated.size,
+        min_block: u64::from(negotiated.block.minimum),
+        export: negotiated.export,
+        peer,
+        dirty: AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_replies(
+        BufWriter::with_capacity(WRITE_BUF, wr),
+        rx,
+        negotiated.structured,
+        writer_gone.clone(),
+    ));
+    let tasks = TaskTracker::new();
+    let ended = read_requests(&mut rd, &conn, &tx, &tasks, &shutdown, &writer_gone).await;
+    drop(rd);
+
+    // Whatever ended the loop, the requests already taken are answered.
+    tasks.close();
+    tasks.wait().await;
+    if conn.dirty.swap(false, Ordering::AcqRel)
+        && let Err(e) = conn.export.origin.flush().await
+    {
+        let (peer, export) = (&conn.peer, &conn.export.name);
+        tracing::warn!(
+            %peer,
+            %export,
+            "NBD: flush of {export} at close of the connection from {peer} failed: {e}"
+        );
+    }
+    drop(tx);
+    let peer = &conn.peer;
+    // A client that stops reading holds only its own connection open, but
+    // not past a shutdown.
+    let mut writer = writer;
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_WRITE_GRACE).await;
+    };
+    let written = tokio::select! {
+        w = &mut writer => w,
+        _ = grace => {
+            writer.abort();
+            tracing::warn!(
+                %peer,
+                "NBD: client {peer} did not take its last replies during shutdown; dropped"
+            );
+            return Ok(());
+        }
+    };
+    let written =
+        written.unwrap_or_else(|e| Err(std::io::Error::other(format!("reply writer: {e}"))));
+    let end = ended?;
+    tracing::debug!(%peer, "NBD transmission with {peer} ended: {}", end.describe());
+    written.map_err(ConnError::from)
+}
+
+/// Reads requests and starts a task for each until the connection ends.
+async fn read_requests<R>(
+    rd: &mut BufReader<R>,
+    conn: &Arc<Conn>,
+    tx: &mpsc::UnboundedSender<Reply>,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    writer_gone: &CancellationToken,
+) -> Result<End, ConnError>
+where
+    R: AsyncRead + Unpin,
+{
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
+    loop {
+        let mut raw = [0u8; proto::REQUEST_LEN];
+        let got = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(End::Shutdown),
+            _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+            r = read_header(rd, &mut raw) => r?,
+        };
+        if !got {
+            return Ok(End::Eof);
+        }
+        let req = RequestHeader::parse(&raw).map_err(|magic| {
+            ConnError::Protocol(format!(
+                "bad request magic {magic:#010x} (expected {:#010x})",
+                proto::REQUEST_MAGIC
+            ))
+        })?;
+        if req.kind == proto::CMD_DISC {
+            return Ok(End::Disconnect);
+        }
+
+        // Reads and writes hold their buffer's size in the budget.
+        let bytes = match req.kind {
+            proto::CMD_READ | proto::CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
+            _ => 0,
+        };
+        let permits = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(End::Shutdown),
+            _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+            p = acquire(&slots, &budget, bytes) => p,
+        };
+
+        let payload = if req.kind == proto::CMD_WRITE {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                p = read_payload(rd, req.length) => p?,
+            }
+        } else {
+            None
+        };
+
+        let conn = conn.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let body = AssertUnwindSafe(execute(&conn, &req, payload))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    let (peer, export) = (&conn.peer, &conn.export.name);
+                    let cmd = proto::command_name(req.kind);
+                    tracing::error!(%peer, %export, "NBD: {cmd} request from {peer} panicked");
+                    Body::Error {
+                        errno: proto::EIO,
+                        message: format!("{}: internal error", conn.export.name),
+                        offset: None,
+                    }
+                });
+            // The writer is gone only when the connection is.
+            let _ = tx.send(Reply {
+                handle: req.handle,
+                kind: req.kind,
+                body,
+                _permits: permits,
+            });
+        });
+    }
+}
+
+async fn acquire(
+    slots: &Arc<Semaphore>,
+    budget: &Arc<Semaphore>,
+    bytes: usize,
+) -> (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>) {
+    let slot = slots.clone().acquire_owned().await.expect("never closed");
+    let units = bytes.div_ceil(BUDGET_UNIT) as u32;
+    let held = if units == 0 {
+        None
+    } else {
+        Some(
+            budget
+                .clone()
+                .acquire_many_owned(units)
+                .await
+                .expect("never closed"),
+        )
+    };
+    (slot, held)
+}
+
+/// Reads one request header; `false` on a clean end of file before it.
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    raw: &mut [u8; proto::REQUEST_LEN],
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < raw.len() {
+        let n = rd.read(&mut raw[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {got} bytes of a request header"),
+            ));
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Receives a write payload: into an `AlignedBuf` (the bytes already
+/// buffered are copied, the rest is read straight into it), or thrown away
+/// when it is longer than any write may be.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    len: u32,
+) -> std::io::Result<Option<AlignedBuf>> {
+    if len > MAX_PAYLOAD {
+        let skipped =
+            tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink()).await?;
+        if skipped < u64::from(len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a write payload",
+            ));
+        }
+        return Ok(None);
+    }
+    let mut buf = AlignedBuf::zeroed(len as usize);
+    let buffered = rd.buffer();
+    let n = buffered.len().min(buf.len());
+    buf[..n].copy_from_slice(&buffered[..n]);
+    rd.consume(n);
+    if n < buf.len() {
+        rd.get_mut().read_exact(&mut buf[n..]).await?;
+    }
+    Ok(Some(buf))
+}
+
+impl Conn {
+    fn error(&self, req: &RequestHeader, errno: u32, why: impl std::fmt::Display) -> Body {
+        let message = format!(
+            "{}: {} at {} length {}: {why}",
+            self.export.name,
+            proto::command_name(req.kind),
+            req.offset,
+            req.length
+        );
+        let peer = &self.peer;
+        let export = &self.export.name;
+        tracing::warn!(%peer, %export, errno, "NBD request from {peer} refused: {message}");
+        Body::Error {
+            errno,
+            message,
+            offset: None,
+        }
+    }
+
+    /// Checks a request against the protocol and the export before it
+    /// reaches the engine.
+    fn validate(&self, req: &RequestHeader) -> Result<(), Body> {
+        let allowed = match req.kind {
+            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_FLUSH => {
+                proto::CMD_FLAG_FUA
+            }
+            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
+            other => {
+                return Err(self.error(
+                    req,
+                    proto::EINVAL,
+                    format_args!("unknown command {other}"),
+                ));
+            }
+        };
+        if req.flags & !allowed != 0 {
+            return Err(self.error(
+                req,
+                proto::EINVAL,
+                format_args!(
+                    "command flags {:#x} are not supported here",
+                    req.flags & !allowed
+                ),
+            ));
+        }
+        let writes = matches!(
+            req.kind,
+            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+        );
+        if writes && !self.export.writable {
+            return Err(self.error(req, proto::EPERM, "the export is read-only"));
+        }
+        if req.kind == proto::CMD_FLUSH {
+            return Ok(());
+        }
+        let (off, len) = (req.offset, u64::from(req.length));
+        if len == 0 {
+            return Err(self.error(req, proto::EINVAL, "zero length"));
+        }
+        if matches!(req.kind, proto::CMD_READ | proto::CMD_WRITE) && req.length > MAX_PAYLOAD {
+            return Err(self.error(
+                req,
+                proto::EINVAL,
+                format_args!("longer than the maximum of {MAX_PAYLOAD} bytes"),
+            ));
+        }
+        if !off.is_multiple_of(self.min_block) || !len.is_multiple_of(self.min_block) {
+            return Err(self.error(
+                req,
+                proto::EINVAL,
+                format_args!("not aligned to the minimum block size {}", self.min_block),
+            ));
+        }
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            let errno = if matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
+                proto::ENOSPC
+            } else {
+                proto::EINVAL
+            };
+            return Err(self.error(
+                req,
+                errno,
+                format_args!("beyond the end of the export ({} bytes)", self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The reply to a request the engine failed.
+    fn engine_error(&self, req: &RequestHeader, e: cowsnap_store::Error) -> Body {
+        let errno = proto::nbd_errno(e.errno());
+        let message = format!(
+            "{}: {} at {} length {}: {e}",
+            self.export.name,
+            proto::command_name(req.kind),
+            req.offset,
+            req.length
+        );
+        let peer = &self.peer;
+        let export = &self.export.name;
+        tracing::warn!(%peer, %export, errno, "NBD request from {peer} failed: {message}");
+        // Where the I/O failed, when the engine says so in export terms (an
+        // origin device offset); otherwise the request's start, which makes
+        // no claim that any part of it succeeded.
+        let offset = match req.kind {
+            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM => {
+                let end = req.offset + u64::from(req.length);
+                let at = match (&e, self.export.target) {
+                    (cowsnap_store::Error::Io { device, offset, .. }, Target::Origin)
+                        if device == self.export.origin.device().name()
+                            && (req.offset..end).contains(offset) =>
+                    {
+                        *offset
+                    }
+                    _ => req.offset,
+                };
+                Some(at)
+            }
+            _ => None,
+        };
+        Body::Error {
+            errno,
+            message,
+            offset,
+        }
+    }
+}
+
+/// Runs one request on the engine.
+async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) -> Body {
+    if let Err(refused) = conn.validate(req) {
+        return refused;
+    }
+    let export = &conn.export;
+    let (t, off, len) = (export.target, req.offset, u64::from(req.length));
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let done = match req.kind {
+        proto::CMD_READ => {
+            return match export.origin.read(t, off, len).await {
+                Ok(buf) => Body::Data { offset: off, buf },
+                Err(e) => conn.engine_error(req, e),
+            };
+        }
+        proto::CMD_WRITE => {
+            let Some(buf) = payload else {
+                return conn.error(req, proto::EINVAL, "no payload");
+            };
+            let r = export.origin.write(t, off, buf, fua).await;
+            if r.is_ok() && !fua {
+                conn.dirty.store(true, Ordering::Release);
+            }
+            r
+        }
+        proto::CMD_WRITE_ZEROES => {
+            let r = export.origin.write_zeroes(t, off, len, fua).await;
+            if r.is_ok() && !fua {
+                conn.dirty.store(true, Ordering::Release);
+            }
+            r
+        }
+        // The engine's discard writes nothing, so FUA has nothing to do.
+        proto::CMD_TRIM => export.origin.discard(t, off, len).await,
+        proto::CMD_FLUSH => {
+            // Writes that complete from here on mark the connection dirty
+            // again; the ones before are covered by this flush.
+            let was = conn.dirty.swap(false, Ordering::AcqRel);
+            let r = export.origin.flush().await;
+            if r.is_err() && was {
+                conn.dirty.store(true, Ordering::Release);
+            }
+            r
+        }
+        other => return conn.error(req, proto::EINVAL, format_args!("unknown command {other}")),
+    };
+    match done {
+        Ok(()) => Body::Done,
+        Err(e) => conn.engine_error(req, e),
+    }
+}
+
+/// The one writer of a connection's replies: batches small replies, flushes
+/// when no more are queued. On a write error it signals `gone` and stops.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    structured: bool,
+    gone: CancellationToken,
+) -> std::io::Result<()> {
+    let r = async {
+        while let Some(reply) = rx.recv().await {
+            write_reply(&mut w, reply, structured).await?;
+            while let Ok(reply) = rx.try_recv() {
+                write_reply(&mut w, reply, structured).await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    }
+    .await;
+    if r.is_err() {
+        gone.cancel();
+    }
+    r
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    reply: Reply,
+    structured: bool,
+) -> std::io::Result<()> {
+    let h = reply.handle;
+    if !structured {
+        return match reply.body {
+            Body::Done => w.write_all(&proto::simple_reply(0, h)).await,
+            Body::Error { errno, .. } => w.write_all(&proto::simple_reply(errno, h)).await,
+            Body::Data { buf, .. } => {
+                w.write_all(&proto::simple_reply(0, h)).await?;
+                w.write_all(&buf).await
+            }
+        };
+    }
+    let mut head = Vec::with_capacity(32);
+    match reply.body {
+        // Only reads must be answered with a structured reply; a simple one
+        // is shorter for the rest.
+        Body::Done if reply.kind != proto::CMD_READ => {
+            w.write_all(&proto::simple_reply(0, h)).await
+        }
+        Body::Done => {
+            proto::structured_header(
+                &mut head,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                h,
+                0,
+            );
+            w.write_all(&head).await
+        }
+        Body::Error {
+            errno,
+            message,
+            offset,
+        } => {
+            proto::structured_error(&mut head, h, errno, &message, offset);
+            w.write_all(&head).await
+        }
+        Body::Data { offset, buf } => {
+            // The data is all in hand: the one chunk is also the last.
+            proto::structured_header(
+                &mut head,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                h,
+                8 + buf.len() as u32,
+            );
+            proto::put_u64(&mut head, offset);
+            w.write_all(&head).await?;
+            w.write_all(&buf).await
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Running a worker: binds its gRPC and NBD listeners, opens the worker on
+//! its data dir, serves until told to stop, and stops in order: stop
+//! accepting, let calls and I/O in flight finish, flush every engine (later
+//! I/O fails with ESHUTDOWN), persist.
+
+use std::sync::Arc;
+
+use cowsnap_proto::server::{Bound, Listen, reflection_and_health};
+use cowsnap_proto::worker::v1::worker_service_server::WorkerServiceServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::exports::Exports;
+use crate::grpc::WorkerGrpc;
+use crate::nbd::listener::{LocalAddr, NbdServer};
+use crate::worker::{Worker, WorkerConfig};
+
+/// Where a worker listens, besides its [`WorkerConfig`].
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub grpc_listen: Listen,
+    pub nbd_listen: crate::nbd::listener::Listen,
+    /// The NBD endpoint to tell clients (`nbd://HOST:PORT` or
+    /// `nbd+unix:///?socket=PATH`); default: derived from where NBD listens.
+    pub nbd_advertise: Option<String>,
+}
+
+/// A started worker.
+pub struct RunningWorker {
+    pub worker: Arc<Worker>,
+    /// Where its gRPC API listens (the real port for `:0`).
+    pub grpc: Listen,
+    /// Where its NBD server listens.
+    pub nbd: LocalAddr,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Waits until the worker has stopped (after `shutdown` was cancelled)
+    /// and everything is flushed.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+/// The NBD base URI clients are told, from where NBD listens.
+fn advertised(local: &LocalAddr) -> String {
+    match local {
+        LocalAddr::Tcp(a) if a.ip().is_unspecified() => {
+            let host = hostname().unwrap_or_else(|| "localhost".into());
+            format!("nbd://{host}:{}", a.port())
+        }
+        LocalAddr::Tcp(a) => format!("nbd://{a}"),
+        LocalAddr::Unix(p) => format!("nbd+unix:///?socket={}", p.display()),
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most len bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// Starts a worker: everything is bound and open when this returns. It
+/// serves until `shutdown` is cancelled; then [`RunningWorker::wait`].
+pub async fn start(
+    mut cfg: WorkerConfig,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningWorker> {
+    let nbd = NbdServer::bind(&opts.nbd_listen).await?;
+    let nbd_local = nbd.local_addr().clone();
+    cfg.nbd_uri = opts
+        .nbd_advertise
+        .clone()
+        .unwrap_or_else(|| advertised(&nbd_local));
+    let grpc = Bound::bind(&opts.grpc_listen).await?;
+    let grpc_local = grpc.local();
+    let exports = Exports::new();
+    let worker = Worker::open(cfg, exports.clone()).await?;
+    tracing::info!(
+        grpc = %grpc_local,
+        nbd = %nbd_local,
+        io = worker.backend_name(),
+        "worker serving: gRPC on {grpc_local}, NBD on {nbd_local}"
+    );
+
+    let (v1, v1alpha, reporter, health) = reflection_and_health()?;
+    reporter
+        .set_serving::<WorkerServiceServer<WorkerGrpc>>()
+        .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(WorkerServiceServer::new(WorkerGrpc::new(worker.clone())))
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(health);
+
+    let w = worker.clone();
+    let task = tokio::spawn(async move {
+        let grpc_task = tokio::spawn(grpc.serve(router, shutdown.clone()));
+        let nbd_task = tokio::spawn(nbd.run(exports, shutdown.clone()));
+        shutdown.cancelled().await;
+        reporter
+            .set_not_serving::<WorkerServiceServer<WorkerGrpc>>()
+            .await;
+        let g = grpc_task.await?;
+        let n = nbd_task.await?;
+        w.shutdown().await;
+        tracing::info!("worker stopped: engines flushed");
+        g.and(n)
+    });
+    Ok(RunningWorker {
+        worker,
+        grpc: grpc_local,
+        nbd: nbd_local,
+        task,
+    })
+}

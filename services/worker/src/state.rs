@@ -1,0 +1,228 @@
+//! The worker's own state, persisted in `DATA_DIR/state.json`: which
+//! devices hold which volumes and snapshots (in creation order), which merge
+//! is in progress, which long-running tasks exist. Everything else (the
+//! exceptions, the data) lives on the devices themselves.
+//!
+//! Every change is written to `state.json.tmp`, fsynced, renamed over
+//! `state.json`, and the directory fsynced: after a crash the file holds
+//! either the old or the new state. Records carry their lifecycle state so
+//! that start-up can finish or undo whatever was half done (a create that
+//! wrote an intent but not its device, a delete that released the device but
+//! not the record).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Where a record is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Intent recorded; the device may not be ready.
+    Creating,
+    Ready,
+    /// Being deleted; the device may already be released.
+    Deleting,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRec {
+    pub id: String,
+    pub cow_size_bytes: u64,
+    pub chunk_sectors: u32,
+    pub device: PathBuf,
+    /// A file under the data dir (removed on delete) rather than a raw device.
+    pub file_backed: bool,
+    pub writable: bool,
+    pub phase: Phase,
+    pub create_time: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: String,
+    pub size_bytes: u64,
+    pub chunk_sectors: u32,
+    pub device: PathBuf,
+    pub file_backed: bool,
+    pub phase: Phase,
+    /// Snapshots, oldest first.
+    pub snapshots: Vec<SnapshotRec>,
+    /// The snapshot merging into this volume.
+    pub merging: Option<String>,
+    pub create_time: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Merge,
+    Restore,
+    Clone,
+}
+
+impl TaskKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TaskKind::Merge => "merge",
+            TaskKind::Restore => "restore",
+            TaskKind::Clone => "clone",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRec {
+    pub id: String,
+    pub kind: TaskKind,
+    /// The merging snapshot, or the volume being restored or cloned into.
+    pub target: String,
+    /// The source snapshot (restore) or volume (clone).
+    pub source: String,
+    pub done: bool,
+    pub error: Option<String>,
+    pub done_units: u64,
+    pub total_units: u64,
+    pub create_time: u64,
+    /// The clone's temporary snapshot id on the source volume.
+    #[serde(default)]
+    pub temp_snapshot: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerState {
+    pub volumes: BTreeMap<String, VolumeRec>,
+    pub tasks: BTreeMap<String, TaskRec>,
+    pub next_task: u64,
+}
+
+impl WorkerState {
+    /// The volume or snapshot (name) using `device`, if any.
+    pub fn device_user(&self, device: &Path) -> Option<String> {
+        for v in self.volumes.values() {
+            if v.device == device {
+                return Some(cowsnap_proto::names::volume(&v.id));
+            }
+            for s in &v.snapshots {
+                if s.device == device {
+                    return Some(cowsnap_proto::names::snapshot(&v.id, &s.id));
+                }
+            }
+        }
+        None
+    }
+
+    /// Bytes of every file-backed device (what sparse files may grow to).
+    pub fn file_backed_bytes(&self) -> u64 {
+        self.volumes
+            .values()
+            .map(|v| {
+                let own = if v.file_backed { v.size_bytes } else { 0 };
+                own + v
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.file_backed)
+                    .map(|s| s.cow_size_bytes)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+/// `state.json` in the data dir.
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(data_dir: &Path) -> StateFile {
+        StateFile {
+            path: data_dir.join("state.json"),
+        }
+    }
+
+    /// The saved state, or an empty one on first start.
+    pub fn load(&self) -> anyhow::Result<WorkerState> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: corrupt worker state", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WorkerState::default()),
+            Err(e) => Err(e).with_context(|| format!("{}: cannot read", self.path.display())),
+        }
+    }
+
+    /// Replaces the saved state atomically and durably.
+    pub fn save(&self, state: &WorkerState) -> anyhow::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state)?;
+        let mut f =
+            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("{}: cannot replace", self.path.display()))?;
+        sync_dir(self.path.parent().expect("state file has a directory"))
+    }
+}
+
+/// fsyncs a directory so a rename or unlink in it is durable.
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: cannot sync directory", dir.display()))
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path());
+        assert_eq!(f.load().unwrap(), WorkerState::default());
+        let mut st = WorkerState {
+            next_task: 7,
+            ..WorkerState::default()
+        };
+        st.volumes.insert(
+            "v1".into(),
+            VolumeRec {
+                id: "v1".into(),
+                size_bytes: 1 << 20,
+                chunk_sectors: 32,
+                device: "/x/v1.vol".into(),
+                file_backed: true,
+                phase: Phase::Ready,
+                snapshots: vec![],
+                merging: None,
+                create_time: 1,
+            },
+        );
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
+        assert_eq!(
+            st.device_user(Path::new("/x/v1.vol")).as_deref(),
+            Some("volumes/v1")
+        );
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_an_empty_state() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.json"), b"{not json").unwrap();
+        assert!(StateFile::new(dir.path()).load().is_err());
+    }
+}
