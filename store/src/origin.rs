@@ -378,6 +378,11 @@ impl Origin {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.flush_devices().await
+    }
+
+    /// Flushes the origin and every valid COW device, concurrently.
+    async fn flush_devices(&self) -> Result<()> {
         let snaps = self.snapshots();
         let mut devs = vec![self.dev.clone()];
         devs.extend(
@@ -460,18 +465,7 @@ impl Origin {
     /// device (a write may have landed in either).
     pub async fn flush(&self) -> Result<()> {
         let _io = self.enter().await?;
-        let snaps = self.snapshots();
-        let mut devs = vec![self.dev.clone()];
-        devs.extend(
-            snaps
-                .iter()
-                .filter(|s| s.store.is_valid())
-                .map(|s| s.store.device().clone()),
-        );
-        for r in join_all(devs.iter().map(|d| d.flush())).await {
-            r?;
-        }
-        Ok(())
+        self.flush_devices().await
     }
 
     /// Makes sure every valid, non-merging snapshot has a committed exception

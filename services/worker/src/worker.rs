@@ -1178,6 +1178,23 @@ impl Worker {
             },
         );
         self.save(inner)?;
+        if kind == TaskKind::Clone {
+            // The clone is of the source as it is now: a temporary snapshot
+            // taken before the call returns, copied in the background.
+            let sv = names::parse_volume(source).map_err(|e| WorkerError::invalid("source_volume", e))?;
+            let temp = format!(".clone-{}", task.get().id);
+            if let Err(e) = self.create_temp_snapshot(inner, sv, &temp).await {
+                inner.st.volumes.remove(volume_id);
+                task.update(|t| {
+                    t.done = true;
+                    t.error = Some(e.to_string());
+                });
+                self.save(inner)?;
+                return Err(e);
+            }
+            task.update(|t| t.temp_snapshot = Some(temp));
+            self.save(inner)?;
+        }
         tracing::info!(volume = %vname, kind = kind.as_str(), source, task = %task.get().id, "copy started");
         self.spawn_task(task.clone());
         Ok(task.get())
