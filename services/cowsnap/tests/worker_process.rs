@@ -25,7 +25,11 @@ fn scratch() -> tempfile::TempDir {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `cowsnap worker` child process on fixed ports.
@@ -39,7 +43,11 @@ struct WorkerProc {
 
 impl WorkerProc {
     fn start(data: &Path, grpc_port: u16, nbd_port: u16, log: &Path) -> WorkerProc {
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
             .args(["worker", "--data-dir", data.to_str().unwrap()])
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
@@ -62,14 +70,20 @@ impl WorkerProc {
     async fn client(&mut self) -> Client {
         for _ in 0..600 {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("worker exited with {st}: {}", std::fs::read_to_string(&self.log).unwrap());
+                panic!(
+                    "worker exited with {st}: {}",
+                    std::fs::read_to_string(&self.log).unwrap()
+                );
             }
             if let Ok(c) = Client::connect(format!("http://127.0.0.1:{}", self.grpc_port)).await {
                 return c;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("worker did not come up: {}", std::fs::read_to_string(&self.log).unwrap());
+        panic!(
+            "worker did not come up: {}",
+            std::fs::read_to_string(&self.log).unwrap()
+        );
     }
 
     fn uri(&self, export: &str) -> String {
@@ -84,7 +98,12 @@ impl WorkerProc {
 
     fn restart(&mut self) {
         assert!(self.child.is_none());
-        *self = WorkerProc::start(&self.data.clone(), self.grpc_port, self.nbd_port, &self.log.clone());
+        *self = WorkerProc::start(
+            &self.data.clone(),
+            self.grpc_port,
+            self.nbd_port,
+            &self.log.clone(),
+        );
     }
 
     /// SIGTERM; returns the exit status.
@@ -123,7 +142,18 @@ fn run(program: &str, args: &[&str]) -> String {
 fn image(uri: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join("image.raw");
     let _ = std::fs::remove_file(&out);
-    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", uri, out.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    );
     std::fs::read(out).unwrap()
 }
 
@@ -145,7 +175,13 @@ impl Storm {
     /// Starts qemu-io writing `blocks` (4 KiB each) of round `r`: FUA writes,
     /// or plain writes with a flush after every 8.
     fn start(uri: &str, r: u64, blocks: Vec<u64>, fua: bool) -> Storm {
-        let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-t".into(), "none".into(), uri.into()];
+        let mut args: Vec<String> = vec![
+            "-f".into(),
+            "raw".into(),
+            "-t".into(),
+            "none".into(),
+            uri.into(),
+        ];
         for (i, &b) in blocks.iter().enumerate() {
             let f = if fua { "-f " } else { "" };
             args.push("-c".into());
@@ -169,7 +205,12 @@ impl Storm {
     /// each plain write followed by an acknowledged flush.
     fn durable(mut self) -> (Vec<u64>, usize) {
         let mut out = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         let finished = self.child.wait().is_ok_and(|s| s.success());
         let acked = out.lines().filter(|l| l.starts_with("wrote ")).count();
         let durable = if self.fua || finished {
@@ -190,7 +231,12 @@ impl Storm {
 async fn kill_9_during_write_storms_loses_no_acknowledged_durable_write() {
     let dir = scratch();
     let data = dir.path().join("data");
-    let mut w = WorkerProc::start(&data, free_port(), free_port(), &dir.path().join("worker.log"));
+    let mut w = WorkerProc::start(
+        &data,
+        free_port(),
+        free_port(),
+        &dir.path().join("worker.log"),
+    );
     let mut c = w.client().await;
     let size = 16 * MIB;
     let nblocks = size / BLOCK;
@@ -244,7 +290,10 @@ async fn kill_9_during_write_storms_loses_no_acknowledged_durable_write() {
         let img = image(&vol, dir.path());
         for b in 0..nblocks as usize {
             let blk = &img[b * BLOCK as usize..(b + 1) * BLOCK as usize];
-            assert!(blk.iter().all(|&x| x == blk[0]), "round {round}: block {b} is torn");
+            assert!(
+                blk.iter().all(|&x| x == blk[0]),
+                "round {round}: block {b} is torn"
+            );
             assert!(
                 allowed[b].contains(&blk[0]),
                 "round {round}: block {b} holds {:#x}; allowed {:?}",
@@ -255,7 +304,10 @@ async fn kill_9_during_write_storms_loses_no_acknowledged_durable_write() {
             allowed[b] = vec![blk[0]];
         }
         let snap = image(&w.uri("volumes/v1/snapshots/s1"), dir.path());
-        assert!(snap.iter().all(|&x| x == 0x01), "round {round}: the snapshot lost its content");
+        assert!(
+            snap.iter().all(|&x| x == 0x01),
+            "round {round}: the snapshot lost its content"
+        );
         let s = c
             .get_snapshot(pb::GetSnapshotRequest {
                 name: "volumes/v1/snapshots/s1".into(),
@@ -265,15 +317,25 @@ async fn kill_9_during_write_storms_loses_no_acknowledged_durable_write() {
             .into_inner();
         assert_eq!(s.state, pb::State::Ready as i32);
     }
-    eprintln!("kill -9 storms: {kills} kills, {acked_total} writes acknowledged, {checked_durable} durable writes checked");
-    assert!(checked_durable > 0, "some writes were durable before the kills");
+    eprintln!(
+        "kill -9 storms: {kills} kills, {acked_total} writes acknowledged, {checked_durable} durable writes checked"
+    );
+    assert!(
+        checked_durable > 0,
+        "some writes were durable before the kills"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_interrupted_by_kill_9_resumes_by_itself() {
     let dir = scratch();
     let data = dir.path().join("data");
-    let mut w = WorkerProc::start(&data, free_port(), free_port(), &dir.path().join("worker.log"));
+    let mut w = WorkerProc::start(
+        &data,
+        free_port(),
+        free_port(),
+        &dir.path().join("worker.log"),
+    );
     let mut c = w.client().await;
     let size = 16 * MIB;
     c.create_volume(pb::CreateVolumeRequest {
@@ -316,7 +378,9 @@ async fn merge_interrupted_by_kill_9_resumes_by_itself() {
     let mut seen = 0.0;
     for _ in 0..2000 {
         let t = c
-            .get_task(pb::GetTaskRequest { name: task.name.clone() })
+            .get_task(pb::GetTaskRequest {
+                name: task.name.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -327,10 +391,18 @@ async fn merge_interrupted_by_kill_9_resumes_by_itself() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     w.kill9();
-    assert!(seen < 100.0, "the merge finished before the kill; make it longer");
+    assert!(
+        seen < 100.0,
+        "the merge finished before the kill; make it longer"
+    );
     w.restart();
     let mut c = w.client().await;
-    let tasks = c.list_tasks(pb::ListTasksRequest {}).await.unwrap().into_inner().tasks;
+    let tasks = c
+        .list_tasks(pb::ListTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
     let resumed = tasks
         .iter()
         .find(|t| t.name == task.name)
@@ -348,9 +420,16 @@ async fn merge_interrupted_by_kill_9_resumes_by_itself() {
             break t;
         }
     };
-    assert!(done.error.is_empty(), "resumed merge failed: {}", done.error);
+    assert!(
+        done.error.is_empty(),
+        "resumed merge failed: {}",
+        done.error
+    );
     let img = image(&vol, dir.path());
-    assert!(img.iter().all(|&x| x == 0x5a), "after the resumed merge the volume is the snapshot's content");
+    assert!(
+        img.iter().all(|&x| x == 0x5a),
+        "after the resumed merge the volume is the snapshot's content"
+    );
     let e = c
         .get_snapshot(pb::GetSnapshotRequest {
             name: "volumes/v1/snapshots/s1".into(),
@@ -365,7 +444,12 @@ async fn merge_interrupted_by_kill_9_resumes_by_itself() {
 async fn sigterm_flushes_and_exits_zero() {
     let dir = scratch();
     let data = dir.path().join("data");
-    let mut w = WorkerProc::start(&data, free_port(), free_port(), &dir.path().join("worker.log"));
+    let mut w = WorkerProc::start(
+        &data,
+        free_port(),
+        free_port(),
+        &dir.path().join("worker.log"),
+    );
     let mut c = w.client().await;
     c.create_volume(pb::CreateVolumeRequest {
         volume_id: "v1".into(),
@@ -376,12 +460,27 @@ async fn sigterm_flushes_and_exits_zero() {
     .await
     .unwrap();
     // Plain writes, no flush: the clean shutdown must flush them.
-    run("qemu-io", &["-f", "raw", &w.uri("volumes/v1"), "-c", "write -P 0x77 0 4m"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &w.uri("volumes/v1"),
+            "-c",
+            "write -P 0x77 0 4m",
+        ],
+    );
     drop(c);
     let st = w.terminate();
     assert!(st.success(), "worker exit status on SIGTERM: {st}");
     let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
-    assert!(log.contains("engines flushed"), "the worker logs its flush: {log}");
+    assert!(
+        log.contains("engines flushed"),
+        "the worker logs its flush: {log}"
+    );
     let file = std::fs::read(data.join("devices/v1.vol")).unwrap();
-    assert!(file.iter().all(|&b| b == 0x77), "the written data is in the volume's file");
+    assert!(
+        file.iter().all(|&b| b == 0x77),
+        "the written data is in the volume's file"
+    );
 }

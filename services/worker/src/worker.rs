@@ -1181,7 +1181,8 @@ impl Worker {
         if kind == TaskKind::Clone {
             // The clone is of the source as it is now: a temporary snapshot
             // taken before the call returns, copied in the background.
-            let sv = names::parse_volume(source).map_err(|e| WorkerError::invalid("source_volume", e))?;
+            let sv = names::parse_volume(source)
+                .map_err(|e| WorkerError::invalid("source_volume", e))?;
             let temp = format!(".clone-{}", task.get().id);
             if let Err(e) = self.create_temp_snapshot(inner, sv, &temp).await {
                 inner.st.volumes.remove(volume_id);

@@ -32,7 +32,11 @@ async fn volume_and_snapshot_lifecycle() {
     assert_eq!(v.nbd_export, "volumes/v1");
     assert_eq!(v.state, pb::State::Ready as i32);
     assert_eq!((v.size_bytes, v.chunk_sectors), (16 * MIB, 8));
-    assert!(v.device.starts_with(dir.path().to_str().unwrap()), "file-backed under the data dir: {}", v.device);
+    assert!(
+        v.device.starts_with(dir.path().to_str().unwrap()),
+        "file-backed under the data dir: {}",
+        v.device
+    );
     assert_eq!(std::fs::metadata(&v.device).unwrap().len(), 16 * MIB);
 
     let s = create_snapshot(&mut c, "v1", "s1", 4 * MIB).await;
@@ -41,16 +45,38 @@ async fn volume_and_snapshot_lifecycle() {
     assert!(!s.writable);
     // A fresh chunk-8 store: the kernel's numbers.
     let u = s.usage.unwrap();
-    assert_eq!((u.allocated_bytes, u.total_bytes, u.metadata_bytes, u.exceptions), (16 * 512, 4 * MIB, 16 * 512, 0));
+    assert_eq!(
+        (
+            u.allocated_bytes,
+            u.total_bytes,
+            u.metadata_bytes,
+            u.exceptions
+        ),
+        (16 * 512, 4 * MIB, 16 * 512, 0)
+    );
     assert_eq!(s.status_line, "0 32768 snapshot 16/8192 16");
 
-    let got = c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap().into_inner();
+    let got = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.snapshots.len(), 1);
     assert_eq!(got.snapshots[0].name, s.name);
-    let list = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner();
+    let list = c
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.volumes.len(), 1);
 
-    let info = c.get_worker_info(pb::GetWorkerInfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .get_worker_info(pb::GetWorkerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.node, "test-node");
     assert_eq!(info.nbd_uri, format!("nbd://{}", w.nbd));
     assert!(info.free_bytes > 0 && info.capacity_bytes >= info.free_bytes);
@@ -59,17 +85,49 @@ async fn volume_and_snapshot_lifecycle() {
     // Writing to the volume copies into the snapshot: usage shows it.
     let mut n = nbd(w.nbd, "volumes/v1");
     n.write_ok(0, &pattern(64 << 10, 1));
-    let s = c.get_snapshot(pb::GetSnapshotRequest { name: s.name.clone() }).await.unwrap().into_inner();
+    let s = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: s.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(s.usage.unwrap().exceptions, 16);
 
-    c.delete_snapshot(pb::DeleteSnapshotRequest { name: s.name.clone() }).await.unwrap();
-    let e = c.get_snapshot(pb::GetSnapshotRequest { name: s.name.clone() }).await.unwrap_err();
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: s.name.clone(),
+    })
+    .await
+    .unwrap();
+    let e = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: s.name.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert!(!std::path::Path::new(&s.device).exists(), "the COW file is removed");
+    assert!(
+        !std::path::Path::new(&s.device).exists(),
+        "the COW file is removed"
+    );
 
-    c.delete_volume(pb::DeleteVolumeRequest { name: "volumes/v1".into() }).await.unwrap();
-    assert!(!std::path::Path::new(&v.device).exists(), "the origin file is removed");
-    assert!(c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes.is_empty());
+    c.delete_volume(pb::DeleteVolumeRequest {
+        name: "volumes/v1".into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !std::path::Path::new(&v.device).exists(),
+        "the origin file is removed"
+    );
+    assert!(
+        c.list_volumes(pb::ListVolumesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+            .is_empty()
+    );
     w.stop().await;
 }
 
@@ -80,7 +138,10 @@ async fn creates_are_idempotent_and_conflicts_are_already_exists() {
     let mut c = w.client().await;
     let a = create_volume(&mut c, "v1", 8 * MIB, 16).await;
     let b = create_volume(&mut c, "v1", 8 * MIB, 16).await;
-    assert_eq!((a.name, a.device, a.size_bytes), (b.name, b.device, b.size_bytes));
+    assert_eq!(
+        (a.name, a.device, a.size_bytes),
+        (b.name, b.device, b.size_bytes)
+    );
     let e = c
         .create_volume(pb::CreateVolumeRequest {
             volume_id: "v1".into(),
@@ -106,7 +167,14 @@ async fn creates_are_idempotent_and_conflicts_are_already_exists() {
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e}");
     assert_eq!(
-        c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap().into_inner().snapshots.len(),
+        c.get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .len(),
         1,
         "the repeated create added nothing"
     );
@@ -136,14 +204,33 @@ async fn bad_requests_get_the_right_codes() {
     for (req, code, word) in cases {
         let e = c.create_volume(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {e}");
-        assert!(e.message().contains(word), "{req:?}: {:?} should name {word}", e.message());
+        assert!(
+            e.message().contains(word),
+            "{req:?}: {:?} should name {word}",
+            e.message()
+        );
     }
-    let nf = c.get_volume(pb::GetVolumeRequest { name: "volumes/nope".into() }).await.unwrap_err();
+    let nf = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(nf.code(), Code::NotFound);
-    let bad = c.get_volume(pb::GetVolumeRequest { name: "vol/x".into() }).await.unwrap_err();
+    let bad = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "vol/x".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("name"), "{}", bad.message());
-    let nf = c.delete_snapshot(pb::DeleteSnapshotRequest { name: "volumes/nope/snapshots/s".into() }).await.unwrap_err();
+    let nf = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            name: "volumes/nope/snapshots/s".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(nf.code(), Code::NotFound);
 
     create_volume(&mut c, "v1", 8 * MIB, 8).await;
@@ -157,7 +244,11 @@ async fn bad_requests_get_the_right_codes() {
         .await
         .unwrap_err();
     assert_eq!(small.code(), Code::InvalidArgument);
-    assert!(small.message().contains("cow_size_bytes"), "{}", small.message());
+    assert!(
+        small.message().contains("cow_size_bytes"),
+        "{}",
+        small.message()
+    );
     let raw = c
         .create_volume(pb::CreateVolumeRequest {
             volume_id: "r".into(),
@@ -167,22 +258,37 @@ async fn bad_requests_get_the_right_codes() {
         })
         .await
         .unwrap_err();
-    assert_eq!(raw.code(), Code::InvalidArgument, "no raw devices without an allow list: {raw}");
+    assert_eq!(
+        raw.code(),
+        Code::InvalidArgument,
+        "no raw devices without an allow list: {raw}"
+    );
     assert!(raw.message().contains("device"), "{}", raw.message());
 
     // A volume with a snapshot cannot go; a merging snapshot cannot be deleted.
     create_snapshot(&mut c, "v1", "s1", 16 * MIB).await;
-    let e = c.delete_volume(pb::DeleteVolumeRequest { name: "volumes/v1".into() }).await.unwrap_err();
+    let e = c
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     // Give the merge something to do so it is still running below.
     let mut n = nbd(w.nbd, "volumes/v1");
     n.write_ok(0, &pattern(4 * MIB as usize, 3));
     let task = c
-        .merge_snapshot(pb::MergeSnapshotRequest { name: "volumes/v1/snapshots/s1".into() })
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    let del = c.delete_snapshot(pb::DeleteSnapshotRequest { name: "volumes/v1/snapshots/s1".into() }).await;
+    let del = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await;
     match del {
         Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e}"),
         // The merge may already have ended, taking the snapshot with it.
@@ -205,7 +311,11 @@ async fn bad_requests_get_the_right_codes() {
 async fn health_and_reflection_answer() {
     let dir = scratch();
     let w = Worker::start(dir.path(), &[]).await;
-    let ch = tonic::transport::Channel::from_shared(w.grpc.clone()).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(w.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = h
         .check(tonic_health::pb::HealthCheckRequest {
@@ -214,7 +324,10 @@ async fn health_and_reflection_answer() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // grpcurl 1.8 asks reflection v1alpha for the list of services.
     use tonic_reflection::pb::v1alpha::{
@@ -226,14 +339,21 @@ async fn health_and_reflection_answer() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = r.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
+    let mut stream = r
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("unexpected reflection response");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for want in ["cowsnap.worker.v1.WorkerService", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
     w.stop().await;
 }
@@ -248,14 +368,46 @@ async fn real_clients_through_the_workers_exports() {
     tool("qemu-io", &["-f", "raw", &vol, "-c", "write -P 0x11 0 8m"]);
     create_snapshot(&mut c, "v1", "s1", 16 * MIB).await;
     // After the snapshot: writes with the page cache off (-t none) and with FUA (-f).
-    tool("qemu-io", &["-f", "raw", "-t", "none", &vol, "-c", "write -P 0x22 1m 2m", "-c", "read -P 0x22 1m 2m"]);
-    tool("qemu-io", &["-f", "raw", &vol, "-c", "write -f -P 0x33 4m 64k", "-c", "flush", "-c", "read -P 0x33 4m 64k"]);
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            &vol,
+            "-c",
+            "write -P 0x22 1m 2m",
+            "-c",
+            "read -P 0x22 1m 2m",
+        ],
+    );
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &vol,
+            "-c",
+            "write -f -P 0x33 4m 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x33 4m 64k",
+        ],
+    );
     let snap = w.nbd_uri("volumes/v1/snapshots/s1");
-    tool("qemu-io", &["-f", "raw", "-r", &snap, "-c", "read -P 0x11 0 8m"]);
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-r", &snap, "-c", "read -P 0x11 0 8m"],
+    );
 
     let out = dir.path().join("snap.raw");
     let img = export_image(&snap, &out);
-    assert!(img.iter().all(|&b| b == 0x11), "qemu-img convert of the snapshot gives its content");
+    assert!(
+        img.iter().all(|&b| b == 0x11),
+        "qemu-img convert of the snapshot gives its content"
+    );
     let out = dir.path().join("vol.raw");
     let img = export_image(&vol, &out);
     let mut model = vec![0x11u8; 8 * MIB as usize];
@@ -263,19 +415,26 @@ async fn real_clients_through_the_workers_exports() {
     model[4 * MIB as usize..4 * MIB as usize + 65536].fill(0x33);
     assert!(img == model, "the volume holds every write");
 
-    let info: serde_json::Value = serde_json::from_str(&tool("nbdinfo", &["--json", &snap])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&tool("nbdinfo", &["--json", &snap])).unwrap();
     let e = &info["exports"][0];
     assert_eq!(e["export-size"], 8 * MIB);
     assert_eq!(e["is_read_only"], true);
     let list = tool("nbdinfo", &["--list", &vol]);
-    assert!(list.contains("volumes/v1/snapshots/s1") && list.contains("volumes/v1"), "{list}");
+    assert!(
+        list.contains("volumes/v1/snapshots/s1") && list.contains("volumes/v1"),
+        "{list}"
+    );
 
     // nbdcopy out of the snapshot and into a second volume, many requests in flight.
     create_volume(&mut c, "v2", 8 * MIB, 8).await;
     let v2 = w.nbd_uri("volumes/v2");
     tool("nbdcopy", &["--requests=64", &snap, &v2]);
     let img = export_image(&v2, &dir.path().join("v2.raw"));
-    assert!(img.iter().all(|&b| b == 0x11), "nbdcopy copied the snapshot");
+    assert!(
+        img.iter().all(|&b| b == 0x11),
+        "nbdcopy copied the snapshot"
+    );
     w.stop().await;
 }
 
@@ -315,7 +474,12 @@ async fn snapshot_during_a_write_storm_is_atomic() {
     }
     // Take the snapshot once the writers are well under way.
     loop {
-        let v = c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap();
+        let v = c
+            .get_volume(pb::GetVolumeRequest {
+                name: "volumes/v1".into(),
+            })
+            .await
+            .unwrap();
         let _ = v;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         if threads.iter().all(|t| !t.is_finished()) {
@@ -335,13 +499,22 @@ async fn snapshot_during_a_write_storm_is_atomic() {
         for &(b, issued, acked) in log {
             let got = snap.read_ok(b * BLOCK, BLOCK as u32);
             let present = got == pattern(BLOCK as usize, b + 1);
-            assert!(present || got.iter().all(|&x| x == 0), "block {b} holds neither its write nor zeros");
+            assert!(
+                present || got.iter().all(|&x| x == 0),
+                "block {b} holds neither its write nor zeros"
+            );
             if acked == BEFORE {
                 must_in += 1;
-                assert!(present, "block {b}: acknowledged before the snapshot, missing from it");
+                assert!(
+                    present,
+                    "block {b}: acknowledged before the snapshot, missing from it"
+                );
             } else if issued == AFTER {
                 must_out += 1;
-                assert!(!present, "block {b}: issued after the snapshot, found in it");
+                assert!(
+                    !present,
+                    "block {b}: issued after the snapshot, found in it"
+                );
             } else {
                 either += 1;
             }
@@ -349,11 +522,17 @@ async fn snapshot_during_a_write_storm_is_atomic() {
             if !present {
                 seen_gap = true;
             } else {
-                assert!(!seen_gap, "block {b}: in the snapshot after a later-missing earlier write");
+                assert!(
+                    !seen_gap,
+                    "block {b}: in the snapshot after a later-missing earlier write"
+                );
             }
         }
     }
-    assert!(must_in > 0 && must_out > 0, "the storm ran across the snapshot: {must_in} before, {must_out} after, {either} during");
+    assert!(
+        must_in > 0 && must_out > 0,
+        "the storm ran across the snapshot: {must_in} before, {must_out} after, {either} during"
+    );
     w.stop().await;
 }
 
@@ -375,13 +554,21 @@ async fn merge_via_the_api_with_a_client_connected() {
         n.write_ok(off, &pattern(MIB as usize, 100 + off));
     }
     let task = c
-        .merge_snapshot(pb::MergeSnapshotRequest { name: "volumes/v1/snapshots/s1".into() })
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(task.kind, "merge");
     // The snapshot's export is gone at once; the volume's stays.
-    let v = c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap().into_inner();
+    let v = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(v.state == pb::State::Merging as i32 || v.state == pb::State::Ready as i32);
 
     // The connected client keeps writing and reading during the merge: its
@@ -391,9 +578,17 @@ async fn merge_via_the_api_with_a_client_connected() {
         let mut n = nbd(addr, "volumes/v1");
         let c = pattern(MIB as usize, 999);
         n.write_ok(2 * MIB, &c);
-        assert_eq!(n.read_ok(2 * MIB, MIB as u32), c, "a write during the merge reads back");
+        assert_eq!(
+            n.read_ok(2 * MIB, MIB as u32),
+            c,
+            "a write during the merge reads back"
+        );
         let rolled = n.read_ok(5 * MIB, MIB as u32);
-        assert_eq!(rolled, pattern(size as usize, 1)[5 * MIB as usize..6 * MIB as usize], "the volume reads the snapshot's content during the merge");
+        assert_eq!(
+            rolled,
+            pattern(size as usize, 1)[5 * MIB as usize..6 * MIB as usize],
+            "the volume reads the snapshot's content during the merge"
+        );
     });
     let t = wait_task(&mut c, &task.name).await;
     during.join().unwrap();
@@ -402,10 +597,24 @@ async fn merge_via_the_api_with_a_client_connected() {
     let mut model = a.clone();
     model[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&pattern(MIB as usize, 999));
     let img = export_image(&w.nbd_uri("volumes/v1"), &dir.path().join("v.raw"));
-    assert!(img == model, "after the merge the volume is the snapshot plus the writes made during it");
-    let e = c.get_snapshot(pb::GetSnapshotRequest { name: "volumes/v1/snapshots/s1".into() }).await.unwrap_err();
+    assert!(
+        img == model,
+        "after the merge the volume is the snapshot plus the writes made during it"
+    );
+    let e = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "the merged snapshot is gone");
-    let v = c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap().into_inner();
+    let v = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.state, pb::State::Ready as i32);
     w.stop().await;
 }
@@ -432,7 +641,10 @@ async fn restore_and_clone_copy_the_content() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((t.kind.as_str(), t.target.as_str()), ("restore", "volumes/r1"));
+    assert_eq!(
+        (t.kind.as_str(), t.target.as_str()),
+        ("restore", "volumes/r1")
+    );
     // Idempotent: the same restore returns its task.
     let again = c
         .restore_volume(pb::RestoreVolumeRequest {
@@ -448,7 +660,10 @@ async fn restore_and_clone_copy_the_content() {
     let mut want = vec![0u8; size as usize];
     want[..4 * MIB as usize].copy_from_slice(&a[..4 * MIB as usize]);
     let img = export_image(&w.nbd_uri("volumes/r1"), &dir.path().join("r1.raw"));
-    assert!(img == want, "the restored volume has the snapshot's content");
+    assert!(
+        img == want,
+        "the restored volume has the snapshot's content"
+    );
 
     // A clone is of the volume at the call; writes after it stay out.
     let mut cur = want.clone();
@@ -468,9 +683,17 @@ async fn restore_and_clone_copy_the_content() {
     assert!(img == cur, "the clone has the source's content at the call");
     // The clone's temporary snapshot is gone: the source can be deleted
     // once its own snapshot is.
-    c.delete_snapshot(pb::DeleteSnapshotRequest { name: "volumes/v1/snapshots/s1".into() }).await.unwrap();
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: "volumes/v1/snapshots/s1".into(),
+    })
+    .await
+    .unwrap();
     drop(n);
-    c.delete_volume(pb::DeleteVolumeRequest { name: "volumes/v1".into() }).await.unwrap();
+    c.delete_volume(pb::DeleteVolumeRequest {
+        name: "volumes/v1".into(),
+    })
+    .await
+    .unwrap();
     w.stop().await;
 }
 
@@ -493,14 +716,28 @@ async fn state_and_content_survive_a_restart() {
     };
     let w = Worker::start(dir.path(), &[]).await;
     let mut c = w.client().await;
-    let v = c.get_volume(pb::GetVolumeRequest { name: "volumes/v1".into() }).await.unwrap().into_inner();
+    let v = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.device, vdev);
     let names: Vec<_> = v.snapshots.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["volumes/v1/snapshots/s1", "volumes/v1/snapshots/s2"], "snapshots come back in order");
+    assert_eq!(
+        names,
+        ["volumes/v1/snapshots/s1", "volumes/v1/snapshots/s2"],
+        "snapshots come back in order"
+    );
     assert_eq!(v.snapshots[0].device, sdev);
     assert_eq!(v.snapshots[0].usage.as_ref().unwrap().exceptions, 256);
     let mut s = nbd(w.nbd, "volumes/v1/snapshots/s1");
-    assert_eq!(s.read_ok(0, MIB as u32), pattern(size as usize, 1)[..MIB as usize], "the snapshot kept its content");
+    assert_eq!(
+        s.read_ok(0, MIB as u32),
+        pattern(size as usize, 1)[..MIB as usize],
+        "the snapshot kept its content"
+    );
     let mut n = nbd(w.nbd, "volumes/v1");
     assert_eq!(n.read_ok(0, MIB as u32), pattern(MIB as usize, 2));
     w.stop().await;
@@ -514,19 +751,28 @@ async fn raw_devices_from_the_allow_list() {
     let mut loops = Vec::new();
     for name in ["disk0", "disk1"] {
         let f = dir.path().join(name);
-        std::fs::File::create(&f).unwrap().set_len(32 * MIB).unwrap();
+        std::fs::File::create(&f)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
         let out = std::process::Command::new("losetup")
             .args(["--find", "--show", f.to_str().unwrap()])
             .output()
             .expect("losetup (util-linux) is needed for the raw device test");
-        assert!(out.status.success(), "losetup failed (run as root): {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup failed (run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         loops.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
     }
     struct Detach(Vec<String>);
     impl Drop for Detach {
         fn drop(&mut self) {
             for l in &self.0 {
-                let _ = std::process::Command::new("losetup").args(["-d", l]).status();
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", l])
+                    .status();
             }
         }
     }
@@ -534,8 +780,16 @@ async fn raw_devices_from_the_allow_list() {
     let data = dir.path().join("data");
     let w = Worker::start(&data, &["/dev/loop*"]).await;
     let mut c = w.client().await;
-    let info = c.get_worker_info(pb::GetWorkerInfoRequest {}).await.unwrap().into_inner();
-    assert!(info.devices.iter().any(|d| d.path == loops[0] && d.size_bytes == 32 * MIB && d.used_by.is_empty()));
+    let info = c
+        .get_worker_info(pb::GetWorkerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.devices
+            .iter()
+            .any(|d| d.path == loops[0] && d.size_bytes == 32 * MIB && d.used_by.is_empty())
+    );
 
     let v = c
         .create_volume(pb::CreateVolumeRequest {
@@ -547,7 +801,11 @@ async fn raw_devices_from_the_allow_list() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((v.device.as_str(), v.size_bytes), (loops[0].as_str(), 32 * MIB), "the whole device");
+    assert_eq!(
+        (v.device.as_str(), v.size_bytes),
+        (loops[0].as_str(), 32 * MIB),
+        "the whole device"
+    );
     let mut n = nbd(w.nbd, "volumes/raw");
     n.write_ok(0, &pattern(MIB as usize, 1));
     let s = c
@@ -564,9 +822,21 @@ async fn raw_devices_from_the_allow_list() {
     assert_eq!(s.device, loops[1]);
     n.write_ok(0, &pattern(MIB as usize, 2));
     let mut sn = nbd(w.nbd, "volumes/raw/snapshots/s1");
-    assert_eq!(sn.read_ok(0, MIB as u32), pattern(MIB as usize, 1), "the snapshot on a raw device kept the data");
-    let info = c.get_worker_info(pb::GetWorkerInfoRequest {}).await.unwrap().into_inner();
-    let used: HashMap<_, _> = info.devices.iter().map(|d| (d.path.clone(), d.used_by.clone())).collect();
+    assert_eq!(
+        sn.read_ok(0, MIB as u32),
+        pattern(MIB as usize, 1),
+        "the snapshot on a raw device kept the data"
+    );
+    let info = c
+        .get_worker_info(pb::GetWorkerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let used: HashMap<_, _> = info
+        .devices
+        .iter()
+        .map(|d| (d.path.clone(), d.used_by.clone()))
+        .collect();
     assert_eq!(used[&loops[0]], "volumes/raw");
     assert_eq!(used[&loops[1]], "volumes/raw/snapshots/s1");
 
@@ -592,13 +862,28 @@ async fn raw_devices_from_the_allow_list() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e}");
-        assert!(e.message().contains("allow list"), "{path}: {}", e.message());
+        assert!(
+            e.message().contains("allow list"),
+            "{path}: {}",
+            e.message()
+        );
     }
     drop((n, sn));
-    c.delete_snapshot(pb::DeleteSnapshotRequest { name: s.name.clone() }).await.unwrap();
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: s.name.clone(),
+    })
+    .await
+    .unwrap();
     // The released COW device no longer looks like a snapshot.
     let head = std::fs::read(dir.path().join("disk1")).unwrap();
-    assert!(head[..4096].iter().all(|&b| b == 0), "the released COW device's header is wiped");
-    c.delete_volume(pb::DeleteVolumeRequest { name: "volumes/raw".into() }).await.unwrap();
+    assert!(
+        head[..4096].iter().all(|&b| b == 0),
+        "the released COW device's header is wiped"
+    );
+    c.delete_volume(pb::DeleteVolumeRequest {
+        name: "volumes/raw".into(),
+    })
+    .await
+    .unwrap();
     w.stop().await;
 }

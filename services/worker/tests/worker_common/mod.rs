@@ -43,7 +43,10 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// The backend the suite runs on (`COWSNAP_IO`, auto when unset).
 pub fn io() -> BackendChoice {
-    std::env::var("COWSNAP_IO").unwrap_or_default().parse().unwrap()
+    std::env::var("COWSNAP_IO")
+        .unwrap_or_default()
+        .parse()
+        .unwrap()
 }
 
 /// A worker running in this process.
@@ -162,7 +165,9 @@ pub fn tool(program: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("{program} not runnable ({e}): install qemu-utils and libnbd-bin"));
+        .unwrap_or_else(|e| {
+            panic!("{program} not runnable ({e}): install qemu-utils and libnbd-bin")
+        });
     assert!(
         out.status.success(),
         "{program} {args:?} failed: {}{}",
@@ -177,7 +182,15 @@ pub fn export_image(uri: &str, out: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(out);
     tool(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", uri, out.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
     );
     std::fs::read(out).unwrap()
 }
