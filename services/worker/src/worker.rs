@@ -859,6 +859,18 @@ impl Worker {
             self.devices.zero_raw(path, layout.chunk_bytes() * 2)?;
         }
         let dev = self.open_sized(path, size)?;
+        if dev.block_size() > origin.block_size() {
+            // NBD clients were told the volume's alignment at connect time.
+            return Err(WorkerError::invalid(
+                "device",
+                format!(
+                    "{}: logical block size {} is larger than the volume's ({})",
+                    path.display(),
+                    dev.block_size(),
+                    origin.block_size()
+                ),
+            ));
+        }
         let a = origin
             .add_snapshot(
                 dev,
