@@ -4,7 +4,14 @@
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["cowsnap/worker/v1/worker.proto"];
+const PROTOS: &[&str] = &[
+    "cowsnap/worker/v1/worker.proto",
+    "cowsnap/v1/resources.proto",
+    "cowsnap/v1/operation.proto",
+    "cowsnap/v1/volume.proto",
+    "cowsnap/v1/snapshot.proto",
+    "cowsnap/v1/worker_admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {

@@ -1,4 +1,6 @@
 //! cowsnap's gRPC APIs, generated from `proto/`:
+//! - [`cowsnap::v1`]: `cowsnap.v1`, the public API of the control service
+//!   (volumes, snapshots, operations, workers);
 //! - [`worker::v1`]: `cowsnap.worker.v1`, the control service <-> worker API;
 //!
 //! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
@@ -11,6 +13,12 @@ pub mod server;
 
 /// The encoded `FileDescriptorSet` of every cowsnap `.proto` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+pub mod cowsnap {
+    pub mod v1 {
+        tonic::include_proto!("cowsnap.v1");
+    }
+}
 
 pub mod worker {
     pub mod v1 {

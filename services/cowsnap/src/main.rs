@@ -5,9 +5,11 @@
 //! - `io`: a `qemu-io` for the engine;
 //! - `bench ...`: benchmarks that print ratios against a baseline measured in
 //!   the same run;
-//! - `worker`: the data worker (devices, engine, NBD, worker gRPC API).
+//! - `worker`: the data worker (devices, engine, NBD, worker gRPC API);
+//! - `control`: the control service (public API, catalog, reconciliation).
 
 mod bench;
+mod control_cmd;
 mod cow;
 mod io_cmd;
 mod worker_cmd;
@@ -43,6 +45,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run a data worker: devices, the COW engine, NBD exports, the worker gRPC API.
     Worker(worker_cmd::WorkerArgs),
+    /// Run the control service: the public cowsnap.v1 API, its catalog, and reconciliation with the workers.
+    Control(control_cmd::ControlArgs),
 }
 
 /// Logs go to stderr; `COWSNAP_LOG` (e.g. `debug`, `cowsnap_worker=debug`)
@@ -59,16 +63,19 @@ fn init_logging(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Services log what they do; tools only what goes wrong.
-    init_logging(match cli.cmd {
-        Command::Worker(_) => "info",
-        _ => "warn",
-    });
+    // Services log what they do; tools only what goes wrong. The control
+    // service sets up its own logs and traces (OpenTelemetry).
+    match cli.cmd {
+        Command::Control(_) => {}
+        Command::Worker(_) => init_logging("info"),
+        _ => init_logging("warn"),
+    }
     let result = match cli.cmd {
         Command::Cow(c) => cow::run(c),
         Command::Io(a) => io_cmd::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Worker(a) => worker_cmd::run(a),
+        Command::Control(a) => control_cmd::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

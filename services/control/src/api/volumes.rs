@@ -1,0 +1,79 @@
+//! `cowsnap.v1.VolumeService`.
+
+use cowsnap_proto::cowsnap::v1 as pb;
+use pb::volume_service_server::VolumeService;
+use tonic::{Request, Response, Status};
+
+use super::convert::{operation, volume};
+use super::{Api, Rpc};
+use crate::volumes::{CopiedVolume, NewVolume};
+
+#[tonic::async_trait]
+impl VolumeService for Api {
+    async fn create_volume(&self, r: Request<pb::CreateVolumeRequest>) -> Rpc<pb::Volume> {
+        let r = r.into_inner();
+        let v = r
+            .volume
+            .ok_or_else(|| Status::invalid_argument("invalid volume: required"))?;
+        let spec = NewVolume {
+            size_bytes: v.size_bytes,
+            chunk_sectors: v.chunk_sectors,
+            labels: v.labels.into_iter().collect(),
+        };
+        let v = self.control.create_volume(&r.volume_id, spec).await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn get_volume(&self, r: Request<pb::GetVolumeRequest>) -> Rpc<pb::Volume> {
+        let v = self.control.get_volume(&r.into_inner().name).await?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        r: Request<pb::ListVolumesRequest>,
+    ) -> Rpc<pb::ListVolumesResponse> {
+        let r = r.into_inner();
+        let (vols, next) = self
+            .control
+            .list_volumes(r.page_size, &r.page_token, &r.filter)
+            .await?;
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes: vols.into_iter().map(volume).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn delete_volume(&self, r: Request<pb::DeleteVolumeRequest>) -> Rpc<()> {
+        self.control.delete_volume(&r.into_inner().name).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn restore_volume(&self, r: Request<pb::RestoreVolumeRequest>) -> Rpc<pb::Operation> {
+        let r = r.into_inner();
+        let v = r.volume.unwrap_or_default();
+        let spec = CopiedVolume {
+            chunk_sectors: v.chunk_sectors,
+            labels: v.labels.into_iter().collect(),
+        };
+        let op = self
+            .control
+            .restore_volume(&r.volume_id, &r.source_snapshot, spec)
+            .await?;
+        Ok(Response::new(operation(op)))
+    }
+
+    async fn clone_volume(&self, r: Request<pb::CloneVolumeRequest>) -> Rpc<pb::Operation> {
+        let r = r.into_inner();
+        let v = r.volume.unwrap_or_default();
+        let spec = CopiedVolume {
+            chunk_sectors: v.chunk_sectors,
+            labels: v.labels.into_iter().collect(),
+        };
+        let op = self
+            .control
+            .clone_volume(&r.volume_id, &r.source_volume, spec)
+            .await?;
+        Ok(Response::new(operation(op)))
+    }
+}

@@ -1,0 +1,244 @@
+//! Snapshot rows, with the usage their worker last reported.
+
+use sqlx::SqliteConnection;
+
+use super::{labels_from, labels_json};
+use crate::error::Result;
+use crate::model::{Snapshot, State, Usage};
+
+struct Row {
+    volume_id: String,
+    id: String,
+    cow_size_bytes: i64,
+    chunk_sectors: i64,
+    writable: i64,
+    labels: String,
+    state: String,
+    allocated_bytes: Option<i64>,
+    total_bytes: Option<i64>,
+    metadata_bytes: Option<i64>,
+    exceptions: Option<i64>,
+    usage_time: Option<i64>,
+    create_time: i64,
+    nbd_base: String,
+    operation: Option<i64>,
+}
+
+impl Row {
+    fn into_snapshot(self) -> Result<Snapshot> {
+        let usage = match (
+            self.allocated_bytes,
+            self.total_bytes,
+            self.metadata_bytes,
+            self.exceptions,
+            self.usage_time,
+        ) {
+            (Some(a), Some(t), Some(m), Some(e), Some(u)) => Some(Usage {
+                allocated_bytes: a as u64,
+                total_bytes: t as u64,
+                metadata_bytes: m as u64,
+                exceptions: e as u64,
+                update_time: u,
+            }),
+            _ => None,
+        };
+        Ok(Snapshot {
+            volume_id: self.volume_id,
+            id: self.id,
+            cow_size_bytes: self.cow_size_bytes as u64,
+            chunk_sectors: self.chunk_sectors as u32,
+            writable: self.writable != 0,
+            labels: labels_from(&self.labels)?,
+            state: State::parse(&self.state)?,
+            usage,
+            create_time: self.create_time,
+            nbd_base: self.nbd_base,
+            operation: self.operation,
+        })
+    }
+}
+
+pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<Option<Snapshot>> {
+    let row = sqlx::query_as!(
+        Row,
+        r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
+                  s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
+                  s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
+                  (SELECT MAX(o.id) FROM operations o
+                    WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
+                      AND o.state IN ('pending', 'running')) AS "operation?: i64"
+           FROM snapshots s JOIN volumes v ON v.id = s.volume_id
+                JOIN workers w ON w.id = v.worker_id
+           WHERE s.volume_id = ? AND s.id = ?"#,
+        volume_id,
+        id
+    )
+    .fetch_optional(&mut *c)
+    .await?;
+    row.map(Row::into_snapshot).transpose()
+}
+
+/// Snapshots of a volume (or of every volume when `volume_id` is `None`),
+/// in creation order, after the position `after` (volume id, seq).
+pub async fn list(
+    c: &mut SqliteConnection,
+    volume_id: Option<&str>,
+    after: (&str, i64),
+) -> Result<Vec<(Snapshot, i64)>> {
+    let (after_vol, after_seq) = after;
+    let rows = sqlx::query!(
+        r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
+                  s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
+                  s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
+                  (SELECT MAX(o.id) FROM operations o
+                    WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
+                      AND o.state IN ('pending', 'running')) AS "operation?: i64"
+           FROM snapshots s JOIN volumes v ON v.id = s.volume_id
+                JOIN workers w ON w.id = v.worker_id
+           WHERE (?1 IS NULL OR s.volume_id = ?1)
+             AND (s.volume_id > ?2 OR (s.volume_id = ?2 AND s.seq > ?3))
+           ORDER BY s.volume_id, s.seq"#,
+        volume_id,
+        after_vol,
+        after_seq
+    )
+    .fetch_all(&mut *c)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let seq = r.seq;
+            Row {
+                volume_id: r.volume_id,
+                id: r.id,
+                cow_size_bytes: r.cow_size_bytes,
+                chunk_sectors: r.chunk_sectors,
+                writable: r.writable,
+                labels: r.labels,
+                state: r.state,
+                allocated_bytes: r.allocated_bytes,
+                total_bytes: r.total_bytes,
+                metadata_bytes: r.metadata_bytes,
+                exceptions: r.exceptions,
+                usage_time: r.usage_time,
+                create_time: r.create_time,
+                nbd_base: r.nbd_base,
+                operation: r.operation,
+            }
+            .into_snapshot()
+            .map(|s| (s, seq))
+        })
+        .collect()
+}
+
+pub async fn count(c: &mut SqliteConnection, volume_id: &str) -> Result<u64> {
+    let n = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!: i64" FROM snapshots WHERE volume_id = ?"#,
+        volume_id
+    )
+    .fetch_one(&mut *c)
+    .await?;
+    Ok(n as u64)
+}
+
+pub async fn insert(c: &mut SqliteConnection, s: &Snapshot, now: i64) -> Result<()> {
+    let (cow, chunk, writable, labels, state) = (
+        s.cow_size_bytes as i64,
+        i64::from(s.chunk_sectors),
+        i64::from(s.writable),
+        labels_json(&s.labels),
+        s.state.as_str(),
+    );
+    sqlx::query!(
+        "INSERT INTO snapshots (volume_id, id, cow_size_bytes, chunk_sectors, writable, labels,
+                                state, seq, create_time, update_time)
+         VALUES (?, ?, ?, ?, ?, ?, ?,
+                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE volume_id = ?), ?, ?)",
+        s.volume_id,
+        s.id,
+        cow,
+        chunk,
+        writable,
+        labels,
+        state,
+        s.volume_id,
+        s.create_time,
+        now
+    )
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_state(
+    c: &mut SqliteConnection,
+    volume_id: &str,
+    id: &str,
+    state: State,
+    now: i64,
+) -> Result<()> {
+    let s = state.as_str();
+    sqlx::query!(
+        "UPDATE snapshots SET state = ?, update_time = ? WHERE volume_id = ? AND id = ?",
+        s,
+        now,
+        volume_id,
+        id
+    )
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// Records what the worker reports of a snapshot: its COW size and chunk
+/// size, and its usage (`None` when it has none, e.g. invalid).
+pub async fn set_reported(
+    c: &mut SqliteConnection,
+    volume_id: &str,
+    id: &str,
+    cow_size_bytes: u64,
+    chunk_sectors: u32,
+    usage: Option<&Usage>,
+    now: i64,
+) -> Result<()> {
+    let (cow, chunk) = (cow_size_bytes as i64, i64::from(chunk_sectors));
+    let (a, t, m, e, u) = match usage {
+        Some(u) => (
+            Some(u.allocated_bytes as i64),
+            Some(u.total_bytes as i64),
+            Some(u.metadata_bytes as i64),
+            Some(u.exceptions as i64),
+            Some(u.update_time),
+        ),
+        None => (None, None, None, None, None),
+    };
+    sqlx::query!(
+        "UPDATE snapshots SET cow_size_bytes = ?, chunk_sectors = ?, allocated_bytes = ?,
+                total_bytes = ?, metadata_bytes = ?, exceptions = ?, usage_time = ?,
+                update_time = ?
+         WHERE volume_id = ? AND id = ?",
+        cow,
+        chunk,
+        a,
+        t,
+        m,
+        e,
+        u,
+        now,
+        volume_id,
+        id
+    )
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<()> {
+    sqlx::query!(
+        "DELETE FROM snapshots WHERE volume_id = ? AND id = ?",
+        volume_id,
+        id
+    )
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The control service's domain: what each public call does, over the
+//! catalog, the workers and the operation engine. It knows nothing of
+//! gRPC (`api` translates). Volume calls live in [`crate::volumes`],
+//! snapshot calls in [`crate::snapshots`]; operations and workers here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::catalog;
+use crate::error::{ControlError, Result};
+use crate::listing;
+use crate::model::{self, OpKind, OpState, Operation, Worker};
+use crate::operations::Operations;
+
+/// The domain services behind the public API.
+pub struct Control {
+    pub(crate) ops: Arc<Operations>,
+    /// Longest WaitOperation wait (below the request timeout).
+    max_wait: Duration,
+}
+
+impl Control {
+    pub fn new(ops: Arc<Operations>, max_wait: Duration) -> Control {
+        Control { ops, max_wait }
+    }
+
+    /// Fails with UNAVAILABLE, before anything is recorded, when the worker
+    /// failed its last health check and still does not answer.
+    pub(crate) async fn ensure_reachable(&self, worker_id: &str) -> Result<()> {
+        let w = self.ops.workers.get(worker_id).await?;
+        if w.healthy {
+            return Ok(());
+        }
+        let w = self.ops.workers.check(&w).await?;
+        if w.healthy {
+            Ok(())
+        } else {
+            Err(ControlError::Unavailable(format!(
+                "{} ({}) does not answer: {}",
+                w.name(),
+                w.address,
+                w.last_error
+            )))
+        }
+    }
+
+    // ---- operations -----------------------------------------------------
+
+    pub async fn get_operation(&self, name: &str) -> Result<Operation> {
+        self.ops.get(model::parse_operation(name)?).await
+    }
+
+    /// Operations, newest first: a page of them and the next page token.
+    pub async fn list_operations(
+        &self,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+    ) -> Result<(Vec<Operation>, String)> {
+        let size = listing::page_size(page_size)?;
+        let after = listing::after("operations", page_token)?;
+        let before = if after.is_empty() {
+            i64::MAX
+        } else {
+            after
+                .parse()
+                .map_err(|_| ControlError::invalid("page_token", "not a token from this list"))?
+        };
+        let mut done = None;
+        let mut target = None;
+        let mut kind = None;
+        let mut state = None;
+        for (k, v) in listing::filter_terms(filter)? {
+            match k.as_str() {
+                "done" => {
+                    done = Some(v.parse::<bool>().map_err(|_| {
+                        ControlError::invalid("filter", format!("done={v}: true or false"))
+                    })?)
+                }
+                "target" => target = Some(v),
+                "kind" => {
+                    kind = Some(OpKind::parse(&v).ok_or_else(|| {
+                        ControlError::invalid("filter", format!("kind={v}: not an operation kind"))
+                    })?)
+                }
+                "state" => {
+                    state = Some(OpState::parse(&v).ok_or_else(|| {
+                        ControlError::invalid(
+                            "filter",
+                            format!("state={v}: not an operation state"),
+                        )
+                    })?)
+                }
+                _ => {
+                    return Err(ControlError::invalid(
+                        "filter",
+                        format!("unknown term {k:?} (done, target, kind, state)"),
+                    ));
+                }
+            }
+        }
+        let mut c = self.ops.catalog.conn().await?;
+        let all = catalog::operations::list_before(&mut c, before).await?;
+        let mut page: Vec<Operation> = all
+            .into_iter()
+            .filter(|o| done.is_none_or(|d| o.state.done() == d))
+            .filter(|o| target.as_ref().is_none_or(|t| &o.target == t))
+            .filter(|o| kind.is_none_or(|k| o.kind == k))
+            .filter(|o| state.is_none_or(|s| o.state == s))
+            .take(size + 1)
+            .collect();
+        let next = if page.len() > size {
+            page.truncate(size);
+            listing::token("operations", &page[size - 1].id.to_string())
+        } else {
+            String::new()
+        };
+        Ok((page, next))
+    }
+
+    /// Waits until the operation is done or `timeout` (at most the
+    /// server's limit) passes.
+    pub async fn wait_operation(&self, name: &str, timeout: Duration) -> Result<Operation> {
+        let id = model::parse_operation(name)?;
+        self.ops.wait(id, timeout.min(self.max_wait)).await
+    }
+
+    // ---- workers --------------------------------------------------------
+
+    pub async fn register_worker(&self, address: &str, worker_id: &str) -> Result<Worker> {
+        let id = (!worker_id.is_empty()).then_some(worker_id);
+        self.ops.workers.register(address, id).await
+    }
+
+    /// A worker, checked now.
+    pub async fn get_worker(&self, name: &str) -> Result<Worker> {
+        let id = model::parse_worker(name)?;
+        let w = self.ops.workers.get(id).await?;
+        self.ops.workers.check(&w).await
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<Worker>> {
+        self.ops.workers.list().await
+    }
+
+    pub async fn deregister_worker(&self, name: &str) -> Result<()> {
+        let id = model::parse_worker(name)?;
+        self.ops.workers.deregister(id).await
+    }
+}

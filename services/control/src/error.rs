@@ -1,0 +1,114 @@
+//! The control service's errors, by the kind of failure (which the API maps
+//! to gRPC status codes). Domain code returns these; only `api` turns them
+//! into `tonic::Status`. Operations that fail record their [`ErrorKind`] in
+//! the catalog.
+
+/// What kind of failure, as recorded with a failed operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    Aborted,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Aborted => "aborted",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn parse(s: &str) -> ErrorKind {
+        match s {
+            "not_found" => ErrorKind::NotFound,
+            "already_exists" => ErrorKind::AlreadyExists,
+            "invalid_argument" => ErrorKind::InvalidArgument,
+            "failed_precondition" => ErrorKind::FailedPrecondition,
+            "resource_exhausted" => ErrorKind::ResourceExhausted,
+            "unavailable" => ErrorKind::Unavailable,
+            "aborted" => ErrorKind::Aborted,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A worker did not answer (or not in time): the outcome of what was
+    /// asked of it is unknown until it answers again.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ControlError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ControlError {
+        ControlError::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ControlError::NotFound(_) => ErrorKind::NotFound,
+            ControlError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            ControlError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            ControlError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            ControlError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            ControlError::Unavailable(_) => ErrorKind::Unavailable,
+            ControlError::Aborted(_) => ErrorKind::Aborted,
+            ControlError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The error a failed operation recorded.
+    pub fn from_record(kind: ErrorKind, message: String) -> ControlError {
+        match kind {
+            ErrorKind::NotFound => ControlError::NotFound(message),
+            ErrorKind::AlreadyExists => ControlError::AlreadyExists(message),
+            ErrorKind::InvalidArgument => ControlError::InvalidArgument {
+                field: "request".into(),
+                message,
+            },
+            ErrorKind::FailedPrecondition => ControlError::FailedPrecondition(message),
+            ErrorKind::ResourceExhausted => ControlError::ResourceExhausted(message),
+            ErrorKind::Unavailable => ControlError::Unavailable(message),
+            ErrorKind::Aborted => ControlError::Aborted(message),
+            ErrorKind::Internal => ControlError::Internal(anyhow::anyhow!(message)),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ControlError {
+    fn from(e: sqlx::Error) -> ControlError {
+        ControlError::Internal(anyhow::Error::new(e).context("catalog"))
+    }
+}
+
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;

@@ -1,0 +1,34 @@
+//! The control service: the public `cowsnap.v1` API (volumes, snapshots,
+//! operations, workers) over a SQLite catalog, driving the data workers
+//! through `cowsnap.worker.v1`.
+//!
+//! - [`server`]: running it ([`server::start`] with a
+//!   [`server::ControlConfig`]), and the tower layers every call goes
+//!   through: [`calls`] (tracing, deadlines, logs, metrics), [`auth`];
+//! - [`api`]: thin gRPC handlers, one module per service;
+//! - [`control`], [`volumes`], [`snapshots`]: what each call does (domain
+//!   code, no gRPC);
+//! - [`operations`]: how mutations are recorded, driven and settled so a
+//!   crash at any point is repaired; [`reconcile`]: the repairs, at start
+//!   and periodically;
+//! - [`workers`]: registry, health, placement, and the worker clients;
+//! - [`catalog`]: the SQLite schema and queries; [`model`]: domain types;
+//!   [`listing`]: pagination and filters; [`error`];
+//! - [`metrics`]: Prometheus; [`telemetry`]: logs and OTLP traces.
+
+pub mod api;
+pub mod auth;
+pub mod calls;
+pub mod catalog;
+pub mod control;
+pub mod error;
+pub mod listing;
+pub mod metrics;
+pub mod model;
+pub mod operations;
+pub mod reconcile;
+pub mod server;
+pub mod snapshots;
+pub mod telemetry;
+pub mod volumes;
+pub mod workers;

@@ -1,0 +1,90 @@
+//! List calls (AIP-132, AIP-158, AIP-160): page sizes, opaque page tokens
+//! and the small filter language `KEY=VALUE AND KEY=VALUE`.
+
+use crate::error::{ControlError, Result};
+
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// A page size: 0 is the default; larger than the maximum is the maximum.
+pub fn page_size(asked: i32) -> Result<usize> {
+    match asked {
+        n if n < 0 => Err(ControlError::invalid("page_size", "must not be negative")),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as usize).min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// A page token for a list of `kind`, resuming after `key`.
+pub fn token(kind: &str, key: &str) -> String {
+    format!("{kind}:{key}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The key a page token of `kind` resumes after ("" for no token).
+pub fn after(kind: &str, token: &str) -> Result<String> {
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = || ControlError::invalid("page_token", "not a token from this list");
+    if !token.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    let s = String::from_utf8(bytes).map_err(|_| bad())?;
+    s.strip_prefix(kind)
+        .and_then(|r| r.strip_prefix(':'))
+        .map(str::to_string)
+        .ok_or_else(bad)
+}
+
+/// The terms of a filter: `KEY=VALUE` joined with ` AND `.
+pub fn filter_terms(filter: &str) -> Result<Vec<(String, String)>> {
+    let filter = filter.trim();
+    if filter.is_empty() {
+        return Ok(Vec::new());
+    }
+    filter
+        .split(" AND ")
+        .map(|t| {
+            let (k, v) = t.trim().split_once('=').ok_or_else(|| {
+                ControlError::invalid("filter", format!("{t:?} is not KEY=VALUE"))
+            })?;
+            let v = v.trim().trim_matches('"');
+            Ok((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        let t = token("volumes", "v-9");
+        assert_eq!(after("volumes", &t).unwrap(), "v-9");
+        assert!(after("operations", &t).is_err());
+        assert!(after("volumes", "zz").is_err());
+        assert_eq!(after("volumes", "").unwrap(), "");
+    }
+
+    #[test]
+    fn filters() {
+        assert_eq!(
+            filter_terms("state=READY AND labels.app=\"db\"").unwrap(),
+            vec![
+                ("state".to_string(), "READY".to_string()),
+                ("labels.app".to_string(), "db".to_string())
+            ]
+        );
+        assert!(filter_terms("nonsense").is_err());
+        assert!(filter_terms(" ").unwrap().is_empty());
+    }
+}

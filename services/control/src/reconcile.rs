@@ -1,0 +1,390 @@
+//! Reconciliation: at start-up and periodically, the catalog is brought in
+//! line with what the workers report, so a crash of either side at any
+//! point neither leaks a device nor leaves a resource stuck.
+//!
+//! A pass:
+//! 1. checks every worker's health (and the workers given at start that
+//!    never answered yet are registered once they do);
+//! 2. drives every unfinished operation this process does not already
+//!    follow: `pending` ones are driven again ([`Operations::drive`]: every
+//!    worker call is idempotent, so this finishes what a crash interrupted,
+//!    or undoes it when the worker refuses); `running` ones get a tracker;
+//! 3. sweeps each healthy worker (its ListVolumes) against the catalog,
+//!    for resources no operation is working on: usage and `INVALID` states
+//!    are recorded; a volume or snapshot the worker no longer has becomes
+//!    `FAILED` (one it has again becomes `READY`); one the worker has and
+//!    the catalog does not (made outside this control service, or a catalog
+//!    restored from an old backup) is adopted into the catalog with the
+//!    label `cowsnap.io/adopted=true`, visible and deletable, never
+//!    silently destroyed.
+//!
+//! Every repair takes the volume's lock and looks again before acting, so
+//! it never races a call in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cowsnap_proto::names;
+
+use crate::catalog;
+use crate::error::Result;
+use crate::model::{Snapshot, State, Volume, now_ms};
+use crate::operations::Operations;
+use crate::workers::{WorkerSnapshot, WorkerVolume};
+
+/// The label of resources adopted from a worker.
+pub const ADOPTED_LABEL: &str = "cowsnap.io/adopted";
+
+/// What a pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Unfinished operations driven again (or given a tracker).
+    pub operations_driven: usize,
+    /// Operations still pending after the pass (their worker did not
+    /// answer).
+    pub operations_pending: usize,
+    pub marked_failed: usize,
+    pub marked_ready: usize,
+    pub adopted: usize,
+    pub workers_unhealthy: usize,
+}
+
+/// Runs reconciliation passes.
+pub struct Reconciler {
+    ops: Arc<Operations>,
+    /// Workers to register as soon as they answer.
+    pending_workers: Mutex<Vec<String>>,
+}
+
+impl Reconciler {
+    pub fn new(ops: Arc<Operations>, pending_workers: Vec<String>) -> Reconciler {
+        Reconciler {
+            ops,
+            pending_workers: Mutex::new(pending_workers),
+        }
+    }
+
+    /// One pass (see the module doc).
+    pub async fn run_once(&self) -> Result<Report> {
+        let mut report = Report {
+            workers_unhealthy: self.check_workers().await?,
+            ..Report::default()
+        };
+        self.ops.metrics.reconcile_passes.inc();
+        self.operations(&mut report).await?;
+        for w in self.ops.workers.list().await? {
+            if !w.healthy {
+                continue;
+            }
+            let client = self.ops.workers.client(&w.id).await?;
+            match client.list_volumes().await {
+                Ok(vols) => self.sweep(&w.id, vols, &mut report).await?,
+                Err(e) => tracing::warn!(worker = %w.name(), "cannot list its volumes: {e}"),
+            }
+        }
+        if report != Report::default() {
+            tracing::info!(?report, "reconciliation pass");
+        }
+        Ok(report)
+    }
+
+    /// Registers the workers given at start that answer now, and checks
+    /// every worker's health. Returns how many are unhealthy.
+    pub async fn check_workers(&self) -> Result<usize> {
+        self.register_pending().await;
+        let mut unhealthy = 0;
+        for w in self.ops.workers.list().await? {
+            if !self.ops.workers.check(&w).await?.healthy {
+                unhealthy += 1;
+            }
+        }
+        Ok(unhealthy)
+    }
+
+    async fn register_pending(&self) {
+        let addrs = self.pending_workers.lock().expect("pending").clone();
+        for a in addrs {
+            match self.ops.workers.register(&a, None).await {
+                Ok(_) => self
+                    .pending_workers
+                    .lock()
+                    .expect("pending")
+                    .retain(|x| x != &a),
+                Err(e) => tracing::warn!(address = %a, "worker not registered yet: {e}"),
+            }
+        }
+    }
+
+    async fn operations(&self, report: &mut Report) -> Result<()> {
+        let active = {
+            let mut c = self.ops.catalog.conn().await?;
+            catalog::operations::active(&mut c).await?
+        };
+        for op in active {
+            if self.ops.is_owned(op.id) {
+                continue;
+            }
+            let keys = Operations::lock_keys(&op);
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let _g = self.ops.lock(&keys).await;
+            let op = self.ops.get(op.id).await?;
+            if op.state.done() || self.ops.is_owned(op.id) {
+                continue;
+            }
+            report.operations_driven += 1;
+            match self.ops.drive(op.id).await {
+                Ok(after) => {
+                    self.ops.metrics.repaired("operation_driven");
+                    tracing::info!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target,
+                        state = after.state.as_str(), "unfinished operation driven");
+                }
+                Err(e) => {
+                    report.operations_pending += 1;
+                    tracing::warn!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target,
+                        "unfinished operation still pending: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares one worker's volumes with the catalog's.
+    async fn sweep(
+        &self,
+        worker_id: &str,
+        reported: Vec<WorkerVolume>,
+        report: &mut Report,
+    ) -> Result<()> {
+        let reported: HashMap<String, WorkerVolume> =
+            reported.into_iter().map(|v| (v.id.clone(), v)).collect();
+        let listed = {
+            let mut c = self.ops.catalog.conn().await?;
+            catalog::volumes::list_on_worker(&mut c, worker_id).await?
+        };
+        let known: Vec<String> = listed.iter().map(|v| v.id.clone()).collect();
+        for v in listed {
+            let _g = self.ops.lock(&[&v.id]).await;
+            self.sweep_volume(worker_id, &v.id, reported.get(&v.id), report)
+                .await?;
+        }
+        for (id, wv) in &reported {
+            if known.contains(id) || matches!(wv.state, State::Creating | State::Deleting) {
+                continue;
+            }
+            let _g = self.ops.lock(&[id]).await;
+            self.adopt(worker_id, wv, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether an unfinished operation works on the volume or one of its
+    /// snapshots (then reconciliation leaves it to the operation).
+    async fn busy(&self, vol: &str) -> Result<bool> {
+        let mut c = self.ops.catalog.conn().await?;
+        Ok(catalog::operations::active(&mut c).await?.iter().any(|o| {
+            crate::operations::volume_of(&o.target) == vol
+                || (!o.source.is_empty() && crate::operations::volume_of(&o.source) == vol)
+        }))
+    }
+
+    async fn sweep_volume(
+        &self,
+        worker_id: &str,
+        id: &str,
+        wv: Option<&WorkerVolume>,
+        report: &mut Report,
+    ) -> Result<()> {
+        if self.busy(id).await? {
+            return Ok(());
+        }
+        let mut c = self.ops.catalog.conn().await?;
+        let Some(v) = catalog::volumes::get(&mut c, id).await? else {
+            return Ok(());
+        };
+        if v.worker_id != worker_id || matches!(v.state, State::Creating | State::Deleting) {
+            return Ok(());
+        }
+        let snaps: Vec<Snapshot> = catalog::snapshots::list(&mut c, Some(id), ("", 0))
+            .await?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        drop(c);
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        let Some(wv) = wv else {
+            if v.state != State::Failed {
+                tracing::error!(volume = %v.name(), "its worker no longer has it: marked FAILED");
+                catalog::volumes::set_state(
+                    &mut tx,
+                    id,
+                    State::Failed,
+                    "missing on its worker",
+                    now,
+                )
+                .await?;
+                for s in &snaps {
+                    catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
+                }
+                report.marked_failed += 1;
+                self.ops.metrics.repaired("volume_missing");
+            }
+            tx.commit().await?;
+            return Ok(());
+        };
+        if v.state == State::Failed
+            && wv.state == State::Ready
+            && v.error == "missing on its worker"
+        {
+            catalog::volumes::set_state(&mut tx, id, State::Ready, "", now).await?;
+            report.marked_ready += 1;
+        }
+        let by_id: BTreeMap<&str, &WorkerSnapshot> =
+            wv.snapshots.iter().map(|s| (s.id.as_str(), s)).collect();
+        for s in &snaps {
+            if matches!(s.state, State::Creating | State::Deleting | State::Merging) {
+                continue;
+            }
+            match by_id.get(s.id.as_str()) {
+                None if s.state != State::Failed => {
+                    tracing::error!(snapshot = %s.name(), "its worker no longer has it: marked FAILED");
+                    catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
+                    report.marked_failed += 1;
+                    self.ops.metrics.repaired("snapshot_missing");
+                }
+                None => {}
+                Some(ws) => {
+                    catalog::snapshots::set_reported(
+                        &mut tx,
+                        id,
+                        &s.id,
+                        ws.cow_size_bytes,
+                        ws.chunk_sectors,
+                        ws.usage.as_ref(),
+                        now,
+                    )
+                    .await?;
+                    let to = match (s.state, ws.state) {
+                        (State::Ready, State::Invalid) => Some(State::Invalid),
+                        (State::Failed, State::Ready) => Some(State::Ready),
+                        _ => None,
+                    };
+                    if let Some(to) = to {
+                        catalog::snapshots::set_state(&mut tx, id, &s.id, to, now).await?;
+                    }
+                }
+            }
+        }
+        // Snapshots the worker has and the catalog does not.
+        let mut adopted = 0;
+        for ws in &wv.snapshots {
+            if snaps.iter().any(|s| s.id == ws.id)
+                || matches!(ws.state, State::Creating | State::Deleting)
+            {
+                continue;
+            }
+            catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, v.chunk_sectors), now)
+                .await?;
+            catalog::snapshots::set_reported(
+                &mut tx,
+                id,
+                &ws.id,
+                ws.cow_size_bytes,
+                ws.chunk_sectors,
+                ws.usage.as_ref(),
+                now,
+            )
+            .await?;
+            tracing::warn!(snapshot = %names::snapshot(id, &ws.id), "adopted from its worker");
+            adopted += 1;
+        }
+        tx.commit().await?;
+        report.adopted += adopted;
+        Ok(())
+    }
+
+    /// Takes a volume the worker has and the catalog lacks into the
+    /// catalog, after looking again under its lock.
+    async fn adopt(&self, worker_id: &str, wv: &WorkerVolume, report: &mut Report) -> Result<()> {
+        let mut c = self.ops.catalog.conn().await?;
+        if let Some(v) = catalog::volumes::get(&mut c, &wv.id).await? {
+            if v.worker_id != worker_id {
+                tracing::error!(volume = %v.name(), worker = worker_id,
+                    "two workers hold a volume of this name; the catalog places it on workers/{}",
+                    v.worker_id);
+            }
+            return Ok(());
+        }
+        drop(c);
+        let client = self.ops.workers.client(worker_id).await?;
+        let wv = match client.get_volume(&names::volume(&wv.id)).await {
+            Ok(v) => v,
+            Err(_) => return Ok(()),
+        };
+        let now = now_ms();
+        let mut labels = BTreeMap::new();
+        labels.insert(ADOPTED_LABEL.to_string(), "true".to_string());
+        let v = Volume {
+            id: wv.id.clone(),
+            worker_id: worker_id.to_string(),
+            size_bytes: wv.size_bytes,
+            chunk_sectors: wv.chunk_sectors,
+            labels,
+            state: match wv.state {
+                State::Ready | State::Merging => State::Ready,
+                s => s,
+            },
+            source: String::new(),
+            error: String::new(),
+            create_time: now,
+            nbd_base: String::new(),
+            operation: None,
+        };
+        let mut tx = self.ops.catalog.write().await?;
+        catalog::volumes::insert(&mut tx, &v, now).await?;
+        for ws in &wv.snapshots {
+            catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, wv.chunk_sectors), now)
+                .await?;
+            catalog::snapshots::set_reported(
+                &mut tx,
+                &wv.id,
+                &ws.id,
+                ws.cow_size_bytes,
+                ws.chunk_sectors,
+                ws.usage.as_ref(),
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::warn!(volume = %v.name(), worker = worker_id, "adopted from its worker");
+        self.ops.metrics.repaired("adopted");
+        report.adopted += 1;
+        Ok(())
+    }
+}
+
+fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {
+    let mut labels = BTreeMap::new();
+    labels.insert(ADOPTED_LABEL.to_string(), "true".to_string());
+    Snapshot {
+        volume_id: ws.volume_id.clone(),
+        id: ws.id.clone(),
+        cow_size_bytes: ws.cow_size_bytes,
+        chunk_sectors: if ws.chunk_sectors == 0 {
+            chunk
+        } else {
+            ws.chunk_sectors
+        },
+        writable: ws.writable,
+        labels,
+        state: match ws.state {
+            State::Merging => State::Ready,
+            s => s,
+        },
+        usage: None,
+        create_time: now_ms(),
+        nbd_base: String::new(),
+        operation: None,
+    }
+}

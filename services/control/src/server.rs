@@ -1,0 +1,307 @@
+//! Running the control service: opens the catalog, registers the workers it
+//! was given, reconciles once, then serves the public API over gRPC until
+//! told to stop, with health checks and reconciliation passes in the
+//! background and metrics on their own HTTP listener.
+//!
+//! The tower layers every call goes through are stacked here, in one
+//! place, outermost first: [`CallLayer`] (span, deadline, log line,
+//! metrics), [`AuthLayer`] (bearer token; health and reflection open), and
+//! a global concurrency limit. TLS (with optional client certificates) is
+//! the transport's.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cowsnap_proto::cowsnap::v1::operation_service_server::OperationServiceServer;
+use cowsnap_proto::cowsnap::v1::snapshot_service_server::SnapshotServiceServer;
+use cowsnap_proto::cowsnap::v1::volume_service_server::VolumeServiceServer;
+use cowsnap_proto::cowsnap::v1::worker_service_server::WorkerServiceServer;
+use cowsnap_proto::server::{Bound, Listen, reflection_and_health};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::api::Api;
+use crate::auth::{AuthLayer, read_token};
+use crate::calls::CallLayer;
+use crate::catalog::Catalog;
+use crate::control::Control;
+use crate::metrics::{self, Metrics};
+use crate::operations::{CrashAt, Operations};
+use crate::reconcile::{Reconciler, Report};
+use crate::workers::{WorkerConnect, Workers};
+
+/// Certificates for TLS: the server's identity on the public API, the
+/// client identity towards workers (mTLS), and the CA both sides check
+/// peers against.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Verifies workers' certificates, and callers' client certificates
+    /// when they present one.
+    pub ca: Option<PathBuf>,
+}
+
+/// How the control service is set up.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// The catalog lives at `DATA_DIR/catalog.db`.
+    pub data_dir: PathBuf,
+    /// Where the public gRPC API listens.
+    pub listen: Listen,
+    /// Worker addresses to register at start (`host:port` or `unix:PATH`);
+    /// those that do not answer yet are registered when they do.
+    pub workers: Vec<String>,
+    /// A file holding the bearer token callers must send; none: no auth.
+    pub auth_token_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    /// Prometheus metrics over HTTP (`host:port`).
+    pub metrics_listen: Option<String>,
+    /// Longest a call may take (callers may ask for less with
+    /// `grpc-timeout`); WaitOperation waits a little less.
+    pub request_timeout: Duration,
+    /// Longest a call to a worker may take.
+    pub worker_timeout: Duration,
+    /// Calls served at once; more wait.
+    pub max_concurrent_calls: usize,
+    pub health_interval: Duration,
+    pub reconcile_interval: Duration,
+    /// Test hook: stop as if crashed at this point of operations of one
+    /// kind.
+    pub crash_at: Option<CrashAt>,
+}
+
+impl ControlConfig {
+    /// The defaults, with the given data dir and listen address.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: Listen) -> ControlConfig {
+        ControlConfig {
+            data_dir: data_dir.into(),
+            listen,
+            workers: Vec::new(),
+            auth_token_file: None,
+            tls: None,
+            metrics_listen: None,
+            request_timeout: Duration::from_secs(60),
+            worker_timeout: Duration::from_secs(60),
+            max_concurrent_calls: 256,
+            health_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(30),
+            crash_at: None,
+        }
+    }
+}
+
+/// A started control service.
+pub struct RunningControl {
+    /// Where its gRPC API listens (the real port for `:0`).
+    pub grpc: Listen,
+    /// Where its metrics are served.
+    pub metrics: Option<SocketAddr>,
+    reconciler: Arc<Reconciler>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningControl {
+    /// Runs a reconciliation pass now (besides the periodic ones).
+    pub async fn reconcile_now(&self) -> anyhow::Result<Report> {
+        Ok(self.reconciler.run_once().await?)
+    }
+
+    /// Waits until it has stopped (after `shutdown` was cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+fn read(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("{}: cannot read the {what}", p.display()))
+}
+
+fn tls_configs(tls: &TlsFiles) -> anyhow::Result<(ServerTlsConfig, ClientTlsConfig)> {
+    let identity = Identity::from_pem(
+        read(&tls.cert, "TLS certificate")?,
+        read(&tls.key, "TLS key")?,
+    );
+    let mut server = ServerTlsConfig::new().identity(identity.clone());
+    let mut client = ClientTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.ca {
+        let ca = Certificate::from_pem(read(ca, "TLS CA")?);
+        server = server.client_ca_root(ca.clone()).client_auth_optional(true);
+        client = client.ca_certificate(ca);
+    }
+    Ok((server, client))
+}
+
+/// Starts the control service: everything is open, bound and reconciled
+/// once when this returns. It serves until `shutdown` is cancelled; then
+/// [`RunningControl::wait`].
+pub async fn start(
+    cfg: ControlConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningControl> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("{}: cannot create the data dir", cfg.data_dir.display()))?;
+    let catalog = Catalog::open(&cfg.data_dir.join("catalog.db")).await?;
+    let token = cfg.auth_token_file.as_deref().map(read_token).transpose()?;
+    let (server_tls, client_tls) = match &cfg.tls {
+        Some(t) => {
+            let (s, c) = tls_configs(t)?;
+            (Some(s), Some(c))
+        }
+        None => (None, None),
+    };
+    let metrics = Metrics::new();
+    let workers = Arc::new(Workers::new(
+        catalog.clone(),
+        WorkerConnect {
+            timeout: cfg.worker_timeout,
+            connect_timeout: Duration::from_secs(3).min(cfg.worker_timeout),
+            tls: client_tls,
+        },
+    ));
+    let ops = Operations::new(
+        catalog.clone(),
+        workers.clone(),
+        metrics.clone(),
+        cfg.crash_at,
+        shutdown.clone(),
+    );
+    let max_wait = cfg
+        .request_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_millis(100));
+    let control = Arc::new(Control::new(ops.clone(), max_wait));
+
+    // Bind first: a taken address fails the start, and callers queue while
+    // the first reconciliation runs.
+    let grpc = Bound::bind(&cfg.listen).await?;
+    let grpc_local = grpc.local();
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(a) => Some(metrics::bind(a).await?),
+        None => None,
+    };
+
+    let reconciler = Arc::new(Reconciler::new(ops.clone(), cfg.workers.clone()));
+    match reconciler.run_once().await {
+        Ok(r) => tracing::info!(?r, "start-up reconciliation done"),
+        Err(e) => tracing::error!("start-up reconciliation failed: {e}"),
+    }
+
+    let (v1, v1alpha, reporter, health) = reflection_and_health()?;
+    let api = Api::new(control);
+    reporter.set_serving::<VolumeServiceServer<Api>>().await;
+    reporter.set_serving::<SnapshotServiceServer<Api>>().await;
+    reporter.set_serving::<OperationServiceServer<Api>>().await;
+    reporter.set_serving::<WorkerServiceServer<Api>>().await;
+
+    let layers = tower::ServiceBuilder::new()
+        .layer(CallLayer::new(metrics.clone(), cfg.request_timeout))
+        .layer(AuthLayer::new(token))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            cfg.max_concurrent_calls,
+        ))
+        .into_inner();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).context("bad TLS configuration")?;
+    }
+    let router = builder
+        .layer(layers)
+        .add_service(VolumeServiceServer::new(api.clone()))
+        .add_service(SnapshotServiceServer::new(api.clone()))
+        .add_service(OperationServiceServer::new(api.clone()))
+        .add_service(WorkerServiceServer::new(api))
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(health);
+    tracing::info!(grpc = %grpc_local, "control service serving on {grpc_local}");
+
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
+    let metrics_task = metrics_listener.map(|(l, a)| {
+        tracing::info!("metrics on http://{a}/metrics");
+        tokio::spawn(metrics::serve(
+            l,
+            metrics.clone(),
+            catalog.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let background = tokio::spawn(background(
+        reconciler.clone(),
+        cfg.health_interval,
+        cfg.reconcile_interval,
+        shutdown.clone(),
+    ));
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let served = match grpc {
+            Bound::Tcp(l) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(l),
+                        stop.cancelled(),
+                    )
+                    .await
+            }
+            Bound::Unix(l, path) => {
+                let r = router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(l),
+                        stop.cancelled(),
+                    )
+                    .await;
+                let _ = std::fs::remove_file(path);
+                r
+            }
+        };
+        reporter.set_not_serving::<VolumeServiceServer<Api>>().await;
+        let _ = background.await;
+        if let Some(m) = metrics_task {
+            let _ = m.await;
+        }
+        ops.stopped().await;
+        catalog.close().await;
+        tracing::info!("control service stopped");
+        served.context("gRPC server failed")
+    });
+    Ok(RunningControl {
+        grpc: grpc_local,
+        metrics: metrics_addr,
+        reconciler,
+        task,
+    })
+}
+
+/// Health checks and reconciliation passes until `shutdown`.
+async fn background(
+    reconciler: Arc<Reconciler>,
+    health_every: Duration,
+    reconcile_every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut health = tokio::time::interval(health_every);
+    let mut reconcile = tokio::time::interval(reconcile_every);
+    for t in [&mut health, &mut reconcile] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t.reset();
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = health.tick() => {
+                if let Err(e) = reconciler.check_workers().await {
+                    tracing::warn!("health checks failed: {e}");
+                }
+            }
+            _ = reconcile.tick() => {
+                if let Err(e) = reconciler.run_once().await {
+                    tracing::warn!("reconciliation failed: {e}");
+                }
+            }
+        }
+    }
+}

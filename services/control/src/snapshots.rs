@@ -1,0 +1,340 @@
+//! Snapshot calls: create, get (with fresh usage from the worker), list,
+//! delete, and merge (long-running: rolls the volume back).
+
+use cowsnap_proto::names;
+
+use crate::catalog::{self, operations::NewOp};
+use crate::control::Control;
+use crate::error::{ControlError, Result};
+use crate::listing;
+use crate::model::{self, Labels, OpArgs, OpKind, OpResult, Operation, Snapshot, State, now_ms};
+use crate::operations::failure;
+
+/// What a new snapshot asks for.
+#[derive(Clone, Debug, Default)]
+pub struct NewSnapshot {
+    /// 0: large enough never to overflow.
+    pub cow_size_bytes: u64,
+    pub labels: Labels,
+    pub writable: bool,
+}
+
+fn parse(name: &str) -> Result<(&str, &str)> {
+    names::parse_snapshot(name).map_err(|e| ControlError::invalid("name", e))
+}
+
+impl Control {
+    async fn snapshot(&self, vol: &str, snap: &str) -> Result<Snapshot> {
+        let mut c = self.ops.catalog.conn().await?;
+        catalog::snapshots::get(&mut c, vol, snap)
+            .await?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("{} not found", names::snapshot(vol, snap)))
+            })
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        parent: &str,
+        snapshot_id: &str,
+        spec: NewSnapshot,
+    ) -> Result<Snapshot> {
+        let vol = names::parse_volume(parent).map_err(|e| ControlError::invalid("parent", e))?;
+        model::check_id("snapshot_id", snapshot_id)?;
+        model::check_labels("snapshot.labels", &spec.labels)?;
+        if !spec.cow_size_bytes.is_multiple_of(4096) {
+            return Err(ControlError::invalid(
+                "snapshot.cow_size_bytes",
+                format!("{} is not a multiple of 4096", spec.cow_size_bytes),
+            ));
+        }
+        let name = names::snapshot(vol, snapshot_id);
+        let _g = self.ops.lock(&[vol]).await;
+        let v = self.volume_for(parent, vol).await?;
+        let mut c = self.ops.catalog.conn().await?;
+        if let Some(s) = catalog::snapshots::get(&mut c, vol, snapshot_id).await? {
+            drop(c);
+            // An unset COW size matches whatever size the first create got.
+            let same_size = spec.cow_size_bytes == 0 || spec.cow_size_bytes == s.cow_size_bytes;
+            if !same_size || s.writable != spec.writable || s.labels != spec.labels {
+                return Err(ControlError::AlreadyExists(format!(
+                    "{name} already exists with different arguments ({} COW bytes, {})",
+                    s.cow_size_bytes,
+                    if s.writable { "writable" } else { "read-only" }
+                )));
+            }
+            if let (State::Creating, Some(op)) = (s.state, s.operation) {
+                let op = self.ops.drive(op).await?;
+                if let Some(e) = failure(&op) {
+                    return Err(e);
+                }
+                return self.snapshot(vol, snapshot_id).await;
+            }
+            return Ok(s);
+        }
+        drop(c);
+        if v.state != State::Ready {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{parent} is {}; snapshots are taken of READY volumes",
+                v.state.as_str().to_uppercase()
+            )));
+        }
+        self.ensure_reachable(&v.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        let s = Snapshot {
+            volume_id: vol.to_string(),
+            id: snapshot_id.to_string(),
+            cow_size_bytes: spec.cow_size_bytes,
+            chunk_sectors: v.chunk_sectors,
+            writable: spec.writable,
+            labels: spec.labels,
+            state: State::Creating,
+            usage: None,
+            create_time: now,
+            nbd_base: String::new(),
+            operation: None,
+        };
+        catalog::snapshots::insert(&mut tx, &s, now).await?;
+        let args = OpArgs {
+            cow_size_bytes: spec.cow_size_bytes,
+            writable: spec.writable,
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::CreateSnapshot,
+                target: &name,
+                source: "",
+                volume_id: vol,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        if let Some(e) = failure(&op) {
+            return Err(e);
+        }
+        self.snapshot(vol, snapshot_id).await
+    }
+
+    async fn volume_for(&self, parent: &str, vol: &str) -> Result<model::Volume> {
+        let mut c = self.ops.catalog.conn().await?;
+        catalog::volumes::get(&mut c, vol)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("{parent} not found")))
+    }
+
+    /// A snapshot with its usage fresh from its worker (UNAVAILABLE when
+    /// the worker does not answer).
+    pub async fn get_snapshot(&self, name: &str) -> Result<Snapshot> {
+        let (vol, snap) = parse(name)?;
+        let s = self.snapshot(vol, snap).await?;
+        if !matches!(s.state, State::Ready | State::Invalid | State::Merging)
+            || s.operation.is_some()
+        {
+            return Ok(s);
+        }
+        let v = self.volume_for(&names::volume(vol), vol).await?;
+        let w = self.ops.workers.client(&v.worker_id).await?;
+        let ws = match w.get_snapshot(name).await {
+            Ok(ws) => ws,
+            // Gone from the worker: reconciliation deals with it.
+            Err(ControlError::NotFound(_)) => return Ok(s),
+            Err(e) => return Err(e),
+        };
+        let _g = self.ops.lock(&[vol]).await;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        catalog::snapshots::set_reported(
+            &mut tx,
+            vol,
+            snap,
+            ws.cow_size_bytes,
+            ws.chunk_sectors,
+            ws.usage.as_ref(),
+            now,
+        )
+        .await?;
+        if ws.state == State::Invalid && s.state == State::Ready {
+            catalog::snapshots::set_state(&mut tx, vol, snap, State::Invalid, now).await?;
+        }
+        tx.commit().await?;
+        self.snapshot(vol, snap).await
+    }
+
+    /// A page of snapshots (oldest first) of `parent`, or of every volume
+    /// for `volumes/-`.
+    pub async fn list_snapshots(
+        &self,
+        parent: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<Snapshot>, String)> {
+        let size = listing::page_size(page_size)?;
+        let vol = if parent == "volumes/-" {
+            None
+        } else {
+            let v = names::parse_volume(parent).map_err(|e| ControlError::invalid("parent", e))?;
+            self.volume_for(parent, v).await?;
+            Some(v)
+        };
+        let after = listing::after("snapshots", page_token)?;
+        let (after_vol, after_seq) = match after.split_once('/') {
+            Some((v, s)) => (
+                v.to_string(),
+                s.parse::<i64>().map_err(|_| {
+                    ControlError::invalid("page_token", "not a token from this list")
+                })?,
+            ),
+            None => (String::new(), 0),
+        };
+        let mut c = self.ops.catalog.conn().await?;
+        let mut page =
+            catalog::snapshots::list(&mut c, vol, (after_vol.as_str(), after_seq)).await?;
+        let next = if page.len() > size {
+            page.truncate(size);
+            let (s, seq) = &page[size - 1];
+            listing::token("snapshots", &format!("{}/{seq}", s.volume_id))
+        } else {
+            String::new()
+        };
+        Ok((page.into_iter().map(|(s, _)| s).collect(), next))
+    }
+
+    pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let (vol, snap) = parse(name)?;
+        let _g = self.ops.lock(&[vol]).await;
+        let s = self.snapshot(vol, snap).await?;
+        if let (State::Deleting, Some(op)) = (s.state, s.operation) {
+            let op = self.ops.drive(op).await?;
+            return failure(&op).map_or(Ok(()), Err);
+        }
+        match s.state {
+            State::Merging => {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{name} is merging into volumes/{vol}; it goes away when the merge ends"
+                )));
+            }
+            State::Creating => {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{name} is being created; wait for it to end"
+                )));
+            }
+            _ => {}
+        }
+        let mut c = self.ops.catalog.conn().await?;
+        if let Some(op) = catalog::operations::active_on(&mut c, name)
+            .await?
+            .into_iter()
+            .find(|o| o.source == name)
+        {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is the source of {} ({}); wait for it to end",
+                op.name(),
+                op.kind.as_str()
+            )));
+        }
+        drop(c);
+        let v = self.volume_for(&names::volume(vol), vol).await?;
+        self.ensure_reachable(&v.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        catalog::snapshots::set_state(&mut tx, vol, snap, State::Deleting, now).await?;
+        let args = OpArgs {
+            prior_state: Some(s.state),
+            deleted: Some(OpResult::Snapshot(s.clone())),
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::DeleteSnapshot,
+                target: name,
+                source: "",
+                volume_id: vol,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        failure(&op).map_or(Ok(()), Err)
+    }
+
+    /// Starts rolling the volume back to the snapshot.
+    pub async fn merge_snapshot(&self, name: &str) -> Result<Operation> {
+        let (vol, snap) = parse(name)?;
+        let _g = self.ops.lock(&[vol]).await;
+        let s = self.snapshot(vol, snap).await?;
+        let mut c = self.ops.catalog.conn().await?;
+        let active = catalog::operations::active_on(&mut c, name).await?;
+        drop(c);
+        if let Some(op) = active.iter().find(|o| o.kind == OpKind::MergeSnapshot) {
+            // The same merge: its operation.
+            return self.ops.drive(op.id).await;
+        }
+        if let Some(op) = active.first() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is busy with {} ({}); wait for it to end",
+                op.name(),
+                op.kind.as_str()
+            )));
+        }
+        if !matches!(s.state, State::Ready | State::Merging) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is {}: there is nothing to merge",
+                s.state.as_str().to_uppercase()
+            )));
+        }
+        let v = self.volume_for(&names::volume(vol), vol).await?;
+        if v.state == State::Merging && s.state != State::Merging {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volumes/{vol} is already merging another snapshot"
+            )));
+        }
+        if v.state != State::Ready && v.state != State::Merging {
+            return Err(ControlError::FailedPrecondition(format!(
+                "volumes/{vol} is {}",
+                v.state.as_str().to_uppercase()
+            )));
+        }
+        self.ensure_reachable(&v.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        catalog::snapshots::set_state(&mut tx, vol, snap, State::Merging, now).await?;
+        catalog::volumes::set_state(&mut tx, vol, State::Merging, "", now).await?;
+        let args = OpArgs {
+            prior_state: Some(State::Ready),
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::MergeSnapshot,
+                target: name,
+                source: "",
+                volume_id: vol,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        match failure(&op) {
+            Some(e) => Err(e),
+            None => Ok(op),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Volume calls: create (placed on the worker with the most room), get,
+//! list, delete, and restore and clone (long-running, on the source's
+//! worker, which copies locally).
+
+use cowsnap_proto::names;
+
+use crate::catalog::{self, operations::NewOp};
+use crate::control::Control;
+use crate::error::{ControlError, Result};
+use crate::listing;
+use crate::model::{
+    self, DEFAULT_CHUNK_SECTORS, Labels, OpArgs, OpKind, OpResult, Operation, State, Volume, now_ms,
+};
+use crate::operations::{failure, volume_of};
+
+/// What a new empty volume asks for.
+#[derive(Clone, Debug, Default)]
+pub struct NewVolume {
+    pub size_bytes: u64,
+    /// 0: the default (32).
+    pub chunk_sectors: u32,
+    pub labels: Labels,
+}
+
+/// What a restored or cloned volume asks for (its size is the source's).
+#[derive(Clone, Debug, Default)]
+pub struct CopiedVolume {
+    /// 0: the source's.
+    pub chunk_sectors: u32,
+    pub labels: Labels,
+}
+
+impl Control {
+    async fn volume(&self, id: &str) -> Result<Volume> {
+        let mut c = self.ops.catalog.conn().await?;
+        catalog::volumes::get(&mut c, id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("{} not found", names::volume(id))))
+    }
+
+    /// The volume a finished create-like operation made (its error if it
+    /// failed).
+    async fn made_volume(&self, op: &Operation) -> Result<Volume> {
+        if let Some(e) = failure(op) {
+            return Err(e);
+        }
+        self.volume(&volume_of(&op.target)).await
+    }
+
+    pub async fn create_volume(&self, volume_id: &str, spec: NewVolume) -> Result<Volume> {
+        model::check_id("volume_id", volume_id)?;
+        let chunk = model::chunk_sectors(
+            "volume.chunk_sectors",
+            spec.chunk_sectors,
+            DEFAULT_CHUNK_SECTORS,
+        )?;
+        model::check_size("volume.size_bytes", spec.size_bytes, chunk)?;
+        model::check_labels("volume.labels", &spec.labels)?;
+        let name = names::volume(volume_id);
+        let _g = self.ops.lock(&[volume_id]).await;
+        let mut c = self.ops.catalog.conn().await?;
+        if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
+            drop(c);
+            if !v.source.is_empty()
+                || v.size_bytes != spec.size_bytes
+                || v.chunk_sectors != chunk
+                || v.labels != spec.labels
+            {
+                return Err(ControlError::AlreadyExists(format!(
+                    "{name} already exists with different arguments ({} bytes, chunk {} sectors{})",
+                    v.size_bytes,
+                    v.chunk_sectors,
+                    if v.source.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", from {}", v.source)
+                    }
+                )));
+            }
+            if let (State::Creating, Some(op)) = (v.state, v.operation) {
+                // The same create, interrupted: carry it on.
+                let op = self.ops.drive(op).await?;
+                return self.made_volume(&op).await;
+            }
+            return Ok(v);
+        }
+        drop(c);
+        let worker = self.ops.workers.place(spec.size_bytes).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        let v = Volume {
+            id: volume_id.to_string(),
+            worker_id: worker.id.clone(),
+            size_bytes: spec.size_bytes,
+            chunk_sectors: chunk,
+            labels: spec.labels,
+            state: State::Creating,
+            source: String::new(),
+            error: String::new(),
+            create_time: now,
+            nbd_base: String::new(),
+            operation: None,
+        };
+        catalog::volumes::insert(&mut tx, &v, now).await?;
+        let args = OpArgs {
+            size_bytes: spec.size_bytes,
+            chunk_sectors: chunk,
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::CreateVolume,
+                target: &name,
+                source: "",
+                volume_id,
+                worker_id: &worker.id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        self.made_volume(&op).await
+    }
+
+    pub async fn get_volume(&self, name: &str) -> Result<Volume> {
+        let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
+        self.volume(id).await
+    }
+
+    /// A page of volumes (in id order) and the next page token.
+    pub async fn list_volumes(
+        &self,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+    ) -> Result<(Vec<Volume>, String)> {
+        let size = listing::page_size(page_size)?;
+        let after = listing::after("volumes", page_token)?;
+        let mut state = None;
+        let mut worker = None;
+        let mut labels = Vec::new();
+        for (k, v) in listing::filter_terms(filter)? {
+            if k == "state" {
+                state = Some(State::parse(&v).map_err(|_| {
+                    ControlError::invalid("filter", format!("state={v}: not a state"))
+                })?);
+            } else if k == "worker" {
+                worker = Some(v.strip_prefix("workers/").unwrap_or(&v).to_string());
+            } else if let Some(l) = k.strip_prefix("labels.") {
+                labels.push((l.to_string(), v));
+            } else {
+                return Err(ControlError::invalid(
+                    "filter",
+                    format!("unknown term {k:?} (state, worker, labels.KEY)"),
+                ));
+            }
+        }
+        let mut c = self.ops.catalog.conn().await?;
+        let mut page: Vec<Volume> = catalog::volumes::list_after(&mut c, &after)
+            .await?
+            .into_iter()
+            .filter(|v| state.is_none_or(|s| v.state == s))
+            .filter(|v| worker.as_ref().is_none_or(|w| &v.worker_id == w))
+            .filter(|v| labels.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
+            .take(size + 1)
+            .collect();
+        let next = if page.len() > size {
+            page.truncate(size);
+            listing::token("volumes", &page[size - 1].id)
+        } else {
+            String::new()
+        };
+        Ok((page, next))
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
+        let _g = self.ops.lock(&[id]).await;
+        let v = self.volume(id).await?;
+        let mut c = self.ops.catalog.conn().await?;
+        if let (State::Deleting, Some(op)) = (v.state, v.operation) {
+            drop(c);
+            let op = self.ops.drive(op).await?;
+            return failure(&op).map_or(Ok(()), Err);
+        }
+        let snaps = catalog::snapshots::count(&mut c, id).await?;
+        if snaps > 0 {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} has {snaps} snapshot(s); delete them first"
+            )));
+        }
+        if let Some(op) = v.operation {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is {} by operations/{op}; wait for it to end",
+                match v.state {
+                    State::Creating => "being created",
+                    State::Merging => "being merged into",
+                    _ => "in use",
+                }
+            )));
+        }
+        if let Some(op) = catalog::operations::active_on(&mut c, name)
+            .await?
+            .into_iter()
+            .find(|o| o.source == name)
+        {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is the source of {} ({}); wait for it to end",
+                op.name(),
+                op.kind.as_str()
+            )));
+        }
+        drop(c);
+        self.ensure_reachable(&v.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        catalog::volumes::set_state(&mut tx, id, State::Deleting, &v.error, now).await?;
+        let args = OpArgs {
+            prior_state: Some(v.state),
+            deleted: Some(OpResult::Volume(v.clone())),
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::DeleteVolume,
+                target: name,
+                source: "",
+                volume_id: id,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        failure(&op).map_or(Ok(()), Err)
+    }
+
+    /// Starts a restore of `source_snapshot` into a new volume.
+    pub async fn restore_volume(
+        &self,
+        volume_id: &str,
+        source_snapshot: &str,
+        spec: CopiedVolume,
+    ) -> Result<Operation> {
+        model::check_id("volume_id", volume_id)?;
+        let (sv, ss) = names::parse_snapshot(source_snapshot)
+            .map_err(|e| ControlError::invalid("source_snapshot", e))?;
+        model::check_labels("volume.labels", &spec.labels)?;
+        let _g = self.ops.lock(&[volume_id, sv]).await;
+        let mut c = self.ops.catalog.conn().await?;
+        let snap = catalog::snapshots::get(&mut c, sv, ss)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("{source_snapshot} not found")))?;
+        let src = self.volume(sv).await?;
+        drop(c);
+        if snap.state != State::Ready {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{source_snapshot} is {}, not READY",
+                snap.state.as_str().to_uppercase()
+            )));
+        }
+        self.start_copy(
+            OpKind::RestoreVolume,
+            volume_id,
+            source_snapshot,
+            &src,
+            spec,
+        )
+        .await
+    }
+
+    /// Starts a clone of `source_volume` into a new volume.
+    pub async fn clone_volume(
+        &self,
+        volume_id: &str,
+        source_volume: &str,
+        spec: CopiedVolume,
+    ) -> Result<Operation> {
+        model::check_id("volume_id", volume_id)?;
+        let sv = names::parse_volume(source_volume)
+            .map_err(|e| ControlError::invalid("source_volume", e))?;
+        model::check_labels("volume.labels", &spec.labels)?;
+        let _g = self.ops.lock(&[volume_id, sv]).await;
+        let src = self.volume(sv).await?;
+        if volume_id == sv {
+            return Err(ControlError::invalid(
+                "volume_id",
+                "a volume cannot be cloned into itself",
+            ));
+        }
+        self.start_copy(OpKind::CloneVolume, volume_id, source_volume, &src, spec)
+            .await
+    }
+
+    /// Records and starts a restore or clone (the caller holds the locks).
+    async fn start_copy(
+        &self,
+        kind: OpKind,
+        volume_id: &str,
+        source: &str,
+        src: &Volume,
+        spec: CopiedVolume,
+    ) -> Result<Operation> {
+        let chunk = model::chunk_sectors(
+            "volume.chunk_sectors",
+            spec.chunk_sectors,
+            src.chunk_sectors,
+        )?;
+        model::check_size("volume.chunk_sectors", src.size_bytes, chunk)?;
+        let name = names::volume(volume_id);
+        let mut c = self.ops.catalog.conn().await?;
+        if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
+            let same = v.source == source && v.chunk_sectors == chunk && v.labels == spec.labels;
+            let op = match same {
+                true => catalog::operations::latest(&mut c, kind, &name).await?,
+                false => None,
+            };
+            drop(c);
+            return match op {
+                // The same restore or clone: its operation (carried on if
+                // it was interrupted before its worker answered).
+                Some(op) => self.ops.drive(op.id).await,
+                None => Err(ControlError::AlreadyExists(format!(
+                    "{name} already exists{}",
+                    if v.source.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (made from {})", v.source)
+                    }
+                ))),
+            };
+        }
+        drop(c);
+        if kind == OpKind::CloneVolume && src.state != State::Ready {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{} is {}, not READY",
+                src.name(),
+                src.state.as_str().to_uppercase()
+            )));
+        }
+        self.ensure_reachable(&src.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.ops.catalog.write().await?;
+        let v = Volume {
+            id: volume_id.to_string(),
+            worker_id: src.worker_id.clone(),
+            size_bytes: src.size_bytes,
+            chunk_sectors: chunk,
+            labels: spec.labels,
+            state: State::Creating,
+            source: source.to_string(),
+            error: String::new(),
+            create_time: now,
+            nbd_base: String::new(),
+            operation: None,
+        };
+        catalog::volumes::insert(&mut tx, &v, now).await?;
+        let args = OpArgs {
+            size_bytes: src.size_bytes,
+            chunk_sectors: chunk,
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind,
+                target: &name,
+                source,
+                volume_id,
+                worker_id: &src.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        match failure(&op) {
+            Some(e) => Err(e),
+            None => Ok(op),
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! Crash safety: the control service stops (as if it crashed, through the
+//! test hook `ControlConfig::crash_at`) between recording an operation and
+//! calling its worker, or between the worker's success and the catalog's
+//! update; the next start reconciles. Afterwards nothing is stuck in
+//! CREATING or DELETING and the worker holds exactly what the catalog lists
+//! (no leaked device). Also: restarts between steps, and a worker that
+//! stops and comes back.
+
+mod common;
+
+use common::*;
+use cowsnap_control::model::OpKind;
+use cowsnap_control::operations::{CrashAt, CrashPoint};
+use cowsnap_proto::cowsnap::v1 as pb;
+use tonic::Code;
+
+const POINTS: [CrashPoint; 2] = [CrashPoint::BeforeWorker, CrashPoint::AfterWorker];
+
+/// Nothing in a transitional state, and the worker's inventory is the
+/// catalog's.
+async fn assert_consistent(c: &mut Clients, w: &Worker) {
+    for (name, state) in c.states().await {
+        assert!(
+            !matches!(state, pb::State::Creating | pb::State::Deleting),
+            "{name} is stuck in {state:?}"
+        );
+    }
+    assert_eq!(
+        w.inventory().await,
+        c.inventory().await,
+        "worker vs catalog"
+    );
+    let pending = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "done=false".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert!(pending.is_empty(), "unfinished: {pending:?}");
+}
+
+async fn crash_then_restart(
+    control: &mut Control,
+    kind: OpKind,
+    point: CrashPoint,
+    call: impl AsyncFnOnce(&mut Clients) -> Result<(), tonic::Status>,
+) {
+    control.restart(Some(CrashAt { kind, point })).await;
+    let mut c = control.clients().await;
+    let e = call(&mut c).await.expect_err("the call crashed");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // The operation is recorded, unfinished.
+    let pending = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "done=false".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert_eq!(pending.len(), 1, "{kind:?} {point:?}: {pending:?}");
+    control.restart(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_around_the_worker_call_are_reconciled_at_start() {
+    init_logs();
+    let dir = scratch();
+    let w = Worker::start(dir.path(), "node-a").await;
+    let mut control = Control::start(Control::config(dir.path(), &[&w])).await;
+
+    for point in POINTS {
+        let tag = match point {
+            CrashPoint::BeforeWorker => "b",
+            CrashPoint::AfterWorker => "a",
+        };
+        let vol = format!("v{tag}");
+        let snap = format!("volumes/{vol}/snapshots/s");
+
+        // Create volume: rolled forward at the next start.
+        let v = vol.clone();
+        crash_then_restart(&mut control, OpKind::CreateVolume, point, async move |c| {
+            c.volumes
+                .create_volume(pb::CreateVolumeRequest {
+                    volume_id: v,
+                    volume: Some(pb::Volume {
+                        size_bytes: 4 * MIB,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map(|_| ())
+        })
+        .await;
+        let mut c = control.clients().await;
+        let got = c
+            .volumes
+            .get_volume(pb::GetVolumeRequest {
+                name: format!("volumes/{vol}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.state(), pb::State::Ready, "{point:?}");
+        assert_consistent(&mut c, &w).await;
+
+        // Create snapshot.
+        let v = vol.clone();
+        crash_then_restart(
+            &mut control,
+            OpKind::CreateSnapshot,
+            point,
+            async move |c| {
+                c.snapshots
+                    .create_snapshot(pb::CreateSnapshotRequest {
+                        parent: format!("volumes/{v}"),
+                        snapshot_id: "s".into(),
+                        snapshot: None,
+                    })
+                    .await
+                    .map(|_| ())
+            },
+        )
+        .await;
+        let mut c = control.clients().await;
+        assert!(c.inventory().await.contains(&snap));
+        assert_consistent(&mut c, &w).await;
+
+        // Delete snapshot.
+        let s = snap.clone();
+        crash_then_restart(
+            &mut control,
+            OpKind::DeleteSnapshot,
+            point,
+            async move |c| {
+                c.snapshots
+                    .delete_snapshot(pb::DeleteSnapshotRequest { name: s })
+                    .await
+                    .map(|_| ())
+            },
+        )
+        .await;
+        let mut c = control.clients().await;
+        assert!(!c.inventory().await.contains(&snap));
+        assert_consistent(&mut c, &w).await;
+
+        // Delete volume.
+        let v = vol.clone();
+        crash_then_restart(&mut control, OpKind::DeleteVolume, point, async move |c| {
+            c.volumes
+                .delete_volume(pb::DeleteVolumeRequest {
+                    name: format!("volumes/{v}"),
+                })
+                .await
+                .map(|_| ())
+        })
+        .await;
+        let mut c = control.clients().await;
+        assert!(c.inventory().await.is_empty(), "{point:?}");
+        assert_consistent(&mut c, &w).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_running_operations_survive_crashes() {
+    init_logs();
+    let dir = scratch();
+    let w = Worker::start(dir.path(), "node-a").await;
+    let mut control = Control::start(Control::config(dir.path(), &[&w])).await;
+    let mut c = control.clients().await;
+    c.create_volume("src", 8 * MIB).await;
+    c.create_snapshot("src", "s1").await;
+    c.create_snapshot("src", "s2").await;
+
+    // Restore, crashing after the worker started it.
+    crash_then_restart(
+        &mut control,
+        OpKind::RestoreVolume,
+        CrashPoint::AfterWorker,
+        async |c| {
+            c.volumes
+                .restore_volume(pb::RestoreVolumeRequest {
+                    volume_id: "r".into(),
+                    source_snapshot: "volumes/src/snapshots/s1".into(),
+                    volume: None,
+                })
+                .await
+                .map(|_| ())
+        },
+    )
+    .await;
+    let mut c = control.clients().await;
+    let op = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "kind=RESTORE_VOLUME".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0);
+    let done = c.wait(&op.name).await;
+    assert_eq!(done.percent, 100.0, "{done:?}");
+    assert!(done.result.is_some());
+
+    // Clone, crashing before the worker is called.
+    crash_then_restart(
+        &mut control,
+        OpKind::CloneVolume,
+        CrashPoint::BeforeWorker,
+        async |c| {
+            c.volumes
+                .clone_volume(pb::CloneVolumeRequest {
+                    volume_id: "k".into(),
+                    source_volume: "volumes/src".into(),
+                    volume: None,
+                })
+                .await
+                .map(|_| ())
+        },
+    )
+    .await;
+    let mut c = control.clients().await;
+    let op = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "target=volumes/k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0);
+    assert_eq!(c.wait(&op.name).await.percent, 100.0);
+
+    // Merge, crashing before the worker is called: the snapshot is already
+    // MERGING, so it cannot be deleted; the next start carries the merge
+    // through.
+    control
+        .restart(Some(CrashAt {
+            kind: OpKind::MergeSnapshot,
+            point: CrashPoint::BeforeWorker,
+        }))
+        .await;
+    let mut c = control.clients().await;
+    let e = c
+        .snapshots
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/src/snapshots/s2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let s = c
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/src/snapshots/s2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::State::Merging);
+    let e = c
+        .snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            name: "volumes/src/snapshots/s2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("merging"), "{}", e.message());
+    control.restart(None).await;
+    let mut c = control.clients().await;
+    let op = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "kind=MERGE_SNAPSHOT".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0);
+    let done = c.wait(&op.name).await;
+    assert_eq!(done.percent, 100.0, "{done:?}");
+
+    // Merge again, crashing after the worker started it (it may even end
+    // before the restart).
+    crash_then_restart(
+        &mut control,
+        OpKind::MergeSnapshot,
+        CrashPoint::AfterWorker,
+        async |c| {
+            c.snapshots
+                .merge_snapshot(pb::MergeSnapshotRequest {
+                    name: "volumes/src/snapshots/s1".into(),
+                })
+                .await
+                .map(|_| ())
+        },
+    )
+    .await;
+    let mut c = control.clients().await;
+    let op = c
+        .operations
+        .list_operations(pb::ListOperationsRequest {
+            filter: "target=volumes/src/snapshots/s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0);
+    let done = c.wait(&op.name).await;
+    assert!(done.done);
+    assert!(
+        matches!(done.result, Some(pb::operation::Result::Volume(_))),
+        "{done:?}"
+    );
+    assert_eq!(
+        c.inventory().await,
+        ["volumes/k", "volumes/r", "volumes/src"]
+    );
+    assert_consistent(&mut c, &w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_the_catalog_and_a_returning_worker_is_caught_up() {
+    init_logs();
+    let dir = scratch();
+    let mut w = Worker::start(dir.path(), "node-a").await;
+    let mut control = Control::start(Control::config(dir.path(), &[&w])).await;
+    let mut c = control.clients().await;
+    let v = c.create_volume("v1", 4 * MIB).await;
+    control.restart(None).await;
+    let mut c = control.clients().await;
+    let got = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.create_time, v.create_time);
+    assert_eq!(got.state(), pb::State::Ready);
+    // Same create after the restart: the same volume.
+    assert_eq!(
+        c.create_volume("v1", 4 * MIB).await.create_time,
+        v.create_time
+    );
+    c.create_snapshot("v1", "s1").await;
+    control.restart(None).await;
+    let mut c = control.clients().await;
+    assert_eq!(
+        c.inventory().await,
+        ["volumes/v1", "volumes/v1/snapshots/s1"]
+    );
+
+    // The worker stops while the control service believes it healthy:
+    // the call fails with UNAVAILABLE and stays recorded.
+    w.stop().await;
+    let e = c
+        .snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/v1".into(),
+            snapshot_id: "s2".into(),
+            snapshot: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // A control restart while the worker is down changes nothing.
+    control.restart(None).await;
+    let mut c = control.clients().await;
+    let ws = c
+        .workers
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(ws[0].health(), pb::WorkerHealth::Unhealthy);
+    // The worker comes back; the next pass finishes the recorded create.
+    w.restart().await;
+    let report = control.running().reconcile_now().await.unwrap();
+    assert_eq!(report.operations_pending, 0, "{report:?}");
+    let s = c
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::State::Ready);
+    assert_consistent(&mut c, &w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_marks_lost_resources_and_adopts_unknown_ones() {
+    init_logs();
+    let dir = scratch();
+    let w = Worker::start(dir.path(), "node-a").await;
+    let control = Control::start(Control::config(dir.path(), &[&w])).await;
+    let mut c = control.clients().await;
+    c.create_volume("kept", 4 * MIB).await;
+    // Behind the control service's back: a volume made on the worker, and
+    // one of the catalog's deleted there.
+    let mut wc = worker_client(&w.address).await;
+    wc.create_volume(cowsnap_proto::worker::v1::CreateVolumeRequest {
+        volume_id: "stray".into(),
+        size_bytes: 4 * MIB,
+        chunk_sectors: 0,
+        device: String::new(),
+    })
+    .await
+    .unwrap();
+    c.create_volume("lost", 4 * MIB).await;
+    wc.delete_volume(cowsnap_proto::worker::v1::DeleteVolumeRequest {
+        name: "volumes/lost".into(),
+    })
+    .await
+    .unwrap();
+
+    let report = control.running().reconcile_now().await.unwrap();
+    assert_eq!(report.adopted, 1, "{report:?}");
+    assert_eq!(report.marked_failed, 1, "{report:?}");
+    let stray = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/stray".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stray.state(), pb::State::Ready);
+    assert_eq!(
+        stray.labels.get("cowsnap.io/adopted").map(String::as_str),
+        Some("true")
+    );
+    let lost = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/lost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lost.state(), pb::State::Failed);
+    // A FAILED volume is deleted from the catalog (the worker says it is
+    // gone already).
+    c.volumes
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "volumes/lost".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.inventory().await, c.inventory().await);
+}

@@ -1,0 +1,204 @@
+//! `cowsnap control`: runs the control service (the public `cowsnap.v1`
+//! API over its SQLite catalog, driving the workers). Every setting is a
+//! flag, the same as a `COWSNAP_*` environment variable, or a key of a TOML
+//! config file (`--config`), in that order of precedence. Logs go to
+//! stderr (`COWSNAP_LOG`); traces are exported with OTLP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cowsnap_control::server::{ControlConfig, TlsFiles, start};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker_cmd::cancel_on_signals;
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap/control";
+const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+#[derive(clap::Args, Debug)]
+pub struct ControlArgs {
+    /// TOML file with any of the settings below (keys: data_dir, listen,
+    /// workers, auth_token_file, tls_cert, tls_key, tls_ca, metrics_listen,
+    /// request_timeout, worker_timeout, max_concurrent_calls,
+    /// health_interval, reconcile_interval).
+    #[arg(long, env = "COWSNAP_CONFIG")]
+    config: Option<PathBuf>,
+    /// The catalog lives at DATA_DIR/catalog.db [default: /var/lib/cowsnap/control].
+    #[arg(long, env = "COWSNAP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Public gRPC API address: host:port or unix:PATH [default: 127.0.0.1:50051].
+    #[arg(long, env = "COWSNAP_LISTEN")]
+    listen: Option<String>,
+    /// Worker gRPC addresses to register at start (host:port or unix:PATH).
+    /// Repeat or separate with commas.
+    #[arg(long = "worker", env = "COWSNAP_WORKERS", value_delimiter = ',', num_args = 1..)]
+    workers: Vec<String>,
+    /// A file holding the bearer token every caller must send
+    /// (`authorization: Bearer TOKEN`); health and reflection stay open.
+    #[arg(long, env = "COWSNAP_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// PEM certificate: the server's on the public API, the client's towards
+    /// workers (mTLS). Needs --tls-key.
+    #[arg(long, env = "COWSNAP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "COWSNAP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that workers' certificates (and callers' client certificates)
+    /// are checked against.
+    #[arg(long, env = "COWSNAP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Prometheus metrics over HTTP at host:port/metrics [default: off].
+    #[arg(long, env = "COWSNAP_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Longest a call may take, e.g. 60s, 500ms, 2m [default: 60s].
+    #[arg(long, env = "COWSNAP_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
+    /// Longest a call to a worker may take [default: 60s].
+    #[arg(long, env = "COWSNAP_WORKER_TIMEOUT")]
+    worker_timeout: Option<String>,
+    /// Calls served at once; more wait [default: 256].
+    #[arg(long, env = "COWSNAP_MAX_CONCURRENT_CALLS")]
+    max_concurrent_calls: Option<usize>,
+    /// How often workers are health-checked [default: 10s].
+    #[arg(long, env = "COWSNAP_HEALTH_INTERVAL")]
+    health_interval: Option<String>,
+    /// How often the catalog is reconciled with the workers [default: 30s].
+    #[arg(long, env = "COWSNAP_RECONCILE_INTERVAL")]
+    reconcile_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    workers: Option<Vec<String>>,
+    auth_token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    metrics_listen: Option<String>,
+    request_timeout: Option<String>,
+    worker_timeout: Option<String>,
+    max_concurrent_calls: Option<usize>,
+    health_interval: Option<String>,
+    reconcile_interval: Option<String>,
+}
+
+/// A duration: `500ms`, `60s`, `2m`, `1h`, or plain seconds.
+fn duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("{flag}: {s:?} is not a duration (e.g. 60s, 500ms)"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => anyhow::bail!("{flag}: {s:?}: the unit is ms, s, m or h"),
+    })
+}
+
+/// The settings resolved from flags, environment, config file and defaults.
+pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
+    let file = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("{}: bad config file", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.into())
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--listen: {e}"))?;
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let mut cfg = ControlConfig::new(data_dir, listen);
+    cfg.workers = if args.workers.is_empty() {
+        file.workers.unwrap_or_default()
+    } else {
+        args.workers
+    };
+    cfg.auth_token_file = args.auth_token_file.or(file.auth_token_file);
+    let cert = args.tls_cert.or(file.tls_cert);
+    let key = args.tls_key.or(file.tls_key);
+    let ca = args.tls_ca.or(file.tls_ca);
+    cfg.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key, ca }),
+        (None, None) if ca.is_none() => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and optionally --tls-ca)"),
+    };
+    cfg.metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    if let Some(d) = args.request_timeout.or(file.request_timeout) {
+        cfg.request_timeout = duration("--request-timeout", &d)?;
+    }
+    if let Some(d) = args.worker_timeout.or(file.worker_timeout) {
+        cfg.worker_timeout = duration("--worker-timeout", &d)?;
+    }
+    if let Some(n) = args.max_concurrent_calls.or(file.max_concurrent_calls) {
+        anyhow::ensure!(n > 0, "--max-concurrent-calls must be positive");
+        cfg.max_concurrent_calls = n;
+    }
+    if let Some(d) = args.health_interval.or(file.health_interval) {
+        cfg.health_interval = duration("--health-interval", &d)?;
+    }
+    if let Some(d) = args.reconcile_interval.or(file.reconcile_interval) {
+        cfg.reconcile_interval = duration("--reconcile-interval", &d)?;
+    }
+    for (flag, d) in [
+        ("--request-timeout", cfg.request_timeout),
+        ("--worker-timeout", cfg.worker_timeout),
+        ("--health-interval", cfg.health_interval),
+        ("--reconcile-interval", cfg.reconcile_interval),
+    ] {
+        anyhow::ensure!(!d.is_zero(), "{flag} must be positive");
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
+    let cfg = resolve(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap-control")?;
+        let shutdown = CancellationToken::new();
+        cancel_on_signals(shutdown.clone())?;
+        let c = start(cfg, shutdown).await?;
+        c.wait().await?;
+        Ok(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("f", "500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(duration("f", "60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(duration("f", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(duration("f", "7").unwrap(), Duration::from_secs(7));
+        assert!(duration("f", "7d").is_err());
+        assert!(duration("f", "x").is_err());
+    }
+}
