@@ -4,6 +4,8 @@
 //!
 //! - [`store`]: `bench store`, the exception store and COW engine against the
 //!   raw device;
+//! - [`nbd`]: `bench nbd`, our NBD export against `qemu-nbd` on a qcow2
+//!   overlay and fio on the raw file;
 //! - [`workload`]: the I/O patterns and the driver that runs them over the raw
 //!   device or the engine;
 //! - [`load`]: loading a COW device with many exceptions;
@@ -14,6 +16,7 @@
 pub mod alloc;
 mod files;
 mod load;
+mod nbd;
 mod report;
 mod store;
 mod workload;
@@ -26,10 +29,17 @@ pub enum BenchCommand {
     /// on the same files: first write, overwrite, snapshot read, group commit,
     /// eight snapshots, load time and RAM per exception.
     Store(store::StoreArgs),
+    /// Our NBD export of a volume with one snapshot against qemu-nbd serving
+    /// a qcow2 overlay of the same file, with fio (nbd engine) as the client
+    /// and fio on the raw file as the ceiling: 4 KiB random writes on first
+    /// touch and overwrite, 4 KiB random reads, 1 MiB sequential writes and
+    /// reads. Needs fio and qemu-utils.
+    Nbd(nbd::NbdArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<u8> {
     match cmd {
         BenchCommand::Store(args) => store::run(args),
+        BenchCommand::Nbd(args) => nbd::run(args),
     }
 }

@@ -1,7 +1,9 @@
-//! The store benchmark's report: each figure with its baseline, ratio and
-//! target, printed as a table or as one JSON object. A missed target is
-//! reported as a miss, never hidden; the exit code does not depend on it
-//! (speed is measured, not asserted).
+//! The benchmarks' report: each figure with its baseline, ratio and target
+//! (and, where there is one, a ceiling and the spread of its rounds), printed
+//! as a table or as one JSON object. A missed target is reported as a miss,
+//! never hidden; the exit code does not depend on it (speed is measured, not
+//! asserted). [`Report`] is `bench store`'s; `bench nbd` builds its own from
+//! the same [`Figure`]s and [`render_table`].
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -106,6 +108,45 @@ pub struct Figure {
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// A second reference the value is compared with (the raw device when
+    /// the baseline is another implementation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling_label: Option<String>,
+    /// `value / ceiling`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling_ratio: Option<f64>,
+    /// Every side's rounds when the figure is the best of several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Rounds>,
+}
+
+/// The rounds of one side of a figure: each value, the best and the spread.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rounds {
+    pub side: &'static str,
+    /// The highest value (every figure with rounds is higher-is-better).
+    pub best: f64,
+    pub min: f64,
+    /// `(best - min) / best`.
+    pub spread: f64,
+    pub values: Vec<f64>,
+}
+
+impl Rounds {
+    pub fn new(side: &'static str, values: Vec<f64>) -> Rounds {
+        let best = values.iter().copied().fold(0.0, f64::max);
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let min = if min.is_finite() { min } else { 0.0 };
+        Rounds {
+            side,
+            best,
+            min,
+            spread: if best > 0.0 { (best - min) / best } else { 0.0 },
+            values,
+        }
+    }
 }
 
 impl Figure {
@@ -135,11 +176,28 @@ impl Figure {
                 None => "info",
             },
             note: None,
+            ceiling: None,
+            ceiling_label: None,
+            ceiling_ratio: None,
+            rounds: Vec::new(),
         }
     }
 
     pub fn note(mut self, note: impl Into<String>) -> Figure {
         self.note = Some(note.into());
+        self
+    }
+
+    /// Adds a second reference (`value / ceiling` is reported, no target).
+    pub fn ceiling(mut self, ceiling: f64, label: &str) -> Figure {
+        self.ceiling = Some(ceiling);
+        self.ceiling_label = Some(label.to_string());
+        self.ceiling_ratio = Some(self.value / ceiling);
+        self
+    }
+
+    pub fn rounds(mut self, rounds: Vec<Rounds>) -> Figure {
+        self.rounds = rounds;
         self
     }
 }
@@ -163,6 +221,54 @@ impl Figures {
     pub fn push(&mut self, id: &'static str, f: Figure) {
         self.0.push((id, f));
     }
+
+    /// (targets met, targets missed).
+    pub fn tally(&self) -> (usize, usize) {
+        let count = |p: bool| self.0.iter().filter(|(_, f)| f.pass == Some(p)).count();
+        (count(true), count(false))
+    }
+
+    /// `note (label): text` lines, one per figure that has a note.
+    pub fn notes(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        for (_, f) in &self.0 {
+            if let Some(n) = &f.note {
+                let _ = writeln!(o, "note ({}): {n}", f.label);
+            }
+        }
+        o
+    }
+}
+
+/// Lays out a table: columns as wide as their widest cell, two spaces
+/// apart; the columns in `right` are right-aligned.
+pub fn render_table(head: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
+    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+    let mut w = vec![0usize; head.len()];
+    for r in std::iter::once(&head).chain(rows) {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut o = String::new();
+    for r in std::iter::once(&head).chain(rows) {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            let pad = " ".repeat(w[i] - c.chars().count());
+            if right.contains(&i) {
+                line.push_str(&pad);
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                line.push_str(&pad);
+            }
+            line.push_str("  ");
+        }
+        o.push_str(line.trim_end());
+        o.push('\n');
+    }
+    o
 }
 
 /// The raw device figures every ratio is taken against.
@@ -213,18 +319,7 @@ pub struct Report {
 
 impl Report {
     pub fn tally(&mut self) {
-        self.targets_met = self
-            .figures
-            .0
-            .iter()
-            .filter(|(_, f)| f.pass == Some(true))
-            .count();
-        self.targets_missed = self
-            .figures
-            .0
-            .iter()
-            .filter(|(_, f)| f.pass == Some(false))
-            .count();
+        (self.targets_met, self.targets_missed) = self.figures.tally();
     }
 
     pub fn table(&self) -> String {
@@ -265,12 +360,12 @@ impl Report {
             b.first_write_bound_mb_s, b.first_write_bound_8_mb_s
         );
         let _ = writeln!(o);
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<Vec<String>> = self
             .figures
             .0
             .iter()
             .map(|(_, f)| {
-                [
+                vec![
                     f.label.clone(),
                     format!("{} {}", num(f.value), f.unit),
                     format!("{} ({})", num(f.baseline), f.baseline_label),
@@ -280,39 +375,15 @@ impl Report {
                 ]
             })
             .collect();
-        let head = ["figure", "value", "baseline", "ratio", "target", "result"].map(String::from);
-        let mut w = [0usize; 6];
-        for r in std::iter::once(&head).chain(&rows) {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.chars().count());
-            }
-        }
-        for r in std::iter::once(&head).chain(&rows) {
-            let mut line = String::new();
-            for (i, c) in r.iter().enumerate() {
-                let pad = w[i] - c.chars().count();
-                if i == 1 || i == 3 {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(c);
-                } else {
-                    line.push_str(c);
-                    line.push_str(&" ".repeat(pad));
-                }
-                line.push_str("  ");
-            }
-            let _ = writeln!(o, "{}", line.trim_end());
-        }
-        let notes: Vec<_> = self
-            .figures
-            .0
-            .iter()
-            .filter_map(|(_, f)| f.note.as_ref().map(|n| (f.label.as_str(), n)))
-            .collect();
+        o.push_str(&render_table(
+            &["figure", "value", "baseline", "ratio", "target", "result"],
+            &rows,
+            &[1, 3],
+        ));
+        let notes = self.figures.notes();
         if !notes.is_empty() {
             let _ = writeln!(o);
-            for (label, n) in notes {
-                let _ = writeln!(o, "note ({label}): {n}");
-            }
+            o.push_str(&notes);
         }
         let _ = writeln!(o);
         let _ = writeln!(
@@ -325,7 +396,7 @@ impl Report {
 }
 
 /// A number with as many digits as it deserves.
-fn num(x: f64) -> String {
+pub fn num(x: f64) -> String {
     if x >= 100.0 {
         format!("{x:.0}")
     } else if x >= 10.0 {
