@@ -93,6 +93,15 @@ pub struct TaskRec {
     pub temp_snapshot: Option<String>,
 }
 
+impl TaskRec {
+    /// Ends it successfully, all its units done.
+    pub fn succeed(&mut self) {
+        self.done = true;
+        self.error = None;
+        self.done_units = self.total_units;
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerState {
     pub volumes: BTreeMap<String, VolumeRec>,

@@ -1225,8 +1225,10 @@ impl Worker {
                 tracing::error!(task = %rec.id, kind = rec.kind.as_str(), target = %rec.target, "task failed: {e}");
             }
             task.update(|t| {
-                t.done = true;
-                t.error = r.err().map(|e| e.to_string());
+                if !t.done {
+                    t.done = true;
+                    t.error = r.err().map(|e| e.to_string());
+                }
             });
             let mut inner = w.inner.lock().await;
             if let Err(e) = w.save(&mut inner) {
@@ -1263,8 +1265,14 @@ impl Worker {
             .ok_or_else(|| WorkerError::NotFound(format!("{name} vanished")))?;
         s.phase = Phase::Deleting;
         let s = s.clone();
+        // The merge's end and the task's success are saved together: a
+        // crash after this save never resumes a merge whose snapshot is
+        // gone (a restart releases the snapshot's device, in `Deleting`).
+        task.update(TaskRec::succeed);
         self.save(&mut inner)?;
-        self.detach_snapshot(&mut inner, vol, &s).await?;
+        if let Err(e) = self.detach_snapshot(&mut inner, vol, &s).await {
+            tracing::error!(snapshot = %name, "merged, but its device is not released yet (the next start releases it): {e}");
+        }
         tracing::info!(snapshot = %name, "merge done");
         Ok(())
     }
@@ -1322,24 +1330,34 @@ impl Worker {
         };
         let copied = copy_volume(src_origin, target, dst_origin.clone(), task.clone()).await;
         let mut inner = self.inner.lock().await;
-        if rec.kind == TaskKind::Clone {
-            let sv = names::parse_volume(&rec.source)
-                .map_err(|e| WorkerError::invalid("source", e))?
-                .to_string();
-            let temp = format!(".clone-{}", rec.id);
-            if let Some(s) = inner
-                .st
-                .volumes
-                .get(&sv)
-                .and_then(|v| v.snapshots.iter().find(|s| s.id == temp))
-                .cloned()
-            {
-                self.set_snapshot_phase(&mut inner, &sv, &temp, Phase::Deleting);
-                self.save(&mut inner)?;
-                self.detach_snapshot(&mut inner, &sv, &s).await?;
+        // A clone's temporary snapshot of its source goes away whatever the
+        // outcome.
+        let temp = match rec.kind {
+            TaskKind::Clone => {
+                let sv = names::parse_volume(&rec.source)
+                    .map_err(|e| WorkerError::invalid("source", e))?
+                    .to_string();
+                let temp = format!(".clone-{}", rec.id);
+                inner
+                    .st
+                    .volumes
+                    .get(&sv)
+                    .and_then(|v| v.snapshots.iter().find(|s| s.id == temp))
+                    .cloned()
+                    .map(|s| (sv, s))
             }
+            _ => None,
+        };
+        if let Some((sv, s)) = &temp {
+            self.set_snapshot_phase(&mut inner, sv, &s.id, Phase::Deleting);
         }
-        copied?;
+        if let Err(e) = copied {
+            self.save(&mut inner)?;
+            if let Some((sv, s)) = &temp {
+                self.detach_snapshot(&mut inner, sv, s).await?;
+            }
+            return Err(e.into());
+        }
         let v = self.volume_mut(&mut inner, &vol);
         v.phase = Phase::Ready;
         let v = v.clone();
@@ -1351,7 +1369,17 @@ impl Worker {
                 failed: None,
             },
         );
+        // The new volume's readiness, the task's success and the release of
+        // the clone's temporary snapshot are saved together: a crash after
+        // this save never copies again (over a volume clients may already
+        // use, or from a later point in time).
+        task.update(TaskRec::succeed);
         self.save(&mut inner)?;
+        if let Some((sv, s)) = &temp
+            && let Err(e) = self.detach_snapshot(&mut inner, sv, s).await
+        {
+            tracing::error!(volume = %rec.target, "copied, but the temporary snapshot is not released yet (the next start releases it): {e}");
+        }
         self.export_volume(&v, &dst_origin, &inner.live[&vol]);
         tracing::info!(volume = %rec.target, kind = rec.kind.as_str(), source = %rec.source, "copy done");
         Ok(())
