@@ -191,7 +191,12 @@ pub async fn start(
         Err(e) => tracing::error!("start-up reconciliation failed: {e}"),
     }
 
-    let (v1, v1alpha, reporter, health) = reflection_and_health()?;
+    let (v1, v1alpha, reporter, health) = reflection_and_health(&[
+        "cowsnap.v1.VolumeService",
+        "cowsnap.v1.SnapshotService",
+        "cowsnap.v1.OperationService",
+        "cowsnap.v1.WorkerService",
+    ])?;
     let api = Api::new(control);
     reporter.set_serving::<VolumeServiceServer<Api>>().await;
     reporter.set_serving::<SnapshotServiceServer<Api>>().await;

@@ -99,6 +99,11 @@ async fn bearer_token_is_required_except_for_health_and_reflection() {
     ] {
         assert!(names.iter().any(|n| n == svc), "{svc} in {names:?}");
     }
+    // Only what this server serves: not the worker API it is a client of.
+    assert!(
+        !names.iter().any(|n| n.starts_with("cowsnap.worker.")),
+        "{names:?}"
+    );
     let mut va =
         r1a::server_reflection_client::ServerReflectionClient::new(control.channel().await);
     let req = r1a::ServerReflectionRequest {

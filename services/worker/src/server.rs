@@ -90,7 +90,8 @@ pub async fn start(
         "worker serving: gRPC on {grpc_local}, NBD on {nbd_local}"
     );
 
-    let (v1, v1alpha, reporter, health) = reflection_and_health()?;
+    let (v1, v1alpha, reporter, health) =
+        reflection_and_health(&["cowsnap.worker.v1.WorkerService"])?;
     reporter
         .set_serving::<WorkerServiceServer<WorkerGrpc>>()
         .await;
