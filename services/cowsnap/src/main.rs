@@ -6,12 +6,18 @@
 //! - `bench ...`: benchmarks that print ratios against a baseline measured in
 //!   the same run;
 //! - `worker`: the data worker (devices, engine, NBD, worker gRPC API);
-//! - `control`: the control service (public API, catalog, reconciliation).
+//! - `control`: the control service (public API, catalog, reconciliation);
+//! - `up`: the embedded default, control service and one worker in one
+//!   process;
+//! - `volume ...`, `snapshot ...`, `operation ...`: the admin CLI over the
+//!   public API.
 
+mod admin;
 mod bench;
 mod control_cmd;
 mod cow;
 mod io_cmd;
+mod up_cmd;
 mod worker_cmd;
 
 use std::process::ExitCode;
@@ -47,6 +53,15 @@ enum Command {
     Worker(worker_cmd::WorkerArgs),
     /// Run the control service: the public cowsnap.v1 API, its catalog, and reconciliation with the workers.
     Control(control_cmd::ControlArgs),
+    /// Run the embedded default: the control service and one worker in one
+    /// process, with the catalog and file-backed devices under --data-dir.
+    Up(up_cmd::UpArgs),
+    /// Volumes: create, get, list, delete, restore, clone.
+    Volume(admin::VolumeCommand),
+    /// Snapshots: create, get, list, delete, merge.
+    Snapshot(admin::SnapshotCommand),
+    /// Long-running operations: get, list, wait.
+    Operation(admin::OperationCommand),
 }
 
 /// Logs go to stderr; `COWSNAP_LOG` (e.g. `debug`, `cowsnap_worker=debug`)
@@ -66,7 +81,7 @@ fn main() -> ExitCode {
     // Services log what they do; tools only what goes wrong. The control
     // service sets up its own logs and traces (OpenTelemetry).
     match cli.cmd {
-        Command::Control(_) => {}
+        Command::Control(_) | Command::Up(_) => {}
         Command::Worker(_) => init_logging("info"),
         _ => init_logging("warn"),
     }
@@ -76,6 +91,10 @@ fn main() -> ExitCode {
         Command::Bench(b) => bench::run(b),
         Command::Worker(a) => worker_cmd::run(a),
         Command::Control(a) => control_cmd::run(a),
+        Command::Up(a) => up_cmd::run(a),
+        Command::Volume(c) => admin::volume::run_command(c),
+        Command::Snapshot(c) => admin::snapshot::run_command(c),
+        Command::Operation(c) => admin::operation::run_command(c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,121 @@
+//! `cowsnap up`: the embedded default. The control service and one data
+//! worker in one process, everything under one data dir:
+//!
+//! ```text
+//! DIR/catalog.db      the control service's SQLite catalog
+//! DIR/worker/         the worker's state and its file-backed devices
+//! DIR/worker.sock     the worker's gRPC API (only the control service uses it)
+//! ```
+//!
+//! The public API listens on `--listen`, NBD on `--nbd-listen`. SIGTERM or
+//! SIGINT stops the control service first (no new calls reach the worker),
+//! then the worker (in-flight I/O finishes, engines are flushed).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cowsnap_control::server::ControlConfig;
+use cowsnap_store::BackendChoice;
+use cowsnap_worker::server::{ServeOptions, hostname};
+use cowsnap_worker::worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker_cmd::cancel_on_signals;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Where everything lives: the catalog, the worker's state and its
+    /// devices (sparse files).
+    #[arg(long, env = "COWSNAP_DATA_DIR", default_value = "cowsnap-data")]
+    data_dir: PathBuf,
+    /// Public gRPC API address: host:port or unix:PATH.
+    #[arg(long, env = "COWSNAP_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// NBD address: host:port or unix:PATH.
+    #[arg(long, env = "COWSNAP_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    nbd_listen: String,
+    /// NBD endpoint told to clients, e.g. nbd://node1.example:10809
+    /// [default: from --nbd-listen].
+    #[arg(long, env = "COWSNAP_NBD_ADVERTISE")]
+    nbd_advertise: Option<String>,
+    /// Prometheus metrics over HTTP at host:port/metrics [default: off].
+    #[arg(long, env = "COWSNAP_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// A file holding the bearer token every caller must send.
+    #[arg(long, env = "COWSNAP_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// I/O backend: auto, uring or portable.
+    #[arg(long, env = "COWSNAP_IO", default_value = "auto")]
+    io: String,
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<u8> {
+    let io: BackendChoice = args.io.parse().map_err(anyhow::Error::msg)?;
+    let listen = args
+        .listen
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--listen: {e}"))?;
+    let nbd_listen = args
+        .nbd_listen
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("{}: cannot create the data dir", args.data_dir.display()))?;
+    // Absolute, so the socket path registered in the catalog stays valid
+    // whatever directory the next start runs from.
+    let dir = std::fs::canonicalize(&args.data_dir)
+        .with_context(|| format!("{}: cannot resolve", args.data_dir.display()))?;
+    let worker_sock = dir.join("worker.sock");
+    let worker_addr = format!("unix:{}", worker_sock.display());
+
+    let worker_cfg = WorkerConfig {
+        data_dir: dir.join("worker"),
+        node: hostname().unwrap_or_else(|| "localhost".into()),
+        nbd_uri: String::new(),
+        device_allow: Vec::new(),
+        io,
+    };
+    let serve = ServeOptions {
+        grpc_listen: worker_addr
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{}: {e}", worker_sock.display()))?,
+        nbd_listen,
+        nbd_advertise: args.nbd_advertise,
+    };
+    let mut control_cfg = ControlConfig::new(&dir, listen);
+    control_cfg.workers = vec![worker_addr];
+    control_cfg.metrics_listen = args.metrics_listen;
+    control_cfg.auth_token_file = args.auth_token_file;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap")?;
+        let stop = CancellationToken::new();
+        cancel_on_signals(stop.clone())?;
+        let worker_stop = CancellationToken::new();
+        let worker = cowsnap_worker::server::start(worker_cfg, serve, worker_stop.clone())
+            .await
+            .context("cannot start the worker")?;
+        let control = match cowsnap_control::server::start(control_cfg, stop.child_token()).await {
+            Ok(c) => c,
+            Err(e) => {
+                worker_stop.cancel();
+                worker.wait().await?;
+                return Err(e.context("cannot start the control service"));
+            }
+        };
+        tracing::info!(
+            "cowsnap up: API on {}, NBD on {}, data in {}",
+            control.grpc,
+            worker.nbd,
+            dir.display()
+        );
+        let served = control.wait().await;
+        worker_stop.cancel();
+        let flushed = worker.wait().await;
+        served.and(flushed)?;
+        Ok(0)
+    })
+}
