@@ -28,6 +28,6 @@ pub use error::{Error, Result};
 pub use format::Layout;
 pub use io::{AlignedBuf, Backend, BackendChoice, Device};
 pub use merge::MergeProgress;
-pub use origin::{AddedSnapshot, Origin, SnapshotOptions, SnapshotStatus, Target};
+pub use origin::{AddedSnapshot, IoStats, Origin, SnapshotOptions, SnapshotStatus, Target};
 pub use pstore::{CommitStats, Usage};
 pub use snapshot::SnapId;

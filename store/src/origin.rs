@@ -81,6 +81,44 @@ pub struct SnapshotStatus {
     pub commits: CommitStats,
 }
 
+/// What went through one engine since it was opened: reads and writes of
+/// the origin and its snapshots as callers asked for them, and the group
+/// commit's counters of every snapshot it has had (deleted and merged ones
+/// included), so every figure only grows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IoStats {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Metadata area writes that committed new exceptions.
+    pub commits: u64,
+    /// Exceptions committed: chunks copied on write into a snapshot, or
+    /// allocated by a write to a snapshot.
+    pub exceptions: u64,
+}
+
+impl IoStats {
+    /// Adds `o` to these.
+    pub fn add(&mut self, o: &IoStats) {
+        self.reads += o.reads;
+        self.read_bytes += o.read_bytes;
+        self.writes += o.writes;
+        self.write_bytes += o.write_bytes;
+        self.commits += o.commits;
+        self.exceptions += o.exceptions;
+    }
+}
+
+/// The engine's I/O counters.
+#[derive(Default)]
+struct IoCounters {
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    writes: AtomicU64,
+    write_bytes: AtomicU64,
+}
+
 /// A piece of an I/O: `len` bytes at `dev_off` on `dev`, at `buf_off` in
 /// the caller's buffer.
 struct Seg {
@@ -148,6 +186,9 @@ pub struct Origin {
     io_block: AtomicU64,
     next_id: AtomicU64,
     closed: AtomicBool,
+    io: IoCounters,
+    /// Commit counters of the snapshots that are gone.
+    retired: std::sync::Mutex<CommitStats>,
 }
 
 impl Origin {
@@ -172,6 +213,8 @@ impl Origin {
             io_block: AtomicU64::new(block_size),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            io: IoCounters::default(),
+            retired: std::sync::Mutex::new(CommitStats::default()),
         })
     }
 
@@ -202,6 +245,13 @@ impl Origin {
         let mut guard = self.snaps.write().expect("snapshot list");
         let mut list = guard.as_ref().clone();
         f(&mut list);
+        let mut retired = self.retired.lock().expect("retired stats");
+        for gone in guard.iter().filter(|s| !list.iter().any(|x| x.id == s.id)) {
+            let c = gone.store.commit_stats();
+            retired.commits += c.commits;
+            retired.exceptions += c.exceptions;
+        }
+        drop(retired);
         let bs = list
             .iter()
             .map(|s| s.store.device().block_size())
@@ -338,6 +388,20 @@ impl Origin {
             })
     }
 
+    /// What went through this engine since it was opened.
+    pub fn io_stats(&self) -> IoStats {
+        let live = self.commit_stats();
+        let retired = *self.retired.lock().expect("retired stats");
+        IoStats {
+            reads: self.io.reads.load(Ordering::Relaxed),
+            read_bytes: self.io.read_bytes.load(Ordering::Relaxed),
+            writes: self.io.writes.load(Ordering::Relaxed),
+            write_bytes: self.io.write_bytes.load(Ordering::Relaxed),
+            commits: live.commits + retired.commits,
+            exceptions: live.exceptions + retired.exceptions,
+        }
+    }
+
     fn check_io(&self, off: u64, len: u64) -> Result<()> {
         let bs = self.block_size();
         if !off.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
@@ -401,13 +465,16 @@ impl Origin {
     pub async fn read(&self, t: Target, off: u64, len: u64) -> Result<AlignedBuf> {
         self.check_io(off, len)?;
         let _io = self.enter().await?;
-        match t {
+        let buf = match t {
             Target::Origin => match self.merging_snapshot() {
                 None => self.dev.read(off, len as usize).await,
                 Some(m) => self.read_origin_merging(&m, off, len).await,
             },
             Target::Snapshot(id) => self.read_snapshot(&self.snapshot(id)?, off, len).await,
-        }
+        }?;
+        self.io.reads.fetch_add(1, Ordering::Relaxed);
+        self.io.read_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(buf)
     }
 
     /// Writes `buf` at `off` of the origin or a snapshot; with `fua` it is
@@ -421,15 +488,17 @@ impl Origin {
                 None => {
                     self.ensure_copied(off, len).await?;
                     self.dev.write(off, buf, fua).await?;
-                    Ok(())
                 }
-                Some(m) => self.write_origin_merging(&m, off, buf, fua).await,
+                Some(m) => self.write_origin_merging(&m, off, buf, fua).await?,
             },
             Target::Snapshot(id) => {
                 self.write_snapshot(&self.snapshot(id)?, off, buf, fua)
-                    .await
+                    .await?
             }
         }
+        self.io.writes.fetch_add(1, Ordering::Relaxed);
+        self.io.write_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes zeros over `[off, off+len)`, through the same copy-on-write

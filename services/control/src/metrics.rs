@@ -2,12 +2,15 @@
 //! RPC counts and latencies (recorded by the RPC layer in [`crate::server`]),
 //! operations by kind and state, the progress of running operations
 //! (merges, restores, clones), and what workers report: their room and
-//! health, and each snapshot's usage and exceptions (chunks copied into or
-//! written to its COW device). Catalog-derived gauges are refreshed at each
-//! scrape.
+//! health, their I/O (reads, writes, metadata commits and the exceptions
+//! they committed, i.e. chunks copied on write; exceptions per commit), and
+//! each snapshot's usage and exceptions (chunks copied into or written to
+//! its COW device). Catalog-derived gauges are refreshed at each scrape;
+//! worker I/O at each health check.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use http_body_util::Full;
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
 use crate::model::{OpKind, OpState};
+use crate::workers::WorkerIo;
 
 pub struct Metrics {
     registry: Registry,
@@ -32,6 +36,11 @@ pub struct Metrics {
     worker_free_bytes: IntGaugeVec,
     worker_capacity_bytes: IntGaugeVec,
     worker_volumes: IntGaugeVec,
+    /// Worker I/O counters, by what they count (`reads`, `read_bytes`, ...).
+    worker_io: HashMap<&'static str, IntCounterVec>,
+    worker_exceptions_per_commit: GaugeVec,
+    /// The last I/O figures each worker reported, to add what is new.
+    worker_io_seen: Mutex<HashMap<String, WorkerIo>>,
     snapshot_allocated_bytes: IntGaugeVec,
     snapshot_total_bytes: IntGaugeVec,
     snapshot_metadata_bytes: IntGaugeVec,
@@ -123,6 +132,53 @@ impl Metrics {
                 "Volumes placed on the worker",
                 &["worker"],
             ),
+            worker_io: [
+                (
+                    "reads",
+                    "cowsnap_worker_reads_total",
+                    "Reads of volumes and snapshots served by the worker",
+                ),
+                (
+                    "read_bytes",
+                    "cowsnap_worker_read_bytes_total",
+                    "Bytes read from volumes and snapshots",
+                ),
+                (
+                    "writes",
+                    "cowsnap_worker_writes_total",
+                    "Writes to volumes and snapshots served by the worker",
+                ),
+                (
+                    "write_bytes",
+                    "cowsnap_worker_written_bytes_total",
+                    "Bytes written to volumes and snapshots",
+                ),
+                (
+                    "commits",
+                    "cowsnap_worker_commits_total",
+                    "Metadata area writes (FUA) that committed new exceptions",
+                ),
+                (
+                    "exceptions",
+                    "cowsnap_worker_cow_exceptions_total",
+                    "Exceptions committed: chunks copied on write into snapshots, or allocated by snapshot writes",
+                ),
+            ]
+            .into_iter()
+            .map(|(k, name, help)| (k, counter(name, help, &["worker"])))
+            .collect(),
+            worker_exceptions_per_commit: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "cowsnap_worker_exceptions_per_commit",
+                        "Mean exceptions per metadata commit since the worker started (group commit)",
+                    ),
+                    &["worker"],
+                )
+                .expect("metric"),
+            ),
+            worker_io_seen: Mutex::new(HashMap::new()),
             snapshot_allocated_bytes: gauge(
                 "cowsnap_snapshot_allocated_bytes",
                 "COW device bytes in use (dmsetup status allocated), as last reported",
@@ -166,6 +222,30 @@ impl Metrics {
         self.rpc_seconds
             .with_label_values(&[method])
             .observe(seconds);
+    }
+
+    /// Adds what a worker's I/O counters grew by since it last reported
+    /// (all of them when it restarted: its counters start again from 0).
+    pub fn worker_io(&self, worker: &str, now: &WorkerIo) {
+        let mut seen = self.worker_io_seen.lock().expect("worker io");
+        let before = seen.get(worker).copied().unwrap_or_default();
+        let restarted = now
+            .fields()
+            .iter()
+            .zip(before.fields())
+            .any(|(n, b)| n.1 < b.1);
+        for ((k, n), (_, b)) in now.fields().into_iter().zip(before.fields()) {
+            let delta = if restarted { n } else { n - b };
+            if let Some(c) = self.worker_io.get(k) {
+                c.with_label_values(&[worker]).inc_by(delta);
+            }
+        }
+        if now.commits > 0 {
+            self.worker_exceptions_per_commit
+                .with_label_values(&[worker])
+                .set(now.exceptions as f64 / now.commits as f64);
+        }
+        seen.insert(worker.to_string(), *now);
     }
 
     pub fn operation_done(&self, kind: OpKind, state: OpState) {

@@ -162,6 +162,7 @@ pub async fn start(
             connect_timeout: Duration::from_secs(3).min(cfg.worker_timeout),
             tls: client_tls,
         },
+        metrics.clone(),
     ));
     let ops = Operations::new(
         catalog.clone(),

@@ -8,7 +8,7 @@
 //! healthy again when it answers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cowsnap_proto::server::Listen;
@@ -22,6 +22,7 @@ use wpb::worker_service_client::WorkerServiceClient;
 
 use crate::catalog::{self, Catalog};
 use crate::error::{ControlError, Result};
+use crate::metrics::Metrics;
 use crate::model::{self, State, Usage, Worker, now_ms};
 
 /// The worker service's name in `grpc.health.v1`.
@@ -36,6 +37,35 @@ pub struct WorkerInfo {
     pub capacity_bytes: u64,
     pub version: String,
     pub io_backend: String,
+    pub io: WorkerIo,
+}
+
+/// A worker's I/O counters since it started (they only grow until it
+/// restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerIo {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Metadata commits, and the exceptions (chunks copied on write) they
+    /// committed.
+    pub commits: u64,
+    pub exceptions: u64,
+}
+
+impl WorkerIo {
+    /// Each counter with its name.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("reads", self.reads),
+            ("read_bytes", self.read_bytes),
+            ("writes", self.writes),
+            ("write_bytes", self.write_bytes),
+            ("commits", self.commits),
+            ("exceptions", self.exceptions),
+        ]
+    }
 }
 
 /// A volume as its worker reports it.
@@ -150,6 +180,7 @@ pub struct Workers {
     catalog: Catalog,
     connect: WorkerConnect,
     channels: Mutex<HashMap<String, Channel>>,
+    metrics: Arc<Metrics>,
 }
 
 /// A client of one worker.
@@ -162,11 +193,12 @@ pub struct WorkerClient {
 }
 
 impl Workers {
-    pub fn new(catalog: Catalog, connect: WorkerConnect) -> Workers {
+    pub fn new(catalog: Catalog, connect: WorkerConnect, metrics: Arc<Metrics>) -> Workers {
         Workers {
             catalog,
             connect,
             channels: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -314,6 +346,7 @@ impl Workers {
         let mut c = self.catalog.conn().await?;
         match result {
             Ok(info) => {
+                self.metrics.worker_io(&w.name(), &info.io);
                 let mut fresh = w.clone();
                 fresh.nbd_uri = info.nbd_uri;
                 fresh.capacity_bytes = info.capacity_bytes;
@@ -457,6 +490,17 @@ impl WorkerClient {
             capacity_bytes: i.capacity_bytes,
             version: i.version,
             io_backend: i.io_backend,
+            io: i
+                .io
+                .map(|io| WorkerIo {
+                    reads: io.reads,
+                    read_bytes: io.read_bytes,
+                    writes: io.writes,
+                    write_bytes: io.write_bytes,
+                    commits: io.commits,
+                    exceptions: io.exceptions,
+                })
+                .unwrap_or_default(),
         })
     }
 

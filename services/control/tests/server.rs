@@ -148,8 +148,21 @@ async fn metrics_endpoint_serves_counters() {
     let w = Worker::start(dir.path(), "node-a").await;
     let control = Control::start(Control::config(dir.path(), &[&w])).await;
     let mut c = control.clients().await;
-    c.create_volume("v1", 4 * MIB).await;
+    let v = c.create_volume("v1", 4 * MIB).await;
     c.create_snapshot("v1", "s1").await;
+    // 64 KiB written over NBD: four 16 KiB chunks copied on write.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 64k", &v.nbd_uri])
+        .output()
+        .expect("qemu-io (apt-get install qemu-utils)");
+    assert!(out.status.success(), "{out:?}");
+    // A health check (GetWorker checks now) brings the worker's I/O figures.
+    c.workers
+        .get_worker(pb::GetWorkerRequest {
+            name: "workers/node-a".into(),
+        })
+        .await
+        .unwrap();
     let _ = c
         .volumes
         .get_volume(pb::GetVolumeRequest {
@@ -168,7 +181,13 @@ async fn metrics_endpoint_serves_counters() {
         r#"cowsnap_worker_up{worker="workers/node-a"} 1"#,
         r#"cowsnap_worker_volumes{worker="workers/node-a"} 1"#,
         r#"cowsnap_snapshot_total_bytes{snapshot="volumes/v1/snapshots/s1"}"#,
-        r#"cowsnap_snapshot_exceptions{snapshot="volumes/v1/snapshots/s1"} 0"#,
+        r#"cowsnap_worker_writes_total{worker="workers/node-a"} 1"#,
+        r#"cowsnap_worker_written_bytes_total{worker="workers/node-a"} 65536"#,
+        r#"cowsnap_worker_cow_exceptions_total{worker="workers/node-a"} 4"#,
+        r#"cowsnap_worker_commits_total{worker="workers/node-a"}"#,
+        r#"cowsnap_worker_exceptions_per_commit{worker="workers/node-a"}"#,
+        r#"cowsnap_worker_reads_total{worker="workers/node-a"}"#,
+        r#"cowsnap_snapshot_exceptions{snapshot="volumes/v1/snapshots/s1"}"#,
     ] {
         assert!(body.contains(needle), "{needle} not in\n{body}");
     }

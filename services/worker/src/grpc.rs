@@ -120,6 +120,14 @@ fn info_pb(i: WorkerInfo) -> pb::WorkerInfo {
             .collect(),
         io_backend: i.io_backend,
         version: env!("CARGO_PKG_VERSION").into(),
+        io: Some(pb::IoStats {
+            reads: i.io.reads,
+            read_bytes: i.io.read_bytes,
+            writes: i.io.writes,
+            write_bytes: i.io.write_bytes,
+            commits: i.io.commits,
+            exceptions: i.io.exceptions,
+        }),
     }
 }
 

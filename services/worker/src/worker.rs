@@ -18,7 +18,7 @@ use cowsnap_proto::names;
 use cowsnap_store::format::{DEFAULT_CHUNK_SECTORS, HeaderState};
 use cowsnap_store::status::dm_status_line;
 use cowsnap_store::{
-    Backend, BackendChoice, Layout, Origin, SnapId, SnapshotOptions, Target, Usage,
+    Backend, BackendChoice, IoStats, Layout, Origin, SnapId, SnapshotOptions, Target, Usage,
 };
 use tokio::sync::Mutex;
 
@@ -95,6 +95,8 @@ pub struct WorkerInfo {
     pub capacity_bytes: u64,
     pub devices: Vec<RawDeviceInfo>,
     pub io_backend: String,
+    /// I/O through every engine since the worker started.
+    pub io: IoStats,
 }
 
 /// A volume's running engine.
@@ -118,6 +120,9 @@ pub struct Worker {
     file: StateFile,
     inner: Mutex<Inner>,
     tasks: Tasks,
+    /// I/O counters of the engines of deleted volumes, so the worker's
+    /// totals only grow.
+    retired_io: std::sync::Mutex<IoStats>,
 }
 
 /// What a new snapshot or volume asks for, to compare with an existing one
@@ -173,6 +178,7 @@ impl Worker {
                 live: BTreeMap::new(),
             }),
             tasks: Tasks::default(),
+            retired_io: std::sync::Mutex::new(IoStats::default()),
         });
         w.recover().await?;
         Ok(w)
@@ -453,7 +459,12 @@ impl Worker {
                 size_bytes: size,
             })
             .collect();
+        let mut io = *self.retired_io.lock().expect("retired io");
+        for o in inner.live.values().filter_map(|l| l.origin.as_ref()) {
+            io.add(&o.io_stats());
+        }
         Ok(WorkerInfo {
+            io,
             node: self.cfg.node.clone(),
             nbd_uri: self.cfg.nbd_uri.clone(),
             free_bytes: free.saturating_sub(self.committed_unallocated(&inner.st)),
@@ -712,6 +723,10 @@ impl Worker {
         if let Some(live) = inner.live.remove(&v.id)
             && let Some(o) = live.origin
         {
+            self.retired_io
+                .lock()
+                .expect("retired io")
+                .add(&o.io_stats());
             o.shutdown().await?;
         }
         self.devices.release(&v.device, v.file_backed)?;
