@@ -1,12 +1,69 @@
 //! What every cowsnap gRPC server shares: where it listens (`host:port` or
-//! `unix:PATH`), server reflection (both `grpc.reflection.v1` and
-//! `v1alpha`: grpcurl 1.8 asks for the latter) and `grpc.health.v1`.
+//! `unix:PATH`), TLS certificates ([`TlsFiles`]: the server side and the
+//! client side of mTLS between the control service and its workers),
+//! server reflection (both `grpc.reflection.v1` and `v1alpha`: grpcurl 1.8
+//! asks for the latter) and `grpc.health.v1`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// PEM files for TLS: this process's certificate and key (its server
+/// identity, and its client identity towards peers), and the CA peers'
+/// certificates are checked against.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+}
+
+fn read_pem(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("{}: cannot read the {what}", p.display()))
+}
+
+impl TlsFiles {
+    fn identity(&self) -> anyhow::Result<Identity> {
+        Ok(Identity::from_pem(
+            read_pem(&self.cert, "TLS certificate")?,
+            read_pem(&self.key, "TLS key")?,
+        ))
+    }
+
+    fn ca_cert(&self) -> anyhow::Result<Option<Certificate>> {
+        self.ca
+            .as_ref()
+            .map(|ca| Ok(Certificate::from_pem(read_pem(ca, "TLS CA")?)))
+            .transpose()
+    }
+
+    /// The server side: our certificate; with a CA, callers' client
+    /// certificates are checked against it, and required when
+    /// `require_client_cert` (a worker only talks to control services that
+    /// hold a certificate from that CA: mTLS).
+    pub fn server(&self, require_client_cert: bool) -> anyhow::Result<ServerTlsConfig> {
+        let mut cfg = ServerTlsConfig::new().identity(self.identity()?);
+        if let Some(ca) = self.ca_cert()? {
+            cfg = cfg
+                .client_ca_root(ca)
+                .client_auth_optional(!require_client_cert);
+        }
+        Ok(cfg)
+    }
+
+    /// The client side: our certificate as the client identity, and the CA
+    /// servers' certificates are checked against.
+    pub fn client(&self) -> anyhow::Result<ClientTlsConfig> {
+        let mut cfg = ClientTlsConfig::new().identity(self.identity()?);
+        if let Some(ca) = self.ca_cert()? {
+            cfg = cfg.ca_certificate(ca);
+        }
+        Ok(cfg)
+    }
+}
 
 /// A listening address: TCP `host:port`, or a unix socket `unix:PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,10 +19,10 @@ use cowsnap_proto::cowsnap::v1::operation_service_server::OperationServiceServer
 use cowsnap_proto::cowsnap::v1::snapshot_service_server::SnapshotServiceServer;
 use cowsnap_proto::cowsnap::v1::volume_service_server::VolumeServiceServer;
 use cowsnap_proto::cowsnap::v1::worker_service_server::WorkerServiceServer;
+pub use cowsnap_proto::server::TlsFiles;
 use cowsnap_proto::server::{Bound, Listen, reflection_and_health};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::api::Api;
 use crate::auth::{AuthLayer, read_token};
@@ -33,18 +33,6 @@ use crate::metrics::{self, Metrics};
 use crate::operations::{CrashAt, Operations};
 use crate::reconcile::{Reconciler, Report};
 use crate::workers::{WorkerConnect, Workers};
-
-/// Certificates for TLS: the server's identity on the public API, the
-/// client identity towards workers (mTLS), and the CA both sides check
-/// peers against.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Verifies workers' certificates, and callers' client certificates
-    /// when they present one.
-    pub ca: Option<PathBuf>,
-}
 
 /// How the control service is set up.
 #[derive(Clone, Debug)]
@@ -117,25 +105,6 @@ impl RunningControl {
     }
 }
 
-fn read(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("{}: cannot read the {what}", p.display()))
-}
-
-fn tls_configs(tls: &TlsFiles) -> anyhow::Result<(ServerTlsConfig, ClientTlsConfig)> {
-    let identity = Identity::from_pem(
-        read(&tls.cert, "TLS certificate")?,
-        read(&tls.key, "TLS key")?,
-    );
-    let mut server = ServerTlsConfig::new().identity(identity.clone());
-    let mut client = ClientTlsConfig::new().identity(identity);
-    if let Some(ca) = &tls.ca {
-        let ca = Certificate::from_pem(read(ca, "TLS CA")?);
-        server = server.client_ca_root(ca.clone()).client_auth_optional(true);
-        client = client.ca_certificate(ca);
-    }
-    Ok((server, client))
-}
-
 /// Starts the control service: everything is open, bound and reconciled
 /// once when this returns. It serves until `shutdown` is cancelled; then
 /// [`RunningControl::wait`].
@@ -148,10 +117,8 @@ pub async fn start(
     let catalog = Catalog::open(&cfg.data_dir.join("catalog.db")).await?;
     let token = cfg.auth_token_file.as_deref().map(read_token).transpose()?;
     let (server_tls, client_tls) = match &cfg.tls {
-        Some(t) => {
-            let (s, c) = tls_configs(t)?;
-            (Some(s), Some(c))
-        }
+        // Callers may present a client certificate; workers' are checked.
+        Some(t) => (Some(t.server(false)?), Some(t.client()?)),
         None => (None, None),
     };
     let metrics = Metrics::new();

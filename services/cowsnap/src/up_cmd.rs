@@ -81,6 +81,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
             .map_err(|e: String| anyhow::anyhow!("{}: {e}", worker_sock.display()))?,
         nbd_listen,
         nbd_advertise: args.nbd_advertise,
+        tls: None,
     };
     let mut control_cfg = ControlConfig::new(&dir, listen);
     control_cfg.workers = vec![worker_addr];

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use cowsnap_proto::server::TlsFiles;
 use cowsnap_store::BackendChoice;
 use cowsnap_worker::server::{ServeOptions, hostname, start};
 use cowsnap_worker::worker::WorkerConfig;
@@ -18,7 +19,8 @@ const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
     /// TOML file with any of the settings below (keys: data_dir,
-    /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io).
+    /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io,
+    /// tls_cert, tls_key, tls_ca).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
     /// The worker's state and, on the embedded default, its devices
@@ -45,6 +47,16 @@ pub struct WorkerArgs {
     /// I/O backend: auto, uring or portable [default: auto].
     #[arg(long, env = "COWSNAP_IO")]
     io: Option<String>,
+    /// PEM certificate of the gRPC API (TLS). Needs --tls-key.
+    #[arg(long, env = "COWSNAP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "COWSNAP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: callers of the gRPC API must present a client certificate it
+    /// signed (mTLS with the control service).
+    #[arg(long, env = "COWSNAP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -57,6 +69,9 @@ struct FileConfig {
     device_allow: Option<Vec<String>>,
     node: Option<String>,
     io: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 /// The settings resolved from flags, environment, config file and defaults.
@@ -107,10 +122,20 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)>
         device_allow,
         io,
     };
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        args.tls_ca.or(file.tls_ca),
+    ) {
+        (Some(cert), Some(key), ca) => Some(TlsFiles { cert, key, ca }),
+        (None, None, None) => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and optionally --tls-ca)"),
+    };
     let opts = ServeOptions {
         grpc_listen,
         nbd_listen,
         nbd_advertise: args.nbd_advertise.or(file.nbd_advertise),
+        tls,
     };
     Ok((cfg, opts))
 }

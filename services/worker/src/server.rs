@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use cowsnap_proto::server::{Bound, Listen, reflection_and_health};
+use anyhow::Context;
+use cowsnap_proto::server::{Bound, Listen, TlsFiles, reflection_and_health};
 use cowsnap_proto::worker::v1::worker_service_server::WorkerServiceServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,9 @@ pub struct ServeOptions {
     /// The NBD endpoint to tell clients (`nbd://HOST:PORT` or
     /// `nbd+unix:///?socket=PATH`); default: derived from where NBD listens.
     pub nbd_advertise: Option<String>,
+    /// TLS on the gRPC API; with a CA, callers must present a certificate
+    /// it signed (mTLS with the control service).
+    pub tls: Option<TlsFiles>,
 }
 
 /// A started worker.
@@ -95,7 +99,13 @@ pub async fn start(
     reporter
         .set_serving::<WorkerServiceServer<WorkerGrpc>>()
         .await;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder
+            .tls_config(tls.server(true)?)
+            .context("bad TLS configuration")?;
+    }
+    let router = builder
         .add_service(WorkerServiceServer::new(WorkerGrpc::new(worker.clone())))
         .add_service(v1)
         .add_service(v1alpha)

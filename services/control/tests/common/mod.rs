@@ -83,6 +83,7 @@ impl Worker {
             grpc_listen: self.address.parse().unwrap(),
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_advertise: None,
+            tls: None,
         };
         let token = CancellationToken::new();
         let w = cowsnap_worker::server::start(cfg, opts, token.clone())

@@ -57,16 +57,26 @@ pub struct Up {
     pub api_port: u16,
     pub nbd_port: u16,
     pub log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Up {
     pub fn start(dir: &Path) -> Up {
+        Up::start_with_env(dir, &[])
+    }
+
+    /// Starts it with these environment variables set.
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Up {
         let mut up = Up {
             child: None,
             dir: dir.to_path_buf(),
             api_port: free_port(),
             nbd_port: free_port(),
             log: dir.with_extension("log"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         up.spawn();
         up
@@ -86,6 +96,7 @@ impl Up {
             .args(["--listen", &self.api()])
             .args(["--nbd-listen", &self.nbd()])
             .env("COWSNAP_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
