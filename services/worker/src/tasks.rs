@@ -18,8 +18,14 @@ use crate::state::TaskRec;
 const KEEP_DONE: usize = 256;
 
 /// A task's record and a channel that ticks on every change.
+///
+/// A task that has succeeded on disk can be held back from its watchers
+/// ([`TaskHandle::succeed_held`]) until the worker has finished making its
+/// result usable (exports registered, devices released): whoever sees a
+/// task done can use what it made.
 pub struct TaskHandle {
     rec: Mutex<TaskRec>,
+    held: std::sync::atomic::AtomicBool,
     changed: watch::Sender<u64>,
 }
 
@@ -27,12 +33,37 @@ impl TaskHandle {
     pub fn new(rec: TaskRec) -> Arc<TaskHandle> {
         Arc::new(TaskHandle {
             rec: Mutex::new(rec),
+            held: std::sync::atomic::AtomicBool::new(false),
             changed: watch::Sender::new(0),
         })
     }
 
+    /// The record as clients see it: a held success still reads as
+    /// running.
     pub fn get(&self) -> TaskRec {
+        let mut r = self.record();
+        if self.held.load(std::sync::atomic::Ordering::Acquire) {
+            r.done = false;
+        }
+        r
+    }
+
+    /// The record as it is persisted.
+    pub fn record(&self) -> TaskRec {
         self.rec.lock().expect("task").clone()
+    }
+
+    /// Marks the task succeeded for the next save, without telling its
+    /// watchers until [`TaskHandle::announce`].
+    pub fn succeed_held(&self) {
+        self.held.store(true, std::sync::atomic::Ordering::Release);
+        self.rec.lock().expect("task").succeed();
+    }
+
+    /// Shows a held success to the task's watchers.
+    pub fn announce(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     pub fn update(&self, f: impl FnOnce(&mut TaskRec)) {
@@ -119,7 +150,13 @@ impl Tasks {
     /// Records of the tasks to persist: every unfinished one and the most
     /// recent done ones.
     pub fn records(&self) -> BTreeMap<String, TaskRec> {
-        self.list().into_iter().map(|r| (r.id.clone(), r)).collect()
+        self.map
+            .lock()
+            .expect("tasks")
+            .values()
+            .map(|t| t.record())
+            .map(|r| (r.id.clone(), r))
+            .collect()
     }
 }
 

@@ -1283,11 +1283,18 @@ impl Worker {
         // The merge's end and the task's success are saved together: a
         // crash after this save never resumes a merge whose snapshot is
         // gone (a restart releases the snapshot's device, in `Deleting`).
-        task.update(TaskRec::succeed);
-        self.save(&mut inner)?;
+        // Watchers learn of it once the snapshot is released.
+        task.succeed_held();
+        let saved = self.save(&mut inner);
+        if saved.is_err() {
+            task.update(|t| t.done = false);
+            task.announce();
+        }
+        saved?;
         if let Err(e) = self.detach_snapshot(&mut inner, vol, &s).await {
             tracing::error!(snapshot = %name, "merged, but its device is not released yet (the next start releases it): {e}");
         }
+        task.announce();
         tracing::info!(snapshot = %name, "merge done");
         Ok(())
     }
@@ -1388,14 +1395,21 @@ impl Worker {
         // the clone's temporary snapshot are saved together: a crash after
         // this save never copies again (over a volume clients may already
         // use, or from a later point in time).
-        task.update(TaskRec::succeed);
-        self.save(&mut inner)?;
+        // Watchers learn of it once the volume is exported.
+        task.succeed_held();
+        let saved = self.save(&mut inner);
+        if saved.is_err() {
+            task.update(|t| t.done = false);
+            task.announce();
+        }
+        saved?;
         if let Some((sv, s)) = &temp
             && let Err(e) = self.detach_snapshot(&mut inner, sv, s).await
         {
             tracing::error!(volume = %rec.target, "copied, but the temporary snapshot is not released yet (the next start releases it): {e}");
         }
         self.export_volume(&v, &dst_origin, &inner.live[&vol]);
+        task.announce();
         tracing::info!(volume = %rec.target, kind = rec.kind.as_str(), source = %rec.source, "copy done");
         Ok(())
     }
