@@ -38,6 +38,21 @@ use crate::table::ExceptionTable;
 /// A snapshot and the COW chunk allocated for a copy.
 type CopyTarget = (Arc<Snapshot>, u64);
 
+/// A snapshot and the (origin chunk, COW chunk) pairs written to it with
+/// one I/O: both sides consecutive.
+type CowWrite = (Arc<Snapshot>, Vec<(u64, u64)>);
+
+/// Longest run of origin chunks copied with one read (and, where the COW
+/// chunks follow on, one write per snapshot): bounds the buffer.
+const MAX_COPY_BYTES: u64 = 1 << 20;
+
+/// Consecutive origin chunks of one chunk size, and who needs each.
+struct CopyRun {
+    chunk_bytes: u64,
+    first: u64,
+    chunks: Vec<(u64, Vec<CopyTarget>)>,
+}
+
 /// What an I/O addresses: the origin, or one of its snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -601,52 +616,95 @@ impl Origin {
     }
 
     /// Copies origin chunks into the snapshots that need them and commits
-    /// the exceptions; each origin chunk is read once per chunk size.
+    /// the exceptions. Consecutive origin chunks are read with one I/O (each
+    /// read once per chunk size, whatever the number of snapshots), and
+    /// chunks that are consecutive in a COW device too are written there
+    /// with one I/O: a large write costs a few I/Os, not two per chunk.
     async fn create_exceptions(&self, list: Vec<(Arc<Snapshot>, u64, u64)>) -> Result<()> {
-        let mut groups: BTreeMap<(u64, u64), Vec<CopyTarget>> = BTreeMap::new();
+        let mut by_chunk: BTreeMap<(u64, u64), Vec<CopyTarget>> = BTreeMap::new();
         for (s, c, new) in list {
-            groups
+            by_chunk
                 .entry((s.chunk_bytes(), c))
                 .or_default()
                 .push((s, new));
         }
-        let results = join_all(
-            groups
-                .into_iter()
-                .map(|((cb, c), targets)| self.copy_chunk(cb, c, targets)),
-        )
-        .await;
+        let mut runs: Vec<CopyRun> = Vec::new();
+        for ((cb, c), targets) in by_chunk {
+            match runs.last_mut() {
+                Some(r)
+                    if r.chunk_bytes == cb
+                        && r.first + r.chunks.len() as u64 == c
+                        && (r.chunks.len() as u64 + 1) * cb <= MAX_COPY_BYTES.max(cb) =>
+                {
+                    r.chunks.push((c, targets))
+                }
+                _ => runs.push(CopyRun {
+                    chunk_bytes: cb,
+                    first: c,
+                    chunks: vec![(c, targets)],
+                }),
+            }
+        }
+        let results = join_all(runs.into_iter().map(|r| self.copy_run(r))).await;
         results.into_iter().collect()
     }
 
-    async fn copy_chunk(&self, cb: u64, c: u64, targets: Vec<CopyTarget>) -> Result<()> {
-        let start = c * cb;
-        let len = cb.min(self.size() - start);
+    /// Reads a run of origin chunks once and writes each snapshot's share
+    /// of it, in as few writes as its COW chunks allow.
+    async fn copy_run(&self, run: CopyRun) -> Result<()> {
+        let cb = run.chunk_bytes;
+        let n = run.chunks.len() as u64;
+        let start = run.first * cb;
+        let len = (n * cb).min(self.size() - start);
         let data = match self.dev.read(start, len as usize).await {
             Ok(d) => d,
             Err(e) => {
-                for (s, _) in &targets {
-                    s.store.abandon();
-                    let mut st = s.lock();
-                    st.pending.remove(&c);
-                    s.changed(&mut st);
+                for (c, targets) in &run.chunks {
+                    for (s, _) in targets {
+                        s.store.abandon();
+                        let mut st = s.lock();
+                        st.pending.remove(c);
+                        s.changed(&mut st);
+                    }
                 }
                 return Err(e);
             }
         };
-        let n = targets.len();
+        // Per snapshot, stretches where origin and COW chunks both follow on.
+        let mut writes: Vec<CowWrite> = Vec::new();
+        let mut open: BTreeMap<SnapId, usize> = BTreeMap::new();
+        for (c, targets) in run.chunks {
+            for (s, new) in targets {
+                let continues = open.get(&s.id).is_some_and(|&i| {
+                    let &(lc, ln) = writes[i].1.last().expect("never empty");
+                    lc + 1 == c && ln + 1 == new
+                });
+                if continues {
+                    writes[open[&s.id]].1.push((c, new));
+                } else {
+                    open.insert(s.id, writes.len());
+                    writes.push((s, vec![(c, new)]));
+                }
+            }
+        }
+        let whole = writes.len() == 1 && writes[0].1.len() as u64 == n && len == n * cb;
         let mut data = Some(data);
-        let results = join_all(targets.into_iter().enumerate().map(|(i, (s, new))| {
-            let buf = if i + 1 == n && len == cb {
-                data.take().expect("moved once")
+        let mut jobs = Vec::with_capacity(writes.len());
+        for (s, recs) in writes {
+            let buf = if whole {
+                data.take().expect("taken once")
             } else {
-                let mut b = AlignedBuf::zeroed(cb as usize);
-                b[..len as usize].copy_from_slice(data.as_ref().expect("still here"));
+                let src = data.as_ref().expect("kept");
+                let at = ((recs[0].0 - run.first) * cb) as usize;
+                let want = recs.len() * cb as usize;
+                let have = want.min(src.len() - at);
+                let mut b = AlignedBuf::zeroed(want);
+                b[..have].copy_from_slice(&src[at..at + have]);
                 b
             };
-            finish_exception(s, c, new, buf)
-        }))
-        .await;
+            jobs.push(finish_exceptions(s, recs, buf));
+        }
+        let results = join_all(jobs).await;
         results.into_iter().collect()
     }
 
@@ -946,27 +1004,56 @@ impl Origin {
 }
 
 /// Writes the copy of chunk `c` into COW chunk `new` of `s` and commits the
-/// exception; on success the exception is visible to lookups. A COW
-/// device that fails is invalidated: the call succeeds once that is
-/// durable (the origin may go ahead without this snapshot), and fails if
-/// even that cannot be done.
+/// exception; see [`finish_exceptions`].
 async fn finish_exception(s: Arc<Snapshot>, c: u64, new: u64, buf: AlignedBuf) -> Result<()> {
+    finish_exceptions(s, vec![(c, new)], buf).await
+}
+
+/// Writes `buf`, the copies of origin chunks `recs[i].0`, into COW chunks
+/// `recs[i].1` of `s` (consecutive, so one write) and commits the
+/// exceptions, all in the same group commit; on success each is visible to
+/// lookups. A COW device that fails is invalidated: the call succeeds once
+/// that is durable (the origin may go ahead without this snapshot), and
+/// fails if even that cannot be done.
+async fn finish_exceptions(s: Arc<Snapshot>, recs: Vec<(u64, u64)>, buf: AlignedBuf) -> Result<()> {
     let cb = s.chunk_bytes();
-    let failure = match s.store.device().write(new * cb, buf, false).await {
+    let (first, last) = (recs[0].1, recs[recs.len() - 1].1);
+    debug_assert_eq!(buf.len() as u64, (last - first + 1) * cb);
+    let mut committed = vec![false; recs.len()];
+    let failure = match s.store.device().write(first * cb, buf, false).await {
         Err(e) => {
-            s.store.abandon();
-            Some(format!("Error writing COW chunk {new}: {e}"))
+            for _ in &recs {
+                s.store.abandon();
+            }
+            Some(if first == last {
+                format!("Error writing COW chunk {first}: {e}")
+            } else {
+                format!("Error writing COW chunks {first}-{last}: {e}")
+            })
         }
-        Ok(_) => match s.store.commit(Record { old: c, new }).await {
-            Ok(()) => None,
-            Err(e) => Some(format!("{e}")),
-        },
+        Ok(_) => {
+            let results = join_all(
+                recs.iter()
+                    .map(|&(old, new)| s.store.commit(Record { old, new })),
+            )
+            .await;
+            let mut failure = None;
+            for (ok, r) in committed.iter_mut().zip(results) {
+                match r {
+                    Ok(()) => *ok = true,
+                    Err(e) => failure = failure.or(Some(format!("{e}"))),
+                }
+            }
+            failure
+        }
     };
     {
         let mut st = s.lock();
-        st.pending.remove(&c);
-        if failure.is_none() {
-            st.exceptions.insert(c, new);
+        for (&(c, new), ok) in recs.iter().zip(committed) {
+            st.pending.remove(&c);
+            if ok {
+                st.exceptions.insert(c, new);
+            }
         }
         s.changed(&mut st);
     }
