@@ -1,14 +1,51 @@
 //! `AlignedBuf`: the one type that knows `O_DIRECT`'s alignment rules. Every
 //! buffer handed to a device is one of these, so no caller does arithmetic on
 //! addresses.
+//!
+//! Buffers are recycled: a freed buffer of up to [`POOL_MAX`] bytes goes
+//! back to a small pool per power-of-two size and the next one of that size
+//! reuses it (zeroed again). Fresh large allocations come from `mmap`, and
+//! faulting in and clearing their pages cost more CPU than the I/O itself
+//! (measured: page faults and page clearing were a fifth of the worker's
+//! CPU on 1 MiB writes).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 /// Memory alignment of every buffer: the page size, which satisfies any
 /// device's logical block size.
 pub const BUF_ALIGN: usize = 4096;
+
+/// Largest buffer that is recycled; larger ones are freed.
+pub const POOL_MAX: usize = 4 << 20;
+
+/// Size classes: `BUF_ALIGN << i` bytes.
+const CLASSES: usize = (POOL_MAX / BUF_ALIGN).trailing_zeros() as usize + 1;
+
+/// Idle buffers kept per class: at most 64, and at most 4 MiB of them (at
+/// least 2).
+const fn pool_limit(class: usize) -> usize {
+    let per = (4 << 20) / (BUF_ALIGN << class);
+    if per > 64 {
+        64
+    } else if per < 2 {
+        2
+    } else {
+        per
+    }
+}
+
+/// Idle buffers by class, as addresses (each `BUF_ALIGN << class` bytes,
+/// allocated with that layout).
+static POOL: [Mutex<Vec<usize>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
+
+/// The class whose buffers hold `len` bytes, when such buffers are pooled.
+fn class_of(len: usize) -> Option<usize> {
+    let size = len.max(1).next_power_of_two().max(BUF_ALIGN);
+    (size <= POOL_MAX).then(|| (size / BUF_ALIGN).trailing_zeros() as usize)
+}
 
 /// A heap buffer aligned to [`BUF_ALIGN`], owned, zero-initialised, and
 /// passed by value through the I/O backends (io_uring needs the memory to
@@ -27,7 +64,22 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        let cap = len.max(1).next_multiple_of(BUF_ALIGN);
+        if let Some(class) = class_of(len) {
+            let cap = BUF_ALIGN << class;
+            let reused = POOL[class].lock().expect("buffer pool").pop();
+            if let Some(addr) = reused {
+                let ptr = NonNull::new(addr as *mut u8).expect("pooled buffers are non-null");
+                // SAFETY: the pooled allocation is `cap` bytes, exclusively
+                // ours now; clearing `len` of them is in bounds.
+                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+                return AlignedBuf { ptr, len, cap };
+            }
+            return AlignedBuf::fresh(len, cap);
+        }
+        AlignedBuf::fresh(len, len.next_multiple_of(BUF_ALIGN))
+    }
+
+    fn fresh(len: usize, cap: usize) -> AlignedBuf {
         let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer size overflows");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
@@ -77,8 +129,18 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.cap.is_power_of_two()
+            && let Some(class) = class_of(self.cap)
+            && BUF_ALIGN << class == self.cap
+        {
+            let mut idle = POOL[class].lock().expect("buffer pool");
+            if idle.len() < pool_limit(class) {
+                idle.push(self.ptr.as_ptr() as usize);
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout was valid");
-        // SAFETY: allocated in `zeroed` with this layout.
+        // SAFETY: allocated in `fresh` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
 }
@@ -101,6 +163,25 @@ mod tests {
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn recycled_buffers_come_back_zeroed() {
+        for len in [4096, 16384, 100_000, 1 << 20] {
+            let mut b = AlignedBuf::zeroed(len);
+            b.fill(0xee);
+            let cap = b.capacity();
+            drop(b);
+            // Whether or not this one is the recycled buffer (other tests
+            // run beside), it is aligned, zeroed and of the same class.
+            let b = AlignedBuf::zeroed(len);
+            assert_eq!(b.capacity(), cap);
+            assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0);
+            assert!(b.iter().all(|&x| x == 0), "{len}");
+        }
+        // Beyond the pool: exact page multiples, freed on drop.
+        let b = AlignedBuf::zeroed(POOL_MAX + 1);
+        assert_eq!(b.capacity(), POOL_MAX + BUF_ALIGN);
     }
 
     #[test]
