@@ -13,7 +13,6 @@ use cowsnap_control::server::TlsFiles;
 use cowsnap_proto::cowsnap::v1 as pb;
 use cowsnap_proto::worker::v1 as wpb;
 use cowsnap_worker::server::ServeOptions;
-use cowsnap_worker::worker::WorkerConfig;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -97,16 +96,7 @@ async fn mtls_between_control_and_worker_and_tls_on_the_public_api() {
     // A worker on TCP that requires client certificates from the CA.
     let token = CancellationToken::new();
     let w = cowsnap_worker::server::start(
-        WorkerConfig {
-            data_dir: d.join("worker"),
-            node: "node-tls".into(),
-            nbd_uri: String::new(),
-            device_allow: Vec::new(),
-            io: std::env::var("COWSNAP_IO")
-                .unwrap_or_default()
-                .parse()
-                .unwrap(),
-        },
+        worker_config(d.join("worker"), "node-tls"),
         ServeOptions {
             grpc_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_listen: "127.0.0.1:0".parse().unwrap(),

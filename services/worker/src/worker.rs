@@ -197,6 +197,20 @@ impl Worker {
         self.file.save(&inner.st).map_err(WorkerError::Internal)
     }
 
+    /// Saves `task` as succeeded, with whatever `inner` holds, but leaves
+    /// the success held from its watchers: the caller announces it once
+    /// the result is usable. If the save fails the task is still running
+    /// (the task runner records the error).
+    fn save_held_success(&self, inner: &mut Inner, task: &TaskHandle) -> Result<()> {
+        task.succeed_held();
+        let saved = self.save(inner);
+        if saved.is_err() {
+            task.update(|t| t.done = false);
+            task.announce();
+        }
+        saved
+    }
+
     async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         let mut inner = self.inner.lock().await;
         for rec in inner.st.tasks.values() {
@@ -1284,13 +1298,7 @@ impl Worker {
         // crash after this save never resumes a merge whose snapshot is
         // gone (a restart releases the snapshot's device, in `Deleting`).
         // Watchers learn of it once the snapshot is released.
-        task.succeed_held();
-        let saved = self.save(&mut inner);
-        if saved.is_err() {
-            task.update(|t| t.done = false);
-            task.announce();
-        }
-        saved?;
+        self.save_held_success(&mut inner, task)?;
         if let Err(e) = self.detach_snapshot(&mut inner, vol, &s).await {
             tracing::error!(snapshot = %name, "merged, but its device is not released yet (the next start releases it): {e}");
         }
@@ -1396,13 +1404,7 @@ impl Worker {
         // this save never copies again (over a volume clients may already
         // use, or from a later point in time).
         // Watchers learn of it once the volume is exported.
-        task.succeed_held();
-        let saved = self.save(&mut inner);
-        if saved.is_err() {
-            task.update(|t| t.done = false);
-            task.announce();
-        }
-        saved?;
+        self.save_held_success(&mut inner, task)?;
         if let Some((sv, s)) = &temp
             && let Err(e) = self.detach_snapshot(&mut inner, sv, s).await
         {

@@ -69,16 +69,7 @@ impl Worker {
     /// Starts it again after [`Worker::stop`].
     pub async fn restart(&mut self) {
         assert!(self.running.is_none(), "worker already running");
-        let cfg = WorkerConfig {
-            data_dir: self.dir.join("data"),
-            node: self.node.clone(),
-            nbd_uri: String::new(),
-            device_allow: Vec::new(),
-            io: std::env::var("COWSNAP_IO")
-                .unwrap_or_default()
-                .parse()
-                .unwrap(),
-        };
+        let cfg = worker_config(self.dir.join("data"), &self.node);
         let opts = ServeOptions {
             grpc_listen: self.address.parse().unwrap(),
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
@@ -120,6 +111,21 @@ impl Worker {
 }
 
 /// A client of a worker's own API, for checking what it holds.
+/// A worker's configuration for tests: its data dir and node, the I/O
+/// backend from `COWSNAP_IO`.
+pub fn worker_config(data_dir: PathBuf, node: &str) -> WorkerConfig {
+    WorkerConfig {
+        data_dir,
+        node: node.to_string(),
+        nbd_uri: String::new(),
+        device_allow: Vec::new(),
+        io: std::env::var("COWSNAP_IO")
+            .unwrap_or_default()
+            .parse()
+            .unwrap(),
+    }
+}
+
 pub async fn worker_client(
     address: &str,
 ) -> wpb::worker_service_client::WorkerServiceClient<Channel> {
