@@ -106,5 +106,33 @@ cmp -s "$d/origin.img" "$W/c8-mixed/expected.img" && ok "c8-merged: the origin h
 cp "$d/origin.img" "$d/expected.img"
 run_kernel c8-merged "$d" 8 match
 
+# Chunks allocated before a crash and never committed are used again: drop
+# the records of origin chunks 10-19 from the COW (as if the power went
+# before their commit; the origin was not written then either), and write
+# those chunks and ten others again. The ten holes take the first ten, so the
+# highest COW chunk is 75 (next_free 76, 608 sectors), not 85.
+d=$W/c8-reused-holes; mkdir -p "$d"
+head -c 8M /dev/urandom > "$d/origin.img"; cp "$d/origin.img" "$d/expected.img"
+truncate -s 16M "$d/cow.img"
+"$COWSNAP" cow create --chunk-sectors 8 "$d/cow.img" > /dev/null
+"$COWSNAP" io --origin "$d/origin.img" --cow "$d/cow.img" -c "write -P 0xe1 0 262144" > /dev/null
+python3 - "$d" <<'PY'
+import struct, sys
+d = sys.argv[1]
+with open(d + '/cow.img', 'r+b') as f:
+    f.seek(4096); area = f.read(4096)
+    recs = [struct.unpack_from('<QQ', area, i * 16) for i in range(256)]
+    recs = [r for r in recs if r != (0, 0) and not 10 <= r[0] < 20]
+    out = b''.join(struct.pack('<QQ', *r) for r in recs)
+    f.seek(4096); f.write(out + bytes(4096 - len(out)))
+with open(d + '/expected.img', 'rb') as e, open(d + '/origin.img', 'r+b') as o:
+    e.seek(40960); o.seek(40960); o.write(e.read(40960))
+PY
+"$COWSNAP" io --origin "$d/origin.img" --cow "$d/cow.img" -c "write -P 0xe2 40960 40960" -c "write -P 0xe3 409600 40960" > /dev/null
+run_kernel c8-reused-holes "$d" 8 match
+[[ $("$COWSNAP" cow status --origin "$d/origin.img" "$d/cow.img") == *" 608/"* ]] \
+  && ok "c8-reused-holes: the ten holes were used again (608 sectors allocated)" \
+  || bad "c8-reused-holes: holes not used again: $("$COWSNAP" cow status --origin "$d/origin.img" "$d/cow.img")"
+
 echo "kernel-compat: $pass passed, $fail failed"
 [[ $fail == 0 ]]

@@ -82,6 +82,11 @@ pub struct AddedSnapshot {
     pub exceptions: u64,
 }
 
+/// Why a snapshot whose COW device filled up is invalid (the kernel logs
+/// "Unable to allocate exception.").
+const COW_FULL: &str =
+    "its COW device is full: no chunk left for a new exception (Unable to allocate exception)";
+
 /// A snapshot's state, with the numbers `dmsetup status` prints.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SnapshotStatus {
@@ -94,6 +99,11 @@ pub struct SnapshotStatus {
     /// `None` when the snapshot is invalid (`dmsetup status` prints `Invalid`).
     pub usage: Option<Usage>,
     pub commits: CommitStats,
+    /// Why it became invalid, when that happened since it was opened.
+    pub invalid_reason: Option<String>,
+    /// Data chunks allocated before a crash and never committed, waiting
+    /// to be used again.
+    pub free_chunks: u64,
 }
 
 /// What went through one engine since it was opened: reads and writes of
@@ -387,7 +397,18 @@ impl Origin {
             exceptions: s.exception_count(),
             usage: s.store.usage(),
             commits: s.store.commit_stats(),
+            invalid_reason: s.store.invalid_reason(),
+            free_chunks: s.store.free_chunks(),
         })
+    }
+
+    /// Watches why snapshot `id` became invalid (`None` while it is valid);
+    /// the sender goes away with the snapshot.
+    pub fn watch_invalid(
+        &self,
+        id: SnapId,
+    ) -> Result<tokio::sync::watch::Receiver<Option<String>>> {
+        Ok(self.snapshot(id)?.store.watch_invalid())
     }
 
     /// Sum of the group-commit counters over every snapshot.
@@ -594,7 +615,7 @@ impl Origin {
                             create.push((s.clone(), c, new));
                         }
                         Err(_) => {
-                            invalidate.push((s.clone(), "Unable to allocate exception."));
+                            invalidate.push((s.clone(), COW_FULL));
                             break;
                         }
                     }
@@ -660,8 +681,8 @@ impl Origin {
             Ok(d) => d,
             Err(e) => {
                 for (c, targets) in &run.chunks {
-                    for (s, _) in targets {
-                        s.store.abandon();
+                    for (s, new) in targets {
+                        s.store.abandon(*new);
                         let mut st = s.lock();
                         st.pending.remove(c);
                         s.changed(&mut st);
@@ -859,7 +880,7 @@ impl Origin {
                 Next::Wait(epoch) => s.wait_change(epoch).await,
                 Next::Create(new) => break new,
                 Next::Full => {
-                    s.invalidate("Unable to allocate exception.").await?;
+                    s.invalidate(COW_FULL).await?;
                     return Err(s.invalid_error());
                 }
             }
@@ -875,7 +896,7 @@ impl Origin {
             match self.dev.read(start, olen as usize).await {
                 Ok(o) => chunk[..olen as usize].copy_from_slice(&o),
                 Err(e) => {
-                    s.store.abandon();
+                    s.store.abandon(new);
                     let mut st = s.lock();
                     st.pending.remove(&c);
                     s.changed(&mut st);
@@ -1022,8 +1043,8 @@ async fn finish_exceptions(s: Arc<Snapshot>, recs: Vec<(u64, u64)>, buf: Aligned
     let mut committed = vec![false; recs.len()];
     let failure = match s.store.device().write(first * cb, buf, false).await {
         Err(e) => {
-            for _ in &recs {
-                s.store.abandon();
+            for &(_, new) in &recs {
+                s.store.abandon(new);
             }
             Some(if first == last {
                 format!("Error writing COW chunk {first}: {e}")

@@ -51,9 +51,10 @@
 //! `RWF_DSYNC`. A crash in between leaves the records in place, and copying
 //! them again is harmless.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -113,6 +114,9 @@ struct State {
     /// `valid = 0` is durable on the device.
     invalid_durable: bool,
     next_free: u64,
+    /// Data chunks below `next_free` that no record holds, highest run
+    /// first: [`PStore::prepare`] hands these out before `next_free`.
+    free: Vec<Range<u64>>,
     current_area: u64,
     /// Records in `area` (committed, or in the commit in flight).
     current_committed: u64,
@@ -130,6 +134,8 @@ pub struct PStore {
     layout: Layout,
     st: Mutex<State>,
     header_lock: tokio::sync::Mutex<()>,
+    /// Why the snapshot became invalid, once it has (first reason wins).
+    invalid: watch::Sender<Option<String>>,
 }
 
 /// What [`PStore::open`] found.
@@ -243,16 +249,26 @@ impl PStore {
                         detail: p.to_string(),
                     });
                 }
+                let store = PStore::new(
+                    dev,
+                    layout,
+                    true,
+                    scan.next_free,
+                    scan.current_area,
+                    scan.current_committed,
+                    scan.area,
+                );
+                let free_chunks: u64 = scan.free.iter().map(|r| r.end - r.start).sum();
+                if free_chunks > 0 {
+                    tracing::info!(
+                        device = %name,
+                        chunks = free_chunks,
+                        "reusing COW chunks allocated but never committed (a crash interrupted their exceptions)"
+                    );
+                }
+                store.st.lock().expect("pstore").free = scan.free.into_iter().rev().collect();
                 Ok(Opened {
-                    store: Arc::new(PStore::new(
-                        dev,
-                        layout,
-                        true,
-                        scan.next_free,
-                        scan.current_area,
-                        scan.current_committed,
-                        scan.area,
-                    )),
+                    store: Arc::new(store),
                     initialised: false,
                     chunk_override,
                     exceptions: scan.exceptions,
@@ -277,6 +293,7 @@ impl PStore {
                 valid,
                 invalid_durable: false,
                 next_free,
+                free: Vec::new(),
                 current_area,
                 current_committed,
                 area,
@@ -286,6 +303,7 @@ impl PStore {
                 stats: CommitStats::default(),
             }),
             header_lock: tokio::sync::Mutex::new(()),
+            invalid: watch::Sender::new(None),
         }
     }
 
@@ -321,11 +339,42 @@ impl PStore {
         self.st.lock().expect("pstore").stats
     }
 
-    /// Allocates the data chunk for a new exception.
+    /// Why the snapshot became invalid: `None` until it does (and for a
+    /// device found invalid at load, whose header keeps no reason).
+    pub fn invalid_reason(&self) -> Option<String> {
+        self.invalid.borrow().clone()
+    }
+
+    /// Watches [`PStore::invalid_reason`].
+    pub fn watch_invalid(&self) -> watch::Receiver<Option<String>> {
+        self.invalid.subscribe()
+    }
+
+    /// Data chunks below the allocation point that no record holds.
+    pub fn free_chunks(&self) -> u64 {
+        let st = self.st.lock().expect("pstore");
+        st.free.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Allocates the data chunk for a new exception: a chunk no record
+    /// holds below the kernel's `next_free` first (the kernel only ever
+    /// allocates at `next_free` and above, and reads records in any chunk
+    /// order), then `next_free`. So chunks allocated before a crash and
+    /// never committed are used again, and a COW device sized for every
+    /// origin chunk never fills however many crashes it sees.
     pub fn prepare(&self) -> Result<u64, PrepareError> {
         let mut st = self.st.lock().expect("pstore");
         if !st.valid {
             return Err(PrepareError::Invalid);
+        }
+        if let Some(run) = st.free.last_mut() {
+            let c = run.start;
+            run.start += 1;
+            if run.start == run.end {
+                st.free.pop();
+            }
+            st.prepared += 1;
+            return Ok(c);
         }
         if !self.layout.fits(st.next_free, self.dev.size()) {
             return Err(PrepareError::Full);
@@ -364,11 +413,12 @@ impl PStore {
     }
 
     /// Gives back a prepared exception that will not be committed (its copy
-    /// failed). The chunk stays allocated: a hole, as the format allows.
-    pub fn abandon(self: &Arc<Self>) {
+    /// failed): its data chunk goes back to the free chunks.
+    pub fn abandon(self: &Arc<Self>, chunk: u64) {
         let lead = {
             let mut st = self.st.lock().expect("pstore");
             st.prepared -= 1;
+            give_back(&mut st.free, chunk);
             self.should_lead(&mut st)
         };
         if lead {
@@ -439,7 +489,9 @@ impl PStore {
                 Err(e) => {
                     let detail = format!("commit failed, snapshot invalidated: {e}");
                     tracing::error!(device = %self.dev.name(), "Invalidating snapshot: {e}");
-                    let _ = self.invalidate().await;
+                    let _ = self
+                        .invalidate(&format!("writing its metadata failed: {e}"))
+                        .await;
                     Some(detail)
                 }
             };
@@ -482,11 +534,19 @@ impl PStore {
         Ok(())
     }
 
-    /// Makes the snapshot invalid: in memory at once (no new exceptions),
-    /// then `valid = 0` on the device with `RWF_DSYNC`. Returns once that is
-    /// durable; an error means it is not, and the origin must not be written
-    /// as if the snapshot were gone.
-    pub async fn invalidate(&self) -> Result<()> {
+    /// Makes the snapshot invalid for reason `why`: in memory at once (no
+    /// new exceptions), then `valid = 0` on the device with `RWF_DSYNC`.
+    /// Returns once that is durable; an error means it is not, and the
+    /// origin must not be written as if the snapshot were gone.
+    pub async fn invalidate(&self, why: &str) -> Result<()> {
+        self.invalid.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        });
         {
             let mut st = self.st.lock().expect("pstore");
             st.valid = false;
@@ -576,7 +636,23 @@ impl PStore {
         // As the kernel: the value next_free would have had if every
         // exception had been committed in order (only `status` uses it now).
         st.next_free = self.layout.area_location(st.current_area) + st.current_committed + 1;
+        // Nothing allocates while a snapshot merges; keep the free chunks
+        // below the allocation point all the same.
+        let next_free = st.next_free;
+        st.free.retain_mut(|r| {
+            r.end = r.end.min(next_free);
+            r.start < r.end
+        });
         Ok(())
+    }
+}
+
+/// Puts `chunk` back into `free` (runs highest first).
+fn give_back(free: &mut Vec<Range<u64>>, chunk: u64) {
+    let at = free.partition_point(|r| r.start > chunk);
+    match at.checked_sub(1).map(|i| &mut free[i]) {
+        Some(r) if r.start == chunk + 1 => r.start = chunk,
+        _ => free.insert(at, chunk..chunk + 1),
     }
 }
 

@@ -4,6 +4,7 @@
 //! and `cow dump` report them all.
 
 use std::fmt;
+use std::ops::Range;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -169,6 +170,10 @@ pub struct Scan {
     pub area: AlignedBuf,
     /// `max(new_chunk) + 1`, past a metadata chunk (at least 2).
     pub next_free: u64,
+    /// Data chunks below `next_free` that no record holds (allocated
+    /// before a crash and never committed, or given back): runs of
+    /// consecutive data chunks, lowest first.
+    pub free: Vec<Range<u64>>,
     pub problems: Vec<Problem>,
 }
 
@@ -196,6 +201,38 @@ impl ChunkBitmap {
         self.0[w] |= 1 << b;
         was
     }
+
+    /// The data chunks in `[from, to)` whose bit is clear, as runs that
+    /// never include a metadata chunk.
+    fn clear_runs(&self, layout: Layout, from: u64, to: u64) -> Vec<Range<u64>> {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        let mut push = |c: u64| {
+            if layout.is_metadata(c) {
+                return;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == c => r.end += 1,
+                _ => runs.push(c..c + 1),
+            }
+        };
+        let mut c = from;
+        while c < to {
+            let (w, b) = ((c / 64) as usize, c % 64);
+            let word = self.0.get(w).copied().unwrap_or(0);
+            // Clear bits of this word from bit `b` on, below `to`.
+            let mut clear = !word & (u64::MAX << b);
+            let word_end = (c - b + 64).min(to);
+            if word_end - (c - b) < 64 {
+                clear &= (1u64 << (word_end - (c - b))) - 1;
+            }
+            while clear != 0 {
+                push(c - b + u64::from(clear.trailing_zeros()));
+                clear &= clear - 1;
+            }
+            c = word_end;
+        }
+        runs
+    }
 }
 
 /// Walks the areas of a COW device with `layout`, calling `visit(area,
@@ -219,6 +256,7 @@ pub async fn scan_areas(
         current_committed: 0,
         area: AlignedBuf::zeroed(cb as usize),
         next_free: layout.first_data_chunk(),
+        free: Vec::new(),
         problems: Vec::new(),
     };
     if dev.size() < layout.min_device_bytes() {
@@ -322,5 +360,6 @@ pub async fn scan_areas(
     s.next_free = layout
         .skip_metadata(max_new + 1)
         .max(layout.first_data_chunk());
+    s.free = used_new.clear_runs(layout, layout.first_data_chunk(), s.next_free);
     Ok(s)
 }

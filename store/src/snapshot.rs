@@ -147,7 +147,7 @@ impl Snapshot {
         if self.store.is_valid() {
             tracing::error!(device = %self.device_name(), "Invalidating snapshot: {why}");
         }
-        let r = self.store.invalidate().await;
+        let r = self.store.invalidate(why).await;
         let mut st = self.lock();
         st.pending.clear();
         self.changed(&mut st);

@@ -109,6 +109,8 @@ pub struct Snapshot {
     pub create_time: i64,
     pub nbd_base: String,
     pub operation: Option<i64>,
+    /// Why it is INVALID or FAILED, as its worker reports it.
+    pub error: Option<String>,
 }
 
 impl Snapshot {

@@ -373,6 +373,7 @@ impl Operations {
                     ws.cow_size_bytes,
                     ws.chunk_sectors,
                     ws.usage.as_ref(),
+                    ws.error.as_deref(),
                     now,
                 )
                 .await?;

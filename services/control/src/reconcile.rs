@@ -261,6 +261,7 @@ impl Reconciler {
                         ws.cow_size_bytes,
                         ws.chunk_sectors,
                         ws.usage.as_ref(),
+                        ws.error.as_deref(),
                         now,
                     )
                     .await?;
@@ -292,6 +293,7 @@ impl Reconciler {
                 ws.cow_size_bytes,
                 ws.chunk_sectors,
                 ws.usage.as_ref(),
+                ws.error.as_deref(),
                 now,
             )
             .await?;
@@ -352,6 +354,7 @@ impl Reconciler {
                 ws.cow_size_bytes,
                 ws.chunk_sectors,
                 ws.usage.as_ref(),
+                ws.error.as_deref(),
                 now,
             )
             .await?;
@@ -386,5 +389,6 @@ fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {
         create_time: now_ms(),
         nbd_base: String::new(),
         operation: None,
+        error: ws.error.clone(),
     }
 }

@@ -94,6 +94,7 @@ impl Control {
             create_time: now,
             nbd_base: String::new(),
             operation: None,
+            error: None,
         };
         catalog::snapshots::insert(&mut tx, &s, now).await?;
         let args = OpArgs {
@@ -158,6 +159,7 @@ impl Control {
             ws.cow_size_bytes,
             ws.chunk_sectors,
             ws.usage.as_ref(),
+            ws.error.as_deref(),
             now,
         )
         .await?;

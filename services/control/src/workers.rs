@@ -88,6 +88,8 @@ pub struct WorkerSnapshot {
     pub writable: bool,
     pub state: State,
     pub usage: Option<Usage>,
+    /// Why it is invalid or failed.
+    pub error: Option<String>,
 }
 
 /// A long-running task (merge, restore, clone) on a worker.
@@ -133,6 +135,7 @@ fn snapshot(s: wpb::Snapshot) -> Result<WorkerSnapshot> {
             exceptions: u.exceptions,
             update_time: now,
         }),
+        error: (!s.error.is_empty()).then_some(s.error),
     })
 }
 

@@ -65,6 +65,7 @@ pub fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
         status_line: s.status_line,
         writable: s.writable,
         create_time: timestamp(s.create_time),
+        error: s.error.unwrap_or_default(),
     }
 }
 

@@ -40,6 +40,10 @@ pub struct SnapshotRec {
     pub writable: bool,
     pub phase: Phase,
     pub create_time: u64,
+    /// Why the snapshot became invalid, saved when it happened (the COW
+    /// header keeps only `valid = 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

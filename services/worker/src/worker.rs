@@ -65,6 +65,8 @@ pub struct SnapshotInfo {
     pub status_line: String,
     pub writable: bool,
     pub create_time: u64,
+    /// Why it is invalid or failed.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +213,42 @@ impl Worker {
         saved
     }
 
+    /// Saves why snapshot `snap` of `vol` (engine id `id`) becomes invalid,
+    /// when it does: its COW header keeps only `valid = 0`, and the API
+    /// says why after any restart. Ends with the snapshot.
+    fn watch_invalid(self: &Arc<Self>, origin: &Origin, id: SnapId, vol: &str, snap: &str) {
+        let Ok(mut rx) = origin.watch_invalid(id) else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let (vol, snap) = (vol.to_string(), snap.to_string());
+        tokio::spawn(async move {
+            let reason = match rx.wait_for(Option::is_some).await {
+                Ok(r) => (*r).clone().unwrap_or_default(),
+                Err(_) => return,
+            };
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            tracing::error!(snapshot = %names::snapshot(&vol, &snap), "snapshot is invalid: {reason}");
+            let mut inner = me.inner.lock().await;
+            let Some(rec) = inner
+                .st
+                .volumes
+                .get_mut(&vol)
+                .and_then(|v| v.snapshots.iter_mut().find(|s| s.id == snap))
+            else {
+                return;
+            };
+            if rec.error.is_none() {
+                rec.error = Some(reason);
+                if let Err(e) = me.save(&mut inner) {
+                    tracing::warn!(snapshot = %names::snapshot(&vol, &snap), "cannot save why the snapshot is invalid: {e}");
+                }
+            }
+        });
+    }
+
     async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         let mut inner = self.inner.lock().await;
         for rec in inner.st.tasks.values() {
@@ -310,6 +348,7 @@ impl Worker {
             };
             match origin.add_snapshot(dev, opts).await {
                 Ok(a) => {
+                    self.watch_invalid(&origin, a.id, &v.id, &s.id);
                     snaps.insert(s.id.clone(), a.id);
                     keep.push(s);
                 }
@@ -558,7 +597,25 @@ impl Worker {
             Phase::Ready => ResState::Ready,
         };
         let usage = status.as_ref().and_then(|st| st.usage);
+        let error = match state {
+            ResState::Invalid => Some(
+                status
+                    .as_ref()
+                    .and_then(|st| st.invalid_reason.clone())
+                    .or_else(|| s.error.clone())
+                    .unwrap_or_else(|| {
+                        "its COW device was found marked invalid (the reason was not recorded)"
+                            .into()
+                    }),
+            ),
+            ResState::Failed => Some(
+                live.and_then(|l| l.failed.clone())
+                    .unwrap_or_else(|| "its volume could not be loaded".into()),
+            ),
+            _ => None,
+        };
         SnapshotInfo {
+            error,
             name: names::snapshot(&v.id, &s.id),
             cow_size_bytes: s.cow_size_bytes,
             chunk_sectors: s.chunk_sectors,
@@ -754,7 +811,7 @@ impl Worker {
 
     #[allow(clippy::too_many_arguments)]
     pub async fn create_snapshot(
-        &self,
+        self: &Arc<Self>,
         parent: &str,
         snapshot_id: &str,
         cow_size_bytes: u64,
@@ -830,6 +887,7 @@ impl Worker {
             writable,
             phase: Phase::Creating,
             create_time: now(),
+            error: None,
         };
         self.volume_mut(&mut inner, vol).snapshots.push(rec.clone());
         self.save(&mut inner)?;
@@ -855,6 +913,7 @@ impl Worker {
             .expect("live volume")
             .snaps
             .insert(snapshot_id.to_string(), added);
+        self.watch_invalid(&origin, added, vol, snapshot_id);
         self.set_snapshot_phase(&mut inner, vol, snapshot_id, Phase::Ready);
         let v = inner.st.volumes[vol].clone();
         let s = v
@@ -1441,6 +1500,7 @@ impl Worker {
             writable: false,
             phase: Phase::Creating,
             create_time: now(),
+            error: None,
         });
         self.save(inner)?;
         let id = self.attach_cow(&origin, &path, true, size, layout).await?;

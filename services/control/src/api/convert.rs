@@ -106,6 +106,10 @@ pub fn snapshot(s: Snapshot) -> pb::Snapshot {
         },
         writable: s.writable,
         operation: op_name(s.operation),
+        error: match s.state {
+            State::Invalid | State::Failed => s.error.unwrap_or_default(),
+            _ => String::new(),
+        },
     }
 }
 

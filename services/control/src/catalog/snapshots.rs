@@ -22,6 +22,7 @@ struct Row {
     create_time: i64,
     nbd_base: String,
     operation: Option<i64>,
+    error: Option<String>,
 }
 
 impl Row {
@@ -54,6 +55,7 @@ impl Row {
             create_time: self.create_time,
             nbd_base: self.nbd_base,
             operation: self.operation,
+            error: self.error,
         })
     }
 }
@@ -66,7 +68,8 @@ pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<
                   s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
-                      AND o.state IN ('pending', 'running')) AS "operation?: i64"
+                      AND o.state IN ('pending', 'running')) AS "operation?: i64",
+                  s.error
            FROM snapshots s JOIN volumes v ON v.id = s.volume_id
                 JOIN workers w ON w.id = v.worker_id
            WHERE s.volume_id = ? AND s.id = ?"#,
@@ -92,7 +95,8 @@ pub async fn list(
                   s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
-                      AND o.state IN ('pending', 'running')) AS "operation?: i64"
+                      AND o.state IN ('pending', 'running')) AS "operation?: i64",
+                  s.error
            FROM snapshots s JOIN volumes v ON v.id = s.volume_id
                 JOIN workers w ON w.id = v.worker_id
            WHERE (?1 IS NULL OR s.volume_id = ?1)
@@ -123,6 +127,7 @@ pub async fn list(
                 create_time: r.create_time,
                 nbd_base: r.nbd_base,
                 operation: r.operation,
+                error: r.error,
             }
             .into_snapshot()
             .map(|s| (s, seq))
@@ -190,7 +195,9 @@ pub async fn set_state(
 }
 
 /// Records what the worker reports of a snapshot: its COW size and chunk
-/// size, and its usage (`None` when it has none, e.g. invalid).
+/// size, its usage (`None` when it has none, e.g. invalid) and why it is
+/// invalid or failed.
+#[allow(clippy::too_many_arguments)]
 pub async fn set_reported(
     c: &mut SqliteConnection,
     volume_id: &str,
@@ -198,6 +205,7 @@ pub async fn set_reported(
     cow_size_bytes: u64,
     chunk_sectors: u32,
     usage: Option<&Usage>,
+    error: Option<&str>,
     now: i64,
 ) -> Result<()> {
     let (cow, chunk) = (cow_size_bytes as i64, i64::from(chunk_sectors));
@@ -214,7 +222,7 @@ pub async fn set_reported(
     sqlx::query!(
         "UPDATE snapshots SET cow_size_bytes = ?, chunk_sectors = ?, allocated_bytes = ?,
                 total_bytes = ?, metadata_bytes = ?, exceptions = ?, usage_time = ?,
-                update_time = ?
+                error = ?, update_time = ?
          WHERE volume_id = ? AND id = ?",
         cow,
         chunk,
@@ -223,6 +231,7 @@ pub async fn set_reported(
         m,
         e,
         u,
+        error,
         now,
         volume_id,
         id
