@@ -56,6 +56,10 @@ pub enum ControlError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The catalog's file system is full: nothing that writes the catalog
+    /// succeeds until it has room (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    CatalogFull(String),
     /// A worker did not answer (or not in time): the outcome of what was
     /// asked of it is unknown until it answers again.
     #[error("{0}")]
@@ -80,7 +84,9 @@ impl ControlError {
             ControlError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             ControlError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             ControlError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
-            ControlError::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            ControlError::ResourceExhausted(_) | ControlError::CatalogFull(_) => {
+                ErrorKind::ResourceExhausted
+            }
             ControlError::Unavailable(_) => ErrorKind::Unavailable,
             ControlError::Aborted(_) => ErrorKind::Aborted,
             ControlError::Internal(_) => ErrorKind::Internal,
@@ -105,8 +111,35 @@ impl ControlError {
     }
 }
 
+/// SQLite's primary result code for a full database or file system
+/// (`SQLITE_FULL`; SQLite's unix VFS answers it for `ENOSPC` on a write).
+const SQLITE_FULL: i32 = 13;
+
+/// Whether the catalog failed for want of room on its file system.
+fn disk_full(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| c & 0xff == SQLITE_FULL)
+                || db.message().contains("database or disk is full")
+        }
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for ControlError {
     fn from(e: sqlx::Error) -> ControlError {
+        if disk_full(&e) {
+            let why = match &e {
+                sqlx::Error::Database(db) => db.message().to_string(),
+                e => e.to_string(),
+            };
+            return ControlError::CatalogFull(format!(
+                "the catalog's file system is full ({why}): nothing can be recorded until it has room"
+            ));
+        }
         ControlError::Internal(anyhow::Error::new(e).context("catalog"))
     }
 }

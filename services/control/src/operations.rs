@@ -261,21 +261,32 @@ impl Operations {
             OpState::Pending => {}
         }
         self.crash_at(&op, CrashPoint::BeforeWorker)?;
+        self.drive_pending(&op).await.map_err(|e| match e {
+            // The worker may have acted: the catalog could not record it.
+            ControlError::CatalogFull(m) => ControlError::CatalogFull(format!(
+                "{m}; {} is recorded and completes once it has room",
+                op.name()
+            )),
+            e => e,
+        })
+    }
+
+    async fn drive_pending(self: &Arc<Self>, op: &Operation) -> Result<Operation> {
         let w = match self.workers.client(&op.worker_id).await {
             Ok(w) => w,
             Err(ControlError::NotFound(m)) => {
                 let e = ControlError::FailedPrecondition(format!("its worker is gone: {m}"));
-                return self.fail_undo(&op, e).await;
+                return self.fail_undo(op, e).await;
             }
             Err(e) => return Err(e),
         };
         match op.kind {
-            OpKind::CreateVolume => self.drive_create_volume(&op, &w).await,
-            OpKind::DeleteVolume => self.drive_delete_volume(&op, &w).await,
-            OpKind::CreateSnapshot => self.drive_create_snapshot(&op, &w).await,
-            OpKind::DeleteSnapshot => self.drive_delete_snapshot(&op, &w).await,
-            OpKind::MergeSnapshot => self.drive_merge(&op, &w).await,
-            OpKind::RestoreVolume | OpKind::CloneVolume => self.drive_copy(&op, &w).await,
+            OpKind::CreateVolume => self.drive_create_volume(op, &w).await,
+            OpKind::DeleteVolume => self.drive_delete_volume(op, &w).await,
+            OpKind::CreateSnapshot => self.drive_create_snapshot(op, &w).await,
+            OpKind::DeleteSnapshot => self.drive_delete_snapshot(op, &w).await,
+            OpKind::MergeSnapshot => self.drive_merge(op, &w).await,
+            OpKind::RestoreVolume | OpKind::CloneVolume => self.drive_copy(op, &w).await,
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use cowsnap_proto::names;
 
 use crate::catalog;
-use crate::error::Result;
+use crate::error::{ControlError, Result};
 use crate::model::{Snapshot, State, Volume, now_ms};
 use crate::operations::Operations;
 use crate::workers::{WorkerSnapshot, WorkerVolume};
@@ -210,6 +210,26 @@ impl Reconciler {
             .map(|(s, _)| s)
             .collect();
         drop(c);
+        // The worker's report was taken before this volume's lock: calls
+        // may have changed the volume since. Whatever the report would
+        // change, the worker confirms now.
+        let fresh;
+        let wv = if differs(&v, &snaps, wv) {
+            let client = self.ops.workers.client(worker_id).await?;
+            match client.get_volume(&v.name()).await {
+                Ok(f) => {
+                    fresh = f;
+                    Some(&fresh)
+                }
+                Err(ControlError::NotFound(_)) => None,
+                Err(e) => {
+                    tracing::warn!(volume = %v.name(), "cannot look at it on its worker: {e}");
+                    return Ok(());
+                }
+            }
+        } else {
+            wv
+        };
         let now = now_ms();
         let mut tx = self.ops.catalog.write().await?;
         let Some(wv) = wv else {
@@ -365,6 +385,25 @@ impl Reconciler {
         report.adopted += 1;
         Ok(())
     }
+}
+
+/// Whether a worker's report of a volume would change the catalog's
+/// record of it or of its snapshots (something missing, or a snapshot to
+/// adopt).
+fn differs(v: &Volume, snaps: &[Snapshot], wv: Option<&WorkerVolume>) -> bool {
+    let Some(wv) = wv else {
+        return v.state != State::Failed;
+    };
+    let settled =
+        |s: &&Snapshot| !matches!(s.state, State::Creating | State::Deleting | State::Merging);
+    snaps
+        .iter()
+        .filter(settled)
+        .any(|s| s.state != State::Failed && !wv.snapshots.iter().any(|w| w.id == s.id))
+        || wv.snapshots.iter().any(|w| {
+            !matches!(w.state, State::Creating | State::Deleting)
+                && !snaps.iter().any(|s| s.id == w.id)
+        })
 }
 
 fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {

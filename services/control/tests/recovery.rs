@@ -3,10 +3,16 @@
 //! calling its worker, or between the worker's success and the catalog's
 //! update; the next start reconciles. Afterwards nothing is stuck in
 //! CREATING or DELETING and the worker holds exactly what the catalog lists
-//! (no leaked device). Also: restarts between steps, and a worker that
-//! stops and comes back.
+//! (no leaked device). Also: restarts between steps, a worker that stops
+//! and comes back, and a catalog whose file system fills up and gets room
+//! again.
 
 mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use cowsnap_control::model::OpKind;
@@ -468,4 +474,230 @@ async fn reconciliation_marks_lost_resources_and_adopts_unknown_ones() {
         .await
         .unwrap();
     assert_eq!(w.inventory().await, c.inventory().await);
+}
+
+/// Runs a command as part of the test's set-up; any failure is the test's.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (the test needs root and e2fsprogs)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{} (the test needs root and loop devices)",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A small ext4 file system in an image file on a loop device, mounted on
+/// a directory: unmounted and detached when dropped.
+struct SmallFs {
+    mount: PathBuf,
+    device: String,
+}
+
+impl SmallFs {
+    fn new(dir: &Path, size: u64) -> SmallFs {
+        let image = dir.join("small.ext4");
+        let mount = dir.join("small");
+        std::fs::create_dir_all(&mount).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        // No blocks reserved for root: the test runs as root and must see
+        // the file system full.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-m", "0"])
+            .arg(&image));
+        let device = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image));
+        let fs = SmallFs {
+            mount: mount.clone(),
+            device,
+        };
+        run(Command::new("mount").arg(&fs.device).arg(&mount));
+        fs
+    }
+
+    /// Fills the file system with a file, until writes fail with ENOSPC;
+    /// returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.mount.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let buf = vec![0x5au8; 1 << 20];
+        for size in [1 << 20, 1 << 12, 1] {
+            loop {
+                match f.write(&buf[..size]) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(28) => break,
+                    Err(e) => panic!("filling {}: {e}", path.display()),
+                }
+            }
+        }
+        f.sync_all().unwrap();
+        path
+    }
+
+    /// Removes a file and makes its blocks free at once (ext4 frees them
+    /// when its journal commits).
+    fn free(&self, path: &Path) {
+        std::fs::remove_file(path).unwrap();
+        run(Command::new("sync").arg("-f").arg(&self.mount));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazily if the service still has its catalog open: the file system
+        // goes when the last file closes, and so does the loop device.
+        let unmounted = Command::new("umount")
+            .arg(&self.mount)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            || Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !unmounted {
+            eprintln!("cannot unmount {}", self.mount.display());
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+fn new_volume(id: &str) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        volume_id: id.into(),
+        volume: Some(pb::Volume {
+            size_bytes: 4 * MIB,
+            ..Default::default()
+        }),
+    }
+}
+
+/// `n` rounds of calls that write the catalog (through every pooled
+/// connection, as many times over): each must succeed.
+async fn calls_succeed(c: &mut Clients, prefix: &str, n: usize) {
+    for i in 0..n {
+        let v = format!("{prefix}{i}");
+        let what = format!("call {i} after the file system had room again");
+        let vol = c
+            .volumes
+            .create_volume(new_volume(&v))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: CreateVolume: {e:?}"))
+            .into_inner();
+        assert_eq!(vol.state(), pb::State::Ready, "{what}");
+        c.snapshots
+            .create_snapshot(pb::CreateSnapshotRequest {
+                parent: format!("volumes/{v}"),
+                snapshot_id: "s".into(),
+                snapshot: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: CreateSnapshot: {e:?}"));
+        c.volumes
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: ListVolumes: {e:?}"));
+        c.snapshots
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                name: format!("volumes/{v}/snapshots/s"),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: DeleteSnapshot: {e:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_catalog_file_system_is_resource_exhausted_and_heals_without_a_restart() {
+    init_logs();
+    let dir = scratch();
+    let fs = SmallFs::new(dir.path(), 16 * MIB);
+    let mut w = Worker::start(dir.path(), "node-a").await;
+    // The catalog on the small file system; the worker's data elsewhere.
+    let mut cfg = Control::config(&fs.mount, &[&w]);
+    // Periodic passes, to settle what a full disk left unfinished.
+    cfg.reconcile_interval = Duration::from_secs(1);
+    let mut control = Control::start(cfg).await;
+    let mut c = control.clients().await;
+    c.create_volume("v1", 4 * MIB).await;
+
+    // Full: a new volume cannot be recorded.
+    let filler = fs.fill();
+    for i in 0..6 {
+        let e = code(c.volumes.create_volume(new_volume("v2")).await);
+        assert_eq!(
+            e.code(),
+            Code::ResourceExhausted,
+            "call {i}: {}",
+            e.message()
+        );
+        assert!(e.message().contains("full"), "{}", e.message());
+    }
+    // Room again: every call succeeds, on whichever pooled connection.
+    fs.free(&filler);
+    calls_succeed(&mut c, "a", 8).await;
+
+    // A snapshot recorded while its worker does not answer: pending.
+    w.stop().await;
+    let create_s1 = pb::CreateSnapshotRequest {
+        parent: "volumes/v1".into(),
+        snapshot_id: "s1".into(),
+        snapshot: None,
+    };
+    let e = code(c.snapshots.create_snapshot(create_s1.clone()).await);
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // Full, and the worker answers again: the same create makes the
+    // snapshot on the worker, and the catalog cannot record that.
+    let filler = fs.fill();
+    w.restart().await;
+    let e = code(c.snapshots.create_snapshot(create_s1.clone()).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("full"), "{}", e.message());
+    assert!(e.message().contains("is recorded"), "{}", e.message());
+    assert!(
+        w.inventory()
+            .await
+            .contains(&"volumes/v1/snapshots/s1".to_string())
+    );
+    let s = c
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::State::Creating);
+
+    // Room again: the periodic reconciliation settles it, without a
+    // restart.
+    fs.free(&filler);
+    let mut settled = false;
+    for _ in 0..100 {
+        let s = c
+            .snapshots
+            .get_snapshot(pb::GetSnapshotRequest {
+                name: "volumes/v1/snapshots/s1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.state() == pb::State::Ready {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "volumes/v1/snapshots/s1 is still not READY");
+    calls_succeed(&mut c, "b", 8).await;
+    assert_consistent(&mut c, &w).await;
+    control.stop().await;
 }

@@ -18,6 +18,12 @@
 //!
 //! Every function takes a connection, so callers group them in one
 //! transaction ([`Catalog::write`]) where a change spans rows.
+//!
+//! A pooled connection whose transaction ended in an error is closed, not
+//! reused: SQLite rolls a transaction back by itself on some errors
+//! (`SQLITE_FULL` when the file system is full, I/O errors), the `ROLLBACK`
+//! sqlx then sends fails, and sqlx would go on counting the connection as
+//! inside a transaction, refusing every later `BEGIN` on it.
 
 pub mod operations;
 pub mod snapshots;
@@ -30,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlitePool, Transaction};
+use sqlx::{Connection, SqliteConnection, SqlitePool, Transaction};
 
 use crate::error::{ControlError, Result};
 use crate::model::Labels;
@@ -55,6 +61,8 @@ impl Catalog {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_release(|conn, _| Box::pin(async move { Ok(reusable(conn).await) }))
+            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(opts)
             .await
             .with_context(|| format!("{}: cannot open the catalog", path.display()))?;
@@ -79,6 +87,23 @@ impl Catalog {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Whether a connection given back to the pool may serve again: not if it
+/// still counts as inside a transaction once the rollback that dropping its
+/// transaction queued has run (that rollback failed; see the module doc).
+async fn reusable(conn: &mut SqliteConnection) -> bool {
+    // Commands run in order: once the ping answers, the queued rollback
+    // has run.
+    if let Err(e) = conn.ping().await {
+        tracing::warn!("catalog connection closed: {e}");
+        return false;
+    }
+    if conn.is_in_transaction() {
+        tracing::warn!("catalog connection closed: its transaction could not be rolled back");
+        return false;
+    }
+    true
 }
 
 /// Labels as stored (a JSON object, keys in order).
