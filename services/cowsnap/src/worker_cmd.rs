@@ -38,7 +38,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "COWSNAP_NBD_ADVERTISE")]
     nbd_advertise: Option<String>,
     /// Globs of the raw block devices the worker may use (e.g. '/dev/loop*');
-    /// nothing else is ever opened. Repeat or separate with commas.
+    /// nothing else is ever opened. '*' stays within one path component; a
+    /// link must lead to a device the globs allow too. Repeat or separate
+    /// with commas.
     #[arg(long, env = "COWSNAP_DEVICE_ALLOW", value_delimiter = ',', num_args = 1..)]
     device_allow: Vec<String>,
     /// Node name reported to the control service [default: the host name].

@@ -2,10 +2,16 @@
 //! the embedded default, and raw block devices named by the `--device-allow`
 //! globs. Nothing outside that list is ever opened. This module creates,
 //! zeroes, sizes and releases them; the engine opens them with `O_DIRECT`.
+//!
+//! A raw device path is checked before any byte is written: absolute and
+//! clean, matched by a glob whose wildcards stay within one path component,
+//! and, through links, resolved to a canonical path the list allows too.
+//! The canonical path is what is recorded and opened, without following a
+//! link and checking that what opened is that path's block device.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -18,6 +24,26 @@ use crate::state::sync_dir;
 /// again.
 const WIPE_BYTES: u64 = 1 << 20;
 
+/// How the allow-list globs match a path: `*`, `?` and `[...]` never match a
+/// `/` (a glob names entries of the directories it spells out, not of their
+/// subdirectories), nor the leading `.` of a name (so neither `..` nor a
+/// hidden entry matches unless the glob spells the dot).
+const MATCH: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: true,
+};
+
+/// A raw block device from the allow list, as checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDevice {
+    /// The canonical path: absolute, no links, itself in the allow list.
+    pub path: PathBuf,
+    pub size: u64,
+    /// The device number: what two paths to the same device share.
+    pub rdev: u64,
+}
+
 pub struct Devices {
     dir: PathBuf,
     allow: Vec<glob::Pattern>,
@@ -25,13 +51,15 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// `data_dir/devices` (created) and the allow-list globs.
+    /// `data_dir/devices` (created) and the allow-list globs, which must be
+    /// absolute and clean (see [`check_clean`]).
     pub fn new(data_dir: &Path, allow: &[String]) -> Result<Devices> {
         let dir = data_dir.join("devices");
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut pats = Vec::new();
         for a in allow {
+            check_clean(a).map_err(|e| WorkerError::invalid("device_allow", e))?;
             pats.push(glob::Pattern::new(a).map_err(|e| {
                 WorkerError::invalid("device_allow", format!("bad glob {a:?}: {e}"))
             })?);
@@ -54,9 +82,16 @@ impl Devices {
         self.dir.join(format!("{vol}.{snap}.cow"))
     }
 
-    /// Checks that `path` is a block device the allow list permits; returns
-    /// its canonical path and size. `field` names the request field.
-    pub fn check_raw(&self, field: &'static str, path: &str) -> Result<(PathBuf, u64)> {
+    fn allowed(&self, path: &Path) -> bool {
+        self.allow.iter().any(|p| p.matches_path_with(path, MATCH))
+    }
+
+    /// Resolves a requested raw device path to its canonical path, opening
+    /// nothing. The path must be absolute and clean, match the allow list
+    /// as given, and, when it goes through links, resolve to a path that
+    /// matches the allow list too: a link may only name another allowed
+    /// device. `field` names the request field.
+    pub fn resolve(&self, field: &'static str, path: &str) -> Result<PathBuf> {
         if self.allow.is_empty() {
             return Err(WorkerError::invalid(
                 field,
@@ -65,13 +100,8 @@ impl Devices {
                 ),
             ));
         }
-        let canon = std::fs::canonicalize(path)
-            .map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?;
-        let allowed = self
-            .allow
-            .iter()
-            .any(|p| p.matches_path(Path::new(path)) || p.matches_path(&canon));
-        if !allowed {
+        check_clean(path).map_err(|e| WorkerError::invalid(field, e))?;
+        if !self.allowed(Path::new(path)) {
             return Err(WorkerError::invalid(
                 field,
                 format!(
@@ -80,38 +110,76 @@ impl Devices {
                 ),
             ));
         }
-        let meta = std::fs::metadata(&canon)
+        let canon = std::fs::canonicalize(path)
             .map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?;
-        if !meta.file_type().is_block_device() {
+        if canon != Path::new(path) && !self.allowed(&canon) {
+            return Err(WorkerError::invalid(
+                field,
+                format!(
+                    "{path} is a link to {}, which is not in the device allow list ({}): a link may only name another allowed device",
+                    canon.display(),
+                    self.allow_src.join(", ")
+                ),
+            ));
+        }
+        Ok(canon)
+    }
+
+    /// Checks that `path` is a block device the allow list permits (see
+    /// [`Devices::resolve`]) and opens it once, without following a link, to
+    /// check that what opens is that device; returns its canonical path,
+    /// size and device number.
+    pub fn check_raw(&self, field: &'static str, path: &str) -> Result<RawDevice> {
+        let canon = self.resolve(field, path)?;
+        let is_block = std::fs::symlink_metadata(&canon)
+            .map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?
+            .file_type()
+            .is_block_device();
+        if !is_block {
             return Err(WorkerError::invalid(
                 field,
                 format!("{path} is not a block device"),
             ));
         }
+        let pin = Pinned::open(&canon)
+            .map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?;
         let size =
-            raw_size(&canon).map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?;
-        Ok((canon, size))
+            fd_size(&pin.file).map_err(|e| WorkerError::invalid(field, format!("{path}: {e}")))?;
+        Ok(RawDevice {
+            path: canon,
+            size,
+            rdev: pin.rdev,
+        })
     }
 
-    /// Raw devices the allow list matches, with their sizes.
-    pub fn list_raw(&self) -> Vec<(PathBuf, u64)> {
-        let mut out = Vec::new();
+    /// Raw devices the allow list matches (each once, however many allowed
+    /// paths name it), with their sizes.
+    pub fn list_raw(&self) -> Vec<RawDevice> {
+        let mut out: Vec<RawDevice> = Vec::new();
         for p in &self.allow_src {
-            let Ok(paths) = glob::glob(p) else { continue };
+            let Ok(paths) = glob::glob_with(p, MATCH) else {
+                continue;
+            };
             for path in paths.flatten() {
-                let Ok(canon) = std::fs::canonicalize(&path) else {
+                let Some(path) = path.to_str() else { continue };
+                let Ok(d) = self.check_raw("device", path) else {
                     continue;
                 };
-                let is_block = std::fs::metadata(&canon)
-                    .map(|m| m.file_type().is_block_device())
-                    .unwrap_or(false);
-                if is_block && !out.iter().any(|(q, _)| q == &canon) {
-                    let size = raw_size(&canon).unwrap_or(0);
-                    out.push((canon, size));
+                if !out.iter().any(|q| q.rdev == d.rdev) {
+                    out.push(d);
                 }
             }
         }
         out
+    }
+
+    /// Opens the raw device at `path` (a canonical path: see [`Pinned`]) and
+    /// keeps it open, to check after someone else opened `path` that the
+    /// same device is still there.
+    pub fn pin(&self, path: &Path) -> Result<Pinned> {
+        Pinned::open(path).map_err(|e| {
+            WorkerError::Internal(anyhow::Error::new(e).context(format!("{}", path.display())))
+        })
     }
 
     /// Creates (or recreates) a zero-filled sparse file of `size` bytes.
@@ -130,12 +198,12 @@ impl Devices {
     }
 
     /// Zeroes `[0, len)` of a raw device (BLKZEROOUT: offloaded where the
-    /// device can).
+    /// device can). `path` is a canonical path from [`Devices::check_raw`];
+    /// what is zeroed is the block device opened at `path` itself, never one
+    /// a link put there (see [`open_checked`]).
     pub fn zero_raw(&self, path: &Path, len: u64) -> Result<()> {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let f =
+            open_checked(path, true).with_context(|| format!("{}: cannot open", path.display()))?;
         const BLKZEROOUT: libc::c_ulong = 0x127f;
         let range: [u64; 2] = [0, len];
         // SAFETY: BLKZEROOUT reads two u64s through the pointer.
@@ -194,7 +262,11 @@ impl Devices {
 
 /// Size of a block device or file in bytes.
 pub fn raw_size(path: &Path) -> std::io::Result<u64> {
-    let f = File::open(path)?;
+    fd_size(&File::open(path)?)
+}
+
+/// Size of an open block device or file in bytes.
+fn fd_size(f: &File) -> std::io::Result<u64> {
     let meta = f.metadata()?;
     if !meta.file_type().is_block_device() {
         return Ok(meta.len());
@@ -206,4 +278,251 @@ pub fn raw_size(path: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// The device number of the block device at `path` (links followed).
+pub fn rdev_of(path: &Path) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    meta.file_type().is_block_device().then(|| meta.rdev())
+}
+
+/// Checks that a requested device path (or an allow-list glob) is absolute
+/// and clean: no `.` or `..` component, no empty one (a doubled or trailing
+/// `/`), no NUL. A path that goes up and down again names its device in
+/// another way than the allow list sees it; it is refused, not normalised.
+pub fn check_clean(path: &str) -> std::result::Result<(), String> {
+    if path.contains('\0') {
+        return Err(format!("{path:?} contains a NUL byte"));
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(format!("{path:?} is not an absolute path"));
+    };
+    for c in rest.split('/') {
+        match c {
+            "" => {
+                return Err(format!(
+                    "{path:?} has an empty component (a doubled or trailing '/')"
+                ));
+            }
+            "." | ".." => {
+                return Err(format!(
+                    "{path:?} has a '{c}' component: give the path without it"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens the block device at `path` without following a link there
+/// (`O_NOFOLLOW`; `O_NONBLOCK` so that a FIFO put in its place cannot hang
+/// the open), then checks that what opened is a block device and that the
+/// kernel's name for it is `path` itself: no directory on the way was a
+/// link (or became one since `path` was resolved).
+fn open_checked(path: &Path, write: bool) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(e.kind(), "is a link, not the device it was checked as")
+            } else {
+                e
+            }
+        })?;
+    if !f.metadata()?.file_type().is_block_device() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a block device",
+        ));
+    }
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    if real != path {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "opens as {}, not the device it was checked as",
+                real.display()
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// A raw device held open (read-only) at its canonical path while something
+/// else opens that path, so the caller can check that the same device was
+/// there all along.
+pub struct Pinned {
+    file: File,
+    rdev: u64,
+}
+
+impl Pinned {
+    fn open(path: &Path) -> std::io::Result<Pinned> {
+        let file = open_checked(path, false)?;
+        let rdev = file.metadata()?.rdev();
+        Ok(Pinned { file, rdev })
+    }
+
+    /// Checks that `path` still names the pinned device, and not through a
+    /// link.
+    pub fn still_at(&self, path: &Path) -> Result<()> {
+        let same = std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == self.rdev);
+        if same {
+            Ok(())
+        } else {
+            Err(WorkerError::Internal(anyhow::anyhow!(
+                "{}: no longer the device it was checked as",
+                path.display()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_absolute_clean_paths_pass() {
+        for ok in [
+            "/dev/sdb",
+            "/dev/disk/by-id/nvme-x_1",
+            "/a/.hidden",
+            "/a/b..c",
+        ] {
+            assert_eq!(check_clean(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("dev/sdb", "absolute"),
+            ("", "absolute"),
+            ("./dev/sdb", "absolute"),
+            ("/", "empty component"),
+            ("/dev//sdb", "empty component"),
+            ("/dev/sdb/", "empty component"),
+            ("/dev/./sdb", "'.' component"),
+            ("/dev/../dev/sdb", "'..' component"),
+            ("/dir/../../../dev/loop1", "'..' component"),
+            ("/dev/sdb/..", "'..' component"),
+            ("/dev/sd\0b", "NUL"),
+        ] {
+            let e = check_clean(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    fn devices(dir: &Path, allow: &[&str]) -> Result<Devices> {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        Devices::new(dir, &allow)
+    }
+
+    #[test]
+    fn globs_match_within_one_directory() {
+        let data = tempfile::tempdir().unwrap();
+        let d = devices(data.path(), &["/dir/*", "/dev/sd?", "/dev/nvme[0-9]n1"]).unwrap();
+        for ok in ["/dir/a", "/dir/loop1", "/dev/sdb", "/dev/nvme0n1"] {
+            assert!(d.allowed(Path::new(ok)), "{ok}");
+        }
+        for bad in [
+            "/dir/sub/a",
+            "/dir/../dev/loop1",
+            "/dir/../../../dev/loop1",
+            "/dir/.hidden",
+            "/dir/..",
+            "/dir",
+            "/DIR/a",
+            "/dev/sdb/x",
+            "/dev/sd/",
+            "/dev/nvme0n1/../../sdb",
+        ] {
+            assert!(!d.allowed(Path::new(bad)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn globs_must_be_absolute_and_clean() {
+        let data = tempfile::tempdir().unwrap();
+        for bad in [
+            "dev/sd*",
+            "/dev/../dev/sd*",
+            "/dev//sd*",
+            "/dev/",
+            "/dev/[a",
+        ] {
+            let e = devices(data.path(), &[bad]).err().expect(bad);
+            assert!(
+                matches!(
+                    e,
+                    WorkerError::InvalidArgument {
+                        field: "device_allow",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_resolves_only_to_an_allowed_path() {
+        let data = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(data.path()).unwrap();
+        let allowed = base.join("allowed");
+        let other = base.join("other");
+        let outside = base.join("outside");
+        for d in [&allowed, &other, &outside] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(allowed.join("f"), b"").unwrap();
+        std::fs::write(other.join("f"), b"").unwrap();
+        std::fs::write(outside.join("f"), b"").unwrap();
+        std::os::unix::fs::symlink(outside.join("f"), allowed.join("out")).unwrap();
+        std::os::unix::fs::symlink(other.join("f"), allowed.join("other")).unwrap();
+        std::os::unix::fs::symlink(allowed.join("f"), allowed.join("in")).unwrap();
+        std::os::unix::fs::symlink("f", allowed.join("rel")).unwrap();
+        // A link to a directory outside: `allowed/up/f` is no name `*` matches
+        // anyway, and `allowed/up` itself resolves outside.
+        std::os::unix::fs::symlink(&outside, allowed.join("up")).unwrap();
+        let esc = |p: &Path| glob::Pattern::escape(p.to_str().unwrap());
+        let d = devices(
+            &base.join("data"),
+            &[&format!("{}/*", esc(&allowed)), &esc(&other.join("f"))],
+        )
+        .unwrap();
+        let ok = |p: &Path| d.resolve("device", p.to_str().unwrap());
+        assert_eq!(ok(&allowed.join("f")).unwrap(), allowed.join("f"));
+        assert_eq!(ok(&allowed.join("in")).unwrap(), allowed.join("f"));
+        assert_eq!(ok(&allowed.join("rel")).unwrap(), allowed.join("f"));
+        assert_eq!(ok(&allowed.join("other")).unwrap(), other.join("f"));
+        for p in [allowed.join("out"), allowed.join("up")] {
+            let e = ok(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("is a link to") && e.contains("not in the device allow list"),
+                "{}: {e}",
+                p.display()
+            );
+        }
+        for p in [
+            format!("{}/../outside/f", allowed.display()),
+            format!("{}/up/f", allowed.display()),
+            format!("{}/./f", allowed.display()),
+            "allowed/f".to_string(),
+        ] {
+            let e = d.resolve("device", &p).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    WorkerError::InvalidArgument {
+                        field: "device",
+                        ..
+                    }
+                ),
+                "{p}: {e}"
+            );
+        }
+    }
 }

@@ -129,6 +129,22 @@ impl WorkerState {
         None
     }
 
+    /// The volume or snapshot on a raw device whose path `same` accepts, if
+    /// any (to find a device named by another path than the recorded one).
+    pub fn raw_device_user(&self, same: impl Fn(&Path) -> bool) -> Option<String> {
+        for v in self.volumes.values() {
+            if !v.file_backed && same(&v.device) {
+                return Some(cowsnap_proto::names::volume(&v.id));
+            }
+            for s in &v.snapshots {
+                if !s.file_backed && same(&s.device) {
+                    return Some(cowsnap_proto::names::snapshot(&v.id, &s.id));
+                }
+            }
+        }
+        None
+    }
+
     /// Bytes of every file-backed device (what sparse files may grow to).
     pub fn file_backed_bytes(&self) -> u64 {
         self.volumes

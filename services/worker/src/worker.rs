@@ -22,7 +22,7 @@ use cowsnap_store::{
 };
 use tokio::sync::Mutex;
 
-use crate::devices::Devices;
+use crate::devices::{self, Devices, RawDevice};
 use crate::error::{Result, WorkerError};
 use crate::exports::{Export, Exports};
 use crate::state::{Phase, SnapshotRec, StateFile, TaskKind, TaskRec, VolumeRec, WorkerState, now};
@@ -145,6 +145,13 @@ pub fn full_cow_bytes(size: u64, layout: Layout) -> u64 {
     let data = size.div_ceil(layout.chunk_bytes());
     let areas = data.div_ceil(layout.exceptions_per_area()) + 1;
     (1 + areas + data) * layout.chunk_bytes()
+}
+
+/// The volume or snapshot on raw device `d`, recorded under its path or
+/// under another path to the same device (a link, another device node).
+fn raw_device_user(st: &WorkerState, d: &RawDevice) -> Option<String> {
+    st.device_user(&d.path)
+        .or_else(|| st.raw_device_user(|p| devices::rdev_of(p) == Some(d.rdev)))
 }
 
 fn chunk_layout(field: &'static str, chunk_sectors: u32, default: u32) -> Result<Layout> {
@@ -294,7 +301,7 @@ impl Worker {
             v.phase = Phase::Ready;
         }
         let origin = match self
-            .open_sized(&v.device, v.size_bytes)
+            .open_sized(&v.device, v.file_backed, v.size_bytes)
             .and_then(|d| Origin::new(d).map_err(WorkerError::from))
         {
             Ok(o) => Arc::new(o),
@@ -313,7 +320,7 @@ impl Worker {
                 }
                 continue;
             }
-            let dev = match self.open_sized(&s.device, s.cow_size_bytes) {
+            let dev = match self.open_sized(&s.device, s.file_backed, s.cow_size_bytes) {
                 Ok(d) => d,
                 Err(e) if s.phase == Phase::Creating => {
                     tracing::warn!(snapshot = %sname, "dropping a snapshot whose creation did not finish: {e}");
@@ -418,9 +425,24 @@ impl Worker {
         });
     }
 
-    /// Opens a device with `O_DIRECT`, seen as its first `size` bytes.
-    fn open_sized(&self, path: &Path, size: u64) -> Result<cowsnap_store::Device> {
+    /// Opens a device with `O_DIRECT`, seen as its first `size` bytes. A raw
+    /// device is held open meanwhile, to check that the path still named it,
+    /// not through a link, once the engine opened it.
+    fn open_sized(
+        &self,
+        path: &Path,
+        file_backed: bool,
+        size: u64,
+    ) -> Result<cowsnap_store::Device> {
+        let pin = if file_backed {
+            None
+        } else {
+            Some(self.devices.pin(path)?)
+        };
         let dev = self.backend.open(path, true)?;
+        if let Some(pin) = pin {
+            pin.still_at(path)?;
+        }
         if dev.size() < size {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{}: {} bytes, fewer than the {size} recorded",
@@ -481,12 +503,13 @@ impl Worker {
             }
             return Ok((file, true, size));
         }
-        let (path, dev_size) = self.devices.check_raw(field, asked)?;
-        if let Some(user) = st.device_user(&path) {
+        let raw = self.devices.check_raw(field, asked)?;
+        if let Some(user) = raw_device_user(st, &raw) {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{asked} is already used by {user}"
             )));
         }
+        let (path, dev_size) = (raw.path, raw.size);
         let size = if size == 0 { dev_size } else { size };
         if size > dev_size {
             return Err(WorkerError::invalid(
@@ -506,10 +529,10 @@ impl Worker {
             .devices
             .list_raw()
             .into_iter()
-            .map(|(p, size)| RawDeviceInfo {
-                used_by: inner.st.device_user(&p).unwrap_or_default(),
-                path: p.display().to_string(),
-                size_bytes: size,
+            .map(|d| RawDeviceInfo {
+                used_by: raw_device_user(&inner.st, &d).unwrap_or_default(),
+                path: d.path.display().to_string(),
+                size_bytes: d.size,
             })
             .collect();
         let mut io = *self.retired_io.lock().expect("retired io");
@@ -668,7 +691,7 @@ impl Worker {
             let asked_dev = if device.is_empty() {
                 file.clone()
             } else {
-                std::fs::canonicalize(device).unwrap_or_else(|_| device.into())
+                self.devices.resolve("device", device)?
             };
             let asked_size = if size_bytes == 0 && !device.is_empty() {
                 v.size_bytes
@@ -715,7 +738,13 @@ impl Worker {
         self.save(&mut inner)?;
         let origin = self
             .prepare_device(&path, file_backed, size)
-            .and_then(|()| Ok(Arc::new(Origin::new(self.open_sized(&path, size)?)?)));
+            .and_then(|()| {
+                Ok(Arc::new(Origin::new(self.open_sized(
+                    &path,
+                    file_backed,
+                    size,
+                )?)?))
+            });
         let origin = match origin {
             Ok(o) => o,
             Err(e) => {
@@ -835,7 +864,7 @@ impl Worker {
             let asked_dev = if device.is_empty() {
                 file.clone()
             } else {
-                std::fs::canonicalize(device).unwrap_or_else(|_| device.into())
+                self.devices.resolve("device", device)?
             };
             same_or_exists(
                 &sname,
@@ -946,7 +975,7 @@ impl Worker {
             // A new COW device starts with a zero header.
             self.devices.zero_raw(path, layout.chunk_bytes() * 2)?;
         }
-        let dev = self.open_sized(path, size)?;
+        let dev = self.open_sized(path, file_backed, size)?;
         if dev.block_size() > origin.block_size() {
             // NBD clients were told the volume's alignment at connect time.
             return Err(WorkerError::invalid(
@@ -1381,7 +1410,11 @@ impl Worker {
                 .cloned()
                 .ok_or_else(|| WorkerError::NotFound(format!("{} vanished", rec.target)))?;
             self.prepare_device(&v.device, v.file_backed, v.size_bytes)?;
-            let dst = Arc::new(Origin::new(self.open_sized(&v.device, v.size_bytes)?)?);
+            let dst = Arc::new(Origin::new(self.open_sized(
+                &v.device,
+                v.file_backed,
+                v.size_bytes,
+            )?)?);
             let (src_vol, target) = match rec.kind {
                 TaskKind::Restore => {
                     let (sv, ss) = names::parse_snapshot(&rec.source)

@@ -743,40 +743,53 @@ async fn state_and_content_survive_a_restart() {
     w.stop().await;
 }
 
-/// Loop devices standing in for disks: raw block devices from the allow
-/// list hold a volume and a snapshot; anything else is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_devices_from_the_allow_list() {
-    let dir = scratch();
-    let mut loops = Vec::new();
-    for name in ["disk0", "disk1"] {
-        let f = dir.path().join(name);
-        std::fs::File::create(&f)
+/// Loop devices over new 32 MiB files `dir/NAME`, each holding `init`
+/// (the rest zero); detached when the guard drops.
+fn loop_devices(dir: &std::path::Path, names: &[&str], init: &[u8]) -> (Vec<String>, Detach) {
+    let mut guard = Detach(Vec::new());
+    for name in names {
+        let f = dir.join(name);
+        std::fs::write(&f, init).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
             .unwrap()
             .set_len(32 * MIB)
             .unwrap();
         let out = std::process::Command::new("losetup")
             .args(["--find", "--show", f.to_str().unwrap()])
             .output()
-            .expect("losetup (util-linux) is needed for the raw device test");
+            .expect("losetup (util-linux) is needed for the raw device tests");
         assert!(
             out.status.success(),
             "losetup failed (run as root): {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        loops.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
+        guard
+            .0
+            .push(String::from_utf8(out.stdout).unwrap().trim().to_string());
     }
-    struct Detach(Vec<String>);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            for l in &self.0 {
-                let _ = std::process::Command::new("losetup")
-                    .args(["-d", l])
-                    .status();
-            }
+    (guard.0.clone(), guard)
+}
+
+struct Detach(Vec<String>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", l])
+                .status();
         }
     }
-    let _detach = Detach(loops.clone());
+}
+
+/// Loop devices standing in for disks: raw block devices from the allow
+/// list hold a volume and a snapshot; anything else is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_devices_from_the_allow_list() {
+    let dir = scratch();
+    let (loops, _detach) = loop_devices(dir.path(), &["disk0", "disk1"], &[]);
     let data = dir.path().join("data");
     let w = Worker::start(&data, &["/dev/loop*"]).await;
     let mut c = w.client().await;
@@ -885,5 +898,205 @@ async fn raw_devices_from_the_allow_list() {
     })
     .await
     .unwrap();
+    w.stop().await;
+}
+
+/// A device node at `at` for the same device as the block device `like`.
+fn device_node(at: &std::path::Path, like: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(like).unwrap().rdev();
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; mknod reads nothing else.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, rdev as libc::dev_t) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        at.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `--device-allow DIR/*` names the entries of DIR and nothing else: no
+/// `..` walks out of it, `*` does not reach into a subdirectory, a link in
+/// it may only name another allowed device, and one device is used once
+/// however many paths name it. Every refusal comes before any byte is
+/// written: the devices outside keep their content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allow_list_cannot_be_escaped() {
+    let dir = scratch();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let marker = pattern(MIB as usize, 7);
+    // `ok` is allowed by its own path; `out` is allowed by no glob.
+    let (loops, _detach) = loop_devices(&base, &["ok", "out"], &marker);
+    let (ok, out) = (loops[0].clone(), loops[1].clone());
+    let allowed = base.join("allowed");
+    std::fs::create_dir_all(allowed.join("sub")).unwrap();
+    let a = |name: &str| format!("{}/{name}", allowed.display());
+    std::os::unix::fs::symlink(&out, a("to-out")).unwrap();
+    std::os::unix::fs::symlink(a("to-out"), a("to-to-out")).unwrap();
+    std::os::unix::fs::symlink(&ok, a("to-ok")).unwrap();
+    std::os::unix::fs::symlink("/dev", a("dev")).unwrap();
+    device_node(&allowed.join("sub/out"), &out);
+
+    let data = base.join("data");
+    let glob = format!("{}/*", glob::Pattern::escape(allowed.to_str().unwrap()));
+    let w = Worker::start(&data, &[&glob, &ok]).await;
+    let mut c = w.client().await;
+    let outside_intact = |what: &str| {
+        let now = std::fs::read(base.join("out")).unwrap();
+        assert!(
+            now[..MIB as usize] == marker[..] && now[MIB as usize..].iter().all(|&b| b == 0),
+            "{what}: the device outside the allow list was written"
+        );
+    };
+
+    // What the worker lists: the allowed device, once; nothing outside.
+    let info = c
+        .get_worker_info(pb::GetWorkerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<&str> = info.devices.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(listed, [ok.as_str()], "the devices on offer");
+
+    let up = "/..".repeat(allowed.components().count() - 1);
+    let escapes = [
+        (format!("{}{up}{out}", allowed.display()), "'..' component"),
+        (a(".").to_string() + "/to-ok", "'.' component"),
+        (a("to-ok/"), "empty component"),
+        (format!("{}//to-ok", allowed.display()), "empty component"),
+        (a("sub/out"), "not in the device allow list"),
+        (
+            a("dev") + &out["/dev".len()..],
+            "not in the device allow list",
+        ),
+        (a("to-out"), "is a link to"),
+        (a("to-to-out"), "is a link to"),
+        (out[1..].to_string(), "not an absolute path"),
+        (
+            format!("{}/to-out", allowed.strip_prefix("/").unwrap().display()),
+            "not an absolute path",
+        ),
+    ];
+    for (path, why) in &escapes {
+        let e = c
+            .create_volume(pb::CreateVolumeRequest {
+                volume_id: "escape".into(),
+                size_bytes: MIB,
+                chunk_sectors: 8,
+                device: path.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e}");
+        assert!(
+            e.message().contains(why) && e.message().contains("device"),
+            "{path}: {}",
+            e.message()
+        );
+        outside_intact(path);
+    }
+
+    // A link in the allowed directory to an allowed device is that device.
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "raw".into(),
+            size_bytes: 4 * MIB,
+            chunk_sectors: 8,
+            device: a("to-ok"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.device, ok, "recorded under its canonical path");
+    let mut n = nbd(w.nbd, "volumes/raw");
+    n.write_ok(0, &pattern(MIB as usize, 1));
+
+    // The escapes as COW devices: refused the same way, the volume and the
+    // device outside untouched.
+    for (path, why) in &escapes {
+        let e = c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                parent: "volumes/raw".into(),
+                snapshot_id: "escape".into(),
+                device: path.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e}");
+        assert!(e.message().contains(why), "{path}: {}", e.message());
+        outside_intact(path);
+    }
+    // The volume's device under another name (its link, its own path,
+    // another device node): in use, so no COW header lands on it.
+    device_node(&allowed.join("ok-again"), &ok);
+    for path in [a("to-ok"), ok.clone(), a("ok-again")] {
+        let e = c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                parent: "volumes/raw".into(),
+                snapshot_id: "s1".into(),
+                device: path.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{path}: {e}");
+        assert!(
+            e.message().contains("already used by volumes/raw"),
+            "{path}: {}",
+            e.message()
+        );
+        let e = c
+            .create_volume(pb::CreateVolumeRequest {
+                volume_id: "twice".into(),
+                size_bytes: MIB,
+                chunk_sectors: 8,
+                device: path.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{path}: {e}");
+    }
+    assert_eq!(
+        n.read_ok(0, MIB as u32),
+        pattern(MIB as usize, 1),
+        "the volume kept its data"
+    );
+    let info = c
+        .get_worker_info(pb::GetWorkerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.devices.len(), 1);
+    assert_eq!(info.devices[0].used_by, "volumes/raw");
+    // A retried create names its device as strictly as the first one.
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "raw".into(),
+            size_bytes: 4 * MIB,
+            chunk_sectors: 8,
+            device: format!("{}{up}{ok}", allowed.display()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    c.create_volume(pb::CreateVolumeRequest {
+        volume_id: "raw".into(),
+        size_bytes: 4 * MIB,
+        chunk_sectors: 8,
+        device: a("to-ok"),
+    })
+    .await
+    .expect("the same create again");
+    drop(n);
+    c.delete_volume(pb::DeleteVolumeRequest {
+        name: "volumes/raw".into(),
+    })
+    .await
+    .unwrap();
+    outside_intact("the end");
     w.stop().await;
 }
