@@ -19,8 +19,10 @@ const OPEN: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
-/// Reads the token: the file's content without surrounding white space.
+/// Reads the token: the file's content without surrounding white space
+/// (with a warning when other users may read the file).
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    cowsnap_proto::server::warn_if_open_to_others(path, "auth token");
     let t = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the auth token", path.display()))?;
     let t = t.trim().to_string();

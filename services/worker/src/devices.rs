@@ -28,8 +28,7 @@ impl Devices {
     /// `data_dir/devices` (created) and the allow-list globs.
     pub fn new(data_dir: &Path, allow: &[String]) -> Result<Devices> {
         let dir = data_dir.join("devices");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        cowsnap_proto::server::private_dir(&dir)?;
         let mut pats = Vec::new();
         for a in allow {
             pats.push(glob::Pattern::new(a).map_err(|e| {
@@ -116,7 +115,7 @@ impl Devices {
 
     /// Creates (or recreates) a zero-filled sparse file of `size` bytes.
     pub fn create_file(&self, path: &Path, size: u64) -> Result<()> {
-        let f = OpenOptions::new()
+        let f = cowsnap_proto::server::private_file_options()
             .create(true)
             .truncate(true)
             .write(true)

@@ -160,8 +160,7 @@ impl Worker {
     /// (a merging one in merging state), registers the exports and resumes
     /// the merges and copies in progress.
     pub async fn open(cfg: WorkerConfig, exports: Arc<Exports>) -> anyhow::Result<Arc<Worker>> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("{}: cannot create the data dir", cfg.data_dir.display()))?;
+        cowsnap_proto::server::private_dir(&cfg.data_dir).context("cannot create the data dir")?;
         let backend = Backend::start(cfg.io).map_err(anyhow::Error::msg)?;
         let devices =
             Devices::new(&cfg.data_dir, &cfg.device_allow).map_err(|e| anyhow::anyhow!("{e}"))?;
