@@ -510,6 +510,71 @@ async fn error_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_from_an_invalid_snapshot_is_refused_up_front() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    let v = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "v1".into(),
+            volume: Some(pb::Volume {
+                size_bytes: 8 * MIB,
+                chunk_sectors: 8,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A COW of 64 KiB, overflowed by 1 MiB written to the volume (the
+    // catalog still says READY: nobody asked since).
+    c.snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/v1".into(),
+            snapshot_id: "s1".into(),
+            snapshot: Some(pb::Snapshot {
+                cow_size_bytes: 64 * 1024,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 1M", &v.nbd_uri])
+        .output()
+        .expect("qemu-io (qemu-utils) runs");
+    assert!(out.status.success(), "{out:?}");
+
+    let r = c
+        .volumes
+        .restore_volume(pb::RestoreVolumeRequest {
+            volume_id: "r1".into(),
+            source_snapshot: "volumes/v1/snapshots/s1".into(),
+            volume: None,
+        })
+        .await;
+    let s = code(r);
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+    assert!(s.message().contains("invalid"), "{}", s.message());
+    // No volume is left behind, FAILED or otherwise.
+    let r = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/r1".into(),
+        })
+        .await;
+    assert_eq!(code(r).code(), Code::NotFound);
+    let s = c
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::State::Invalid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_registered_checked_and_placed_by_room() {
     init_logs();
     let dir = scratch();

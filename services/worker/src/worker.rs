@@ -1111,6 +1111,17 @@ impl Worker {
                 "{source_snapshot} is not ready (merging, or being created or deleted)"
             )));
         }
+        // As a merge does: an invalid snapshot has no image to copy.
+        let (vol, snap) = (v.id.clone(), s.id.clone());
+        let origin = Self::live_origin(&inner, &vol)?;
+        let id = *inner.live[&vol].snaps.get(&snap).ok_or_else(|| {
+            WorkerError::FailedPrecondition(format!("{source_snapshot} is not loaded"))
+        })?;
+        if !origin.status(id)?.valid {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{source_snapshot} is invalid (it overflowed or failed): there is nothing to restore"
+            )));
+        }
         self.start_copy(
             &mut inner,
             TaskKind::Restore,

@@ -697,6 +697,67 @@ async fn restore_and_clone_copy_the_content() {
     w.stop().await;
 }
 
+/// Volume `v1` (8 MiB) with snapshot `s1` whose 64 KiB COW 1 MiB of
+/// writes overflowed: INVALID. Returns a connection to the snapshot's
+/// export opened while it was still valid.
+async fn overflowed_snapshot(w: &Worker, c: &mut Client) -> common::Client {
+    create_volume(c, "v1", 8 * MIB, 8).await;
+    create_snapshot(c, "v1", "s1", 64 * 1024).await;
+    let snap = nbd(w.nbd, "volumes/v1/snapshots/s1");
+    nbd(w.nbd, "volumes/v1").write_ok(0, &pattern(MIB as usize, 1));
+    let s = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, pb::State::Invalid as i32, "{s:?}");
+    snap
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_snapshot_is_refused_as_a_restore_source() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    let _snap = overflowed_snapshot(&w, &mut c).await;
+    // Refused up front, as a merge is: no task, no volume left FAILED.
+    let e = c
+        .restore_volume(pb::RestoreVolumeRequest {
+            volume_id: "r1".into(),
+            source_snapshot: "volumes/v1/snapshots/s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("invalid"), "{}", e.message());
+    let gone = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/r1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(
+        c.list_tasks(pb::ListTasksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .is_empty()
+    );
+    let e = c
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_content_survive_a_restart() {
     let dir = scratch();
