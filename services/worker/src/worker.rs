@@ -249,7 +249,7 @@ impl Worker {
         if v.phase == Phase::Creating && !copying {
             // The create was never acknowledged: do it again from scratch.
             if let Err(e) = self.prepare_device(&v.device, v.file_backed, v.size_bytes) {
-                self.fail_volume(inner, &v.id, format!("cannot recreate its device: {e}"));
+                self.fail_volume(inner, &v.id, "cannot recreate its device", &e);
                 return;
             }
             v.phase = Phase::Ready;
@@ -260,7 +260,7 @@ impl Worker {
         {
             Ok(o) => Arc::new(o),
             Err(e) => {
-                self.fail_volume(inner, &v.id, format!("cannot open its device: {e}"));
+                self.fail_volume(inner, &v.id, "cannot open its device", &e);
                 return;
             }
         };
@@ -281,11 +281,8 @@ impl Worker {
                     continue;
                 }
                 Err(e) => {
-                    self.fail_volume(
-                        inner,
-                        &v.id,
-                        format!("cannot open the COW device of {sname}: {e}"),
-                    );
+                    let what = format!("cannot open the COW device of {sname}");
+                    self.fail_volume(inner, &v.id, &what, &e);
                     return;
                 }
             };
@@ -313,7 +310,8 @@ impl Worker {
                     keep.push(s);
                 }
                 Err(e) => {
-                    self.fail_volume(inner, &v.id, format!("cannot load {sname}: {e}"));
+                    let what = format!("cannot load {sname}");
+                    self.fail_volume(inner, &v.id, &what, &e.into());
                     return;
                 }
             }
@@ -334,8 +332,11 @@ impl Worker {
         }
     }
 
-    fn fail_volume(&self, inner: &mut Inner, vol: &str, why: String) {
-        tracing::error!(volume = %names::volume(vol), "volume failed: {why}");
+    /// Marks a volume failed: the log says `what` and the whole error, the
+    /// volume's error (which clients read) names no server path.
+    fn fail_volume(&self, inner: &mut Inner, vol: &str, what: &str, e: &WorkerError) {
+        tracing::error!(volume = %names::volume(vol), "volume failed: {what}: {e}");
+        let why = format!("{what}: {}", e.client_message());
         inner.live.insert(
             vol.to_string(),
             Live {
@@ -382,9 +383,9 @@ impl Worker {
     fn open_sized(&self, path: &Path, size: u64) -> Result<cowsnap_store::Device> {
         let dev = self.backend.open(path, true)?;
         if dev.size() < size {
+            tracing::error!(device = %path.display(), "{} bytes, fewer than the {size} recorded", dev.size());
             return Err(WorkerError::FailedPrecondition(format!(
-                "{}: {} bytes, fewer than the {size} recorded",
-                path.display(),
+                "the device has {} bytes, fewer than the {size} recorded",
                 dev.size()
             )));
         }
@@ -434,9 +435,12 @@ impl Worker {
             let (_, free) = self.devices.fs_space()?;
             let room = free.saturating_sub(self.committed_unallocated(st));
             if size > room {
+                tracing::warn!(
+                    data_dir = %self.cfg.data_dir.display(),
+                    "no room for {size} bytes: {room} bytes left"
+                );
                 return Err(WorkerError::ResourceExhausted(format!(
-                    "no room for {size} bytes on this worker: {room} bytes left in {}",
-                    self.cfg.data_dir.display()
+                    "no room for {size} bytes on this worker: {room} bytes left"
                 )));
             }
             return Ok((file, true, size));
@@ -892,8 +896,7 @@ impl Worker {
             return Err(WorkerError::invalid(
                 "device",
                 format!(
-                    "{}: logical block size {} is larger than the volume's ({})",
-                    path.display(),
+                    "the COW device's logical block size {} is larger than the volume's ({})",
                     dev.block_size(),
                     origin.block_size()
                 ),
@@ -1239,7 +1242,7 @@ impl Worker {
                 inner.st.volumes.remove(volume_id);
                 task.update(|t| {
                     t.done = true;
-                    t.error = Some(e.to_string());
+                    t.error = Some(e.client_message());
                 });
                 self.save(inner)?;
                 return Err(e);
@@ -1266,7 +1269,7 @@ impl Worker {
             task.update(|t| {
                 if !t.done {
                     t.done = true;
-                    t.error = r.err().map(|e| e.to_string());
+                    t.error = r.err().map(|e| e.client_message());
                 }
             });
             let mut inner = w.inner.lock().await;

@@ -759,6 +759,43 @@ async fn an_invalid_snapshot_is_refused_as_a_restore_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_no_server_path_to_clients() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let data_dir = dir.path().to_str().unwrap().to_string();
+    let mut c = w.client().await;
+    let mut snap = overflowed_snapshot(&w, &mut c).await;
+    // The engine's error on the snapshot's export names no device file
+    // (the log does).
+    let r = snap.call(0, common::CMD_READ, 0, 4096, &[]);
+    assert_ne!(r.error, 0, "reading an invalid snapshot fails");
+    assert!(r.message.contains("invalid"), "{}", r.message);
+    assert!(
+        !r.message.contains(&data_dir) && !r.message.contains(".cow"),
+        "NBD error names a server path: {}",
+        r.message
+    );
+    // Nor does a status.
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "huge".into(),
+            size_bytes: 1 << 60,
+            chunk_sectors: 0,
+            device: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("no room"), "{}", e.message());
+    assert!(
+        !e.message().contains(&data_dir),
+        "status names a server path: {}",
+        e.message()
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_content_survive_a_restart() {
     let dir = scratch();
     let size = 4 * MIB;
