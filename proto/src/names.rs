@@ -72,6 +72,19 @@ pub fn parse_in<'a>(collection: &str, name: &'a str) -> Result<&'a str, String> 
         .ok_or_else(|| format!("{name:?} is not a name of the form {collection}/ID"))
 }
 
+/// The number of `{collection}/{number}`: canonical decimal digits only
+/// (`operations/7`; not `operations/+7`, `operations/07` or `operations/ 7`),
+/// so one resource has one name.
+pub fn parse_number_in(collection: &str, name: &str) -> Result<u64, String> {
+    let id = parse_in(collection, name)?;
+    let canonical = id.bytes().all(|b| b.is_ascii_digit()) && (id == "0" || !id.starts_with('0'));
+    let bad = || format!("{name:?}: the id is a number in decimal digits");
+    if !canonical {
+        return Err(bad());
+    }
+    id.parse().map_err(|_| bad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +121,26 @@ mod tests {
         assert_eq!(parse_in("tasks", "tasks/7"), Ok("7"));
         assert!(parse_in("tasks", "operations/7").is_err());
         assert_eq!(snapshot("a", "b"), "volumes/a/snapshots/b");
+    }
+
+    #[test]
+    fn numbers_are_canonical() {
+        assert_eq!(parse_number_in("operations", "operations/1"), Ok(1));
+        assert_eq!(parse_number_in("operations", "operations/0"), Ok(0));
+        assert_eq!(parse_number_in("operations", "operations/120"), Ok(120));
+        for bad in [
+            "operations/+1",
+            "operations/-1",
+            "operations/01",
+            "operations/00",
+            "operations/ 1",
+            "operations/1 ",
+            "operations/1e3",
+            "operations/",
+            "operations/99999999999999999999999",
+            "operations/١",
+        ] {
+            assert!(parse_number_in("operations", bad).is_err(), "{bad}");
+        }
     }
 }

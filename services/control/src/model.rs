@@ -282,13 +282,10 @@ impl Operation {
     }
 }
 
-/// The id of `operations/{op}`.
+/// The id of `operations/{op}` (canonical decimal digits only).
 pub fn parse_operation(name: &str) -> Result<i64> {
-    names::parse_in("operations", name)
-        .and_then(|id| {
-            id.parse()
-                .map_err(|_| format!("{name:?}: the id is a number"))
-        })
+    names::parse_number_in("operations", name)
+        .and_then(|id| i64::try_from(id).map_err(|_| format!("{name:?}: no such operation id")))
         .map_err(|e| ControlError::invalid("name", e))
 }
 

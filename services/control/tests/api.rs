@@ -509,6 +509,56 @@ async fn error_codes() {
     assert_eq!(s.code(), Code::AlreadyExists);
 }
 
+/// An INVALID_ARGUMENT naming `field`, with a short message.
+fn assert_invalid(s: tonic::Status, field: &str) {
+    assert_eq!(s.code(), Code::InvalidArgument, "{field}: {}", s.message());
+    assert!(
+        s.message().starts_with(&format!("invalid {field}:")),
+        "{field}: {}",
+        s.message()
+    );
+    assert!(s.message().len() <= 300, "{} bytes", s.message().len());
+}
+
+/// The name of the first operation listed.
+async fn some_operation(c: &mut Clients) -> String {
+    c.operations
+        .list_operations(pb::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0)
+        .name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_names_are_canonical_decimal() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    let op = some_operation(&mut c).await;
+    let id = op.strip_prefix("operations/").unwrap();
+    c.operations
+        .get_operation(pb::GetOperationRequest { name: op.clone() })
+        .await
+        .unwrap();
+    for bad in [format!("operations/+{id}"), format!("operations/0{id}")] {
+        let r = c
+            .operations
+            .get_operation(pb::GetOperationRequest { name: bad.clone() })
+            .await;
+        assert_invalid(code(r), "name");
+        let r = c
+            .operations
+            .wait_operation(pb::WaitOperationRequest {
+                name: bad,
+                timeout: None,
+            })
+            .await;
+        assert_invalid(code(r), "name");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_from_an_invalid_snapshot_is_refused_up_front() {
     let (_dir, _w, _control, mut c) = setup().await;
