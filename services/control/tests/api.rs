@@ -560,6 +560,33 @@ async fn operation_names_are_canonical_decimal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_timeout_must_be_a_valid_duration() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    let op = some_operation(&mut c).await;
+    for (seconds, nanos) in [(0, 1_000_000_000), (1, -1), (-1, 0), (0, i32::MAX)] {
+        let r = c
+            .operations
+            .wait_operation(pb::WaitOperationRequest {
+                name: op.clone(),
+                timeout: Some(prost_types::Duration { seconds, nanos }),
+            })
+            .await;
+        assert_invalid(code(r), "timeout");
+    }
+    c.operations
+        .wait_operation(pb::WaitOperationRequest {
+            name: op.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 999_999_999,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_from_an_invalid_snapshot_is_refused_up_front() {
     let (_dir, _w, _control, mut c) = setup().await;
     let v = c
