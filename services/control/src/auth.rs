@@ -61,6 +61,15 @@ pub struct Auth<S> {
     token: Option<Arc<str>>,
 }
 
+/// The credentials of `Bearer TOKEN`: the scheme in any case (RFC 7235),
+/// then one or more spaces; white space around the token is ignored.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_matches(' ').trim())
+}
+
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -80,15 +89,7 @@ impl<S> Auth<S> {
                 "missing authorization: send `authorization: Bearer TOKEN`",
             ));
         };
-        let presented = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .unwrap_or("");
+        let presented = value.to_str().ok().and_then(bearer).unwrap_or("");
         if same(presented.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
@@ -115,6 +116,28 @@ where
         match self.check(&req) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        for v in [
+            "Bearer t0k",
+            "bearer t0k",
+            "BEARER t0k",
+            "BeArEr t0k",
+            "Bearer   t0k",
+            "Bearer t0k ",
+        ] {
+            assert_eq!(bearer(v), Some("t0k"), "{v:?}");
+        }
+        for v in ["Basic t0k", "Bearert0k", "Bearer", "t0k", ""] {
+            assert!(bearer(v).is_none_or(str::is_empty), "{v:?}");
         }
     }
 }
