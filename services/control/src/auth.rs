@@ -63,7 +63,7 @@ pub struct Auth<S> {
 
 /// The credentials of `Bearer TOKEN`: the scheme in any case (RFC 7235),
 /// then one or more spaces; white space around the token is ignored.
-fn bearer(value: &str) -> Option<&str> {
+pub(crate) fn bearer(value: &str) -> Option<&str> {
     let (scheme, rest) = value.trim_start().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -533,6 +533,39 @@ async fn some_operation(c: &mut Clients) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_tokens_with_multi_byte_characters_are_invalid_argument() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    for t in ["aéb", "€0", "0€", "😀😀", "ab€"] {
+        let r = c
+            .volumes
+            .list_volumes(pb::ListVolumesRequest {
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+        let r = c
+            .snapshots
+            .list_snapshots(pb::ListSnapshotsRequest {
+                parent: "volumes/-".into(),
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+        let r = c
+            .operations
+            .list_operations(pb::ListOperationsRequest {
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operation_names_are_canonical_decimal() {
     let (_dir, _w, _control, mut c) = setup().await;
     c.create_volume("v1", 4 * MIB).await;
