@@ -207,6 +207,26 @@ impl Bound {
     }
 }
 
+/// The longest status message a cowsnap server sends, in bytes: whatever
+/// an error quotes, a client gets a short `grpc-message` (gRPC C-core
+/// clients reject large ones as RESOURCE_EXHAUSTED).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message` cut to at most [`MAX_STATUS_MESSAGE`] bytes, at a character
+/// boundary, ending with `…` when cut. Every status a server builds from an
+/// error goes through here.
+pub fn status_message(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE {
+        let mut cut = MAX_STATUS_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
 // ---- files only their owner reads ---------------------------------------
 
 /// Creates `dir` and its missing parents with mode 0700 whatever the umask,
@@ -313,6 +333,17 @@ mod tests {
             .open(&h)
             .unwrap();
         assert_eq!(mode(&h), 0o600);
+    }
+
+    #[test]
+    fn status_messages_are_capped() {
+        assert_eq!(status_message("short".into()), "short");
+        for unit in ["x", "é", "€", "😀"] {
+            let m = status_message(unit.repeat(5000));
+            assert!(m.len() <= MAX_STATUS_MESSAGE, "{unit}: {}", m.len());
+            assert!(m.len() > MAX_STATUS_MESSAGE - 8, "{unit}: {}", m.len());
+            assert!(m.ends_with('…'));
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowsnap_proto::names::quote;
+
 use crate::catalog;
 use crate::error::{ControlError, Result};
 use crate::listing;
@@ -41,27 +43,33 @@ impl OperationFilter {
             match k.as_str() {
                 "done" => {
                     f.done = Some(v.parse::<bool>().map_err(|_| {
-                        ControlError::invalid("filter", format!("done={v}: true or false"))
+                        ControlError::invalid(
+                            "filter",
+                            format!("done={}: true or false", quote(&v)),
+                        )
                     })?)
                 }
                 "target" => f.target = Some(v),
                 "kind" => {
                     f.kind = Some(OpKind::parse(&v).ok_or_else(|| {
-                        ControlError::invalid("filter", format!("kind={v}: not an operation kind"))
+                        ControlError::invalid(
+                            "filter",
+                            format!("kind={}: not an operation kind", quote(&v)),
+                        )
                     })?)
                 }
                 "state" => {
                     f.state = Some(OpState::parse(&v).ok_or_else(|| {
                         ControlError::invalid(
                             "filter",
-                            format!("state={v}: not an operation state"),
+                            format!("state={}: not an operation state", quote(&v)),
                         )
                     })?)
                 }
                 _ => {
                     return Err(ControlError::invalid(
                         "filter",
-                        format!("unknown term {k:?} (done, target, kind, state)"),
+                        format!("unknown term {} (done, target, kind, state)", quote(&k)),
                     ));
                 }
             }

@@ -1,6 +1,8 @@
 //! List calls (AIP-132, AIP-158, AIP-160): page sizes, opaque page tokens
 //! and the small filter language `KEY=VALUE AND KEY=VALUE`.
 
+use cowsnap_proto::names::quote;
+
 use crate::error::{ControlError, Result};
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -58,7 +60,7 @@ pub fn filter_terms(filter: &str) -> Result<Vec<(String, String)>> {
         .split(" AND ")
         .map(|t| {
             let (k, v) = t.trim().split_once('=').ok_or_else(|| {
-                ControlError::invalid("filter", format!("{t:?} is not KEY=VALUE"))
+                ControlError::invalid("filter", format!("{} is not KEY=VALUE", quote(t)))
             })?;
             let v = v.trim().trim_matches('"');
             Ok((k.trim().to_string(), v.to_string()))

@@ -45,7 +45,10 @@ impl VolumeFilter {
         for (k, v) in listing::filter_terms(filter)? {
             if k == "state" {
                 f.state = Some(State::parse(&v).map_err(|_| {
-                    ControlError::invalid("filter", format!("state={v}: not a state"))
+                    ControlError::invalid(
+                        "filter",
+                        format!("state={}: not a state", names::quote(&v)),
+                    )
                 })?);
             } else if k == "worker" {
                 f.worker = Some(v.strip_prefix("workers/").unwrap_or(&v).to_string());
@@ -54,7 +57,10 @@ impl VolumeFilter {
             } else {
                 return Err(ControlError::invalid(
                     "filter",
-                    format!("unknown term {k:?} (state, worker, labels.KEY)"),
+                    format!(
+                        "unknown term {} (state, worker, labels.KEY)",
+                        names::quote(&k)
+                    ),
                 ));
             }
         }

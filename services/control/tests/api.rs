@@ -566,6 +566,45 @@ async fn page_tokens_with_multi_byte_characters_are_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10kb_input_is_quoted_in_part_only() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    let long = "a".repeat(10_000);
+    let r = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: long.clone(),
+            volume: Some(pb::Volume {
+                size_bytes: MIB,
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_invalid(code(r), "volume_id");
+    let r = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: format!("volumes/{long}"),
+        })
+        .await;
+    assert_invalid(code(r), "name");
+    let r = c
+        .operations
+        .get_operation(pb::GetOperationRequest {
+            name: format!("operations/{long}"),
+        })
+        .await;
+    assert_invalid(code(r), "name");
+    let r = c
+        .volumes
+        .list_volumes(pb::ListVolumesRequest {
+            filter: format!("{long}=x"),
+            ..Default::default()
+        })
+        .await;
+    assert_invalid(code(r), "filter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operation_names_are_canonical_decimal() {
     let (_dir, _w, _control, mut c) = setup().await;
     c.create_volume("v1", 4 * MIB).await;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowsnap_proto::server::status_message;
 use cowsnap_proto::worker::v1 as pb;
 use pb::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
@@ -17,7 +18,7 @@ use crate::worker::{ResState, SnapshotInfo, VolumeInfo, Worker, WorkerInfo};
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// The one place a worker error becomes a status: its client message (no
-/// server paths; the whole error goes to the log when internal).
+/// server paths; the whole error goes to the log when internal), capped.
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
         use tonic::Code;
@@ -33,7 +34,7 @@ impl From<WorkerError> for Status {
         if code == Code::Internal {
             tracing::error!("internal error: {e}");
         }
-        Status::new(code, e.client_message())
+        Status::new(code, status_message(e.client_message()))
     }
 }
 

@@ -796,6 +796,35 @@ async fn errors_name_no_server_path_to_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10kb_input_gets_a_short_status_message() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    let long = "a".repeat(10_000);
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: long.clone(),
+            size_bytes: MIB,
+            chunk_sectors: 0,
+            device: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message().len());
+    assert!(e.message().contains("volume_id"), "{}", e.message());
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    let e = c
+        .get_volume(pb::GetVolumeRequest {
+            name: format!("volumes/{long}"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message().len());
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_content_survive_a_restart() {
     let dir = scratch();
     let size = 4 * MIB;
