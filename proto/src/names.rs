@@ -3,6 +3,19 @@
 //! names, and `operations/{op}` / `tasks/{task}` for long-running work.
 //! Scripts depend on these names, so they are parsed in one place.
 
+/// The most characters of a caller's input an error message quotes.
+pub const QUOTE_MAX: usize = 80;
+
+/// `input` quoted for an error message: whole when short, else its first
+/// [`QUOTE_MAX`] characters, `…` and its length (a 10 KB id must not make a
+/// 10 KB status message, which some gRPC clients reject).
+pub fn quote(input: &str) -> String {
+    match input.char_indices().nth(QUOTE_MAX) {
+        None => format!("{input:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
 /// Checks a resource id: 1 to 63 characters of `[a-z0-9-]`, starting with a
 /// letter and not ending with a hyphen. Returns a message naming what is
 /// wrong.
@@ -11,20 +24,21 @@ pub fn check_id(id: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if id.len() > 63 {
-        return Err(format!("{id:?} is longer than 63 characters"));
+        return Err(format!("{} is longer than 63 characters", quote(id)));
     }
     if !id.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(format!("{id:?} must start with a lower-case letter"));
+        return Err(format!("{} must start with a lower-case letter", quote(id)));
     }
     if id.ends_with('-') {
-        return Err(format!("{id:?} must not end with a hyphen"));
+        return Err(format!("{} must not end with a hyphen", quote(id)));
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
         return Err(format!(
-            "{id:?} contains {c:?}: only lower-case letters, digits and hyphens are allowed"
+            "{} contains {c:?}: only lower-case letters, digits and hyphens are allowed",
+            quote(id)
         ));
     }
     Ok(())
@@ -45,14 +59,19 @@ pub fn parse_volume(name: &str) -> Result<&str, String> {
     let id = name
         .strip_prefix("volumes/")
         .filter(|rest| !rest.contains('/'))
-        .ok_or_else(|| format!("{name:?} is not a volume name (volumes/VOLUME)"))?;
+        .ok_or_else(|| format!("{} is not a volume name (volumes/VOLUME)", quote(name)))?;
     check_id(id).map_err(|e| format!("volume id {e}"))?;
     Ok(id)
 }
 
 /// The volume and snapshot ids of `volumes/{volume}/snapshots/{snapshot}`.
 pub fn parse_snapshot(name: &str) -> Result<(&str, &str), String> {
-    let bad = || format!("{name:?} is not a snapshot name (volumes/VOLUME/snapshots/SNAPSHOT)");
+    let bad = || {
+        format!(
+            "{} is not a snapshot name (volumes/VOLUME/snapshots/SNAPSHOT)",
+            quote(name)
+        )
+    };
     let rest = name.strip_prefix("volumes/").ok_or_else(bad)?;
     let (vol, snap) = rest.split_once("/snapshots/").ok_or_else(bad)?;
     if snap.contains('/') {
@@ -69,7 +88,20 @@ pub fn parse_in<'a>(collection: &str, name: &'a str) -> Result<&'a str, String> 
     name.strip_prefix(collection)
         .and_then(|r| r.strip_prefix('/'))
         .filter(|id| !id.is_empty() && !id.contains('/'))
-        .ok_or_else(|| format!("{name:?} is not a name of the form {collection}/ID"))
+        .ok_or_else(|| format!("{} is not a name of the form {collection}/ID", quote(name)))
+}
+
+/// The number of `{collection}/{number}`: canonical decimal digits only
+/// (`operations/7`; not `operations/+7`, `operations/07` or `operations/ 7`),
+/// so one resource has one name.
+pub fn parse_number_in(collection: &str, name: &str) -> Result<u64, String> {
+    let id = parse_in(collection, name)?;
+    let canonical = id.bytes().all(|b| b.is_ascii_digit()) && (id == "0" || !id.starts_with('0'));
+    let bad = || format!("{}: the id is a number in decimal digits", quote(name));
+    if !canonical {
+        return Err(bad());
+    }
+    id.parse().map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -108,5 +140,37 @@ mod tests {
         assert_eq!(parse_in("tasks", "tasks/7"), Ok("7"));
         assert!(parse_in("tasks", "operations/7").is_err());
         assert_eq!(snapshot("a", "b"), "volumes/a/snapshots/b");
+    }
+
+    #[test]
+    fn numbers_are_canonical() {
+        assert_eq!(parse_number_in("operations", "operations/1"), Ok(1));
+        assert_eq!(parse_number_in("operations", "operations/0"), Ok(0));
+        assert_eq!(parse_number_in("operations", "operations/120"), Ok(120));
+        for bad in [
+            "operations/+1",
+            "operations/-1",
+            "operations/01",
+            "operations/00",
+            "operations/ 1",
+            "operations/1 ",
+            "operations/1e3",
+            "operations/",
+            "operations/99999999999999999999999",
+            "operations/١",
+        ] {
+            assert!(parse_number_in("operations", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quotes_are_capped() {
+        assert_eq!(quote("v1"), "\"v1\"");
+        let long = "é".repeat(10_000);
+        let q = quote(&long);
+        assert!(q.chars().count() < QUOTE_MAX + 30, "{q}");
+        assert!(q.ends_with("… (20000 bytes)"), "{q}");
+        assert!(check_id(&"a".repeat(10_000)).unwrap_err().len() < 200);
+        assert!(parse_volume(&"x".repeat(10_000)).unwrap_err().len() < 200);
     }
 }

@@ -2,9 +2,13 @@
 //! `unix:PATH`), TLS certificates ([`TlsFiles`]: the server side and the
 //! client side of mTLS between the control service and its workers),
 //! server reflection (both `grpc.reflection.v1` and `v1alpha`: grpcurl 1.8
-//! asks for the latter) and `grpc.health.v1`.
+//! asks for the latter) and `grpc.health.v1`; and files only their owner
+//! may read ([`private_dir`], [`private_file`]): volume data, the catalog,
+//! sockets, and a warning for secrets others can read.
 
-use std::path::PathBuf;
+use std::fs::{OpenOptions, Permissions};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +31,7 @@ fn read_pem(p: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
 
 impl TlsFiles {
     fn identity(&self) -> anyhow::Result<Identity> {
+        warn_if_open_to_others(&self.key, "TLS private key");
         Ok(Identity::from_pem(
             read_pem(&self.cert, "TLS certificate")?,
             read_pem(&self.key, "TLS key")?,
@@ -158,6 +163,10 @@ impl Bound {
                 }
                 let l = tokio::net::UnixListener::bind(p)
                     .with_context(|| format!("cannot listen on unix:{}", p.display()))?;
+                // Owner only, whatever the umask (connecting needs write
+                // access, which a usual umask already leaves to the owner).
+                std::fs::set_permissions(p, Permissions::from_mode(0o600))
+                    .with_context(|| format!("unix:{}: cannot restrict", p.display()))?;
                 Ok(Bound::Unix(l, p.clone()))
             }
         }
@@ -195,5 +204,157 @@ impl Bound {
                 r
             }
         }
+    }
+}
+
+/// The longest status message a cowsnap server sends, in bytes: whatever
+/// an error quotes, a client gets a short `grpc-message` (gRPC C-core
+/// clients reject large ones as RESOURCE_EXHAUSTED).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message` cut to at most [`MAX_STATUS_MESSAGE`] bytes, at a character
+/// boundary, ending with `…` when cut. Every status a server builds from an
+/// error goes through here.
+pub fn status_message(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE {
+        let mut cut = MAX_STATUS_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
+// ---- files only their owner reads ---------------------------------------
+
+/// Creates `dir` and its missing parents with mode 0700 whatever the umask,
+/// and takes the group and other bits off it if it exists and this user
+/// owns it: volume data, labels and sockets live in such directories.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("{}: cannot create", dir.display()))?;
+    restrict(dir)
+}
+
+/// Options that create a file with mode 0600 whatever the umask (add the
+/// access wanted). An existing file keeps its mode: see [`restrict`].
+pub fn private_file_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(0o600);
+    o
+}
+
+/// Creates `path` empty with mode 0600 if it is missing; an existing one
+/// this user owns loses its group and other bits (its content stays).
+pub fn private_file(path: &Path) -> anyhow::Result<()> {
+    private_file_options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    restrict(path)
+}
+
+/// Takes the group and other permission bits off `path` if this user owns
+/// it (someone else's file or directory is left as it is).
+pub fn restrict(path: &Path) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot stat", path.display()))?;
+    let mode = meta.mode() & 0o7777;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() == me && mode & 0o077 != 0 {
+        std::fs::set_permissions(path, Permissions::from_mode(mode & !0o077))
+            .with_context(|| format!("{}: cannot restrict to its owner", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Logs a warning when users other than its owner may read or change the
+/// file holding a secret (`what`: "auth token", "TLS private key"); the
+/// file is still used. Returns whether it warned.
+pub fn warn_if_open_to_others(path: &Path, what: &str) -> bool {
+    match std::fs::metadata(path) {
+        Ok(m) if m.mode() & 0o077 != 0 => {
+            tracing::warn!(
+                file = %path.display(),
+                "{}: the {what} file is open to other users (mode {:04o}); \
+                 `chmod 600` it so that only its owner reads it",
+                path.display(),
+                m.mode() & 0o7777
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn private_dirs_and_files_whatever_the_umask() {
+        let tmp = tempfile::tempdir().unwrap();
+        // An existing directory and file open to everyone are narrowed.
+        let open_dir = tmp.path().join("open");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, Permissions::from_mode(0o777)).unwrap();
+        private_dir(&open_dir).unwrap();
+        assert_eq!(mode(&open_dir), 0o700);
+        let f = open_dir.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, Permissions::from_mode(0o666)).unwrap();
+        private_file(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        assert_eq!(std::fs::read(&f).unwrap(), b"x", "content kept");
+        // New ones: 0700 and 0600 (the umask only removes bits).
+        let nested = tmp.path().join("a/b/c");
+        private_dir(&nested).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            assert_eq!(mode(&tmp.path().join(d)), 0o700, "{d}");
+        }
+        let g = nested.join("g");
+        private_file(&g).unwrap();
+        assert_eq!(mode(&g), 0o600);
+        let h = nested.join("h");
+        private_file_options()
+            .create(true)
+            .write(true)
+            .open(&h)
+            .unwrap();
+        assert_eq!(mode(&h), 0o600);
+    }
+
+    #[test]
+    fn status_messages_are_capped() {
+        assert_eq!(status_message("short".into()), "short");
+        for unit in ["x", "é", "€", "😀"] {
+            let m = status_message(unit.repeat(5000));
+            assert!(m.len() <= MAX_STATUS_MESSAGE, "{unit}: {}", m.len());
+            assert!(m.len() > MAX_STATUS_MESSAGE - 8, "{unit}: {}", m.len());
+            assert!(m.ends_with('…'));
+        }
+    }
+
+    #[test]
+    fn secrets_open_to_others_are_flagged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().join("token");
+        std::fs::write(&t, b"secret").unwrap();
+        std::fs::set_permissions(&t, Permissions::from_mode(0o644)).unwrap();
+        assert!(warn_if_open_to_others(&t, "auth token"));
+        std::fs::set_permissions(&t, Permissions::from_mode(0o600)).unwrap();
+        assert!(!warn_if_open_to_others(&t, "auth token"));
+        assert!(!warn_if_open_to_others(&tmp.path().join("missing"), "x"));
     }
 }

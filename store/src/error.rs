@@ -78,4 +78,72 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The device (a server path for file-backed devices) the error is
+    /// about.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Error::Io { device, .. }
+            | Error::Open { device, .. }
+            | Error::Format { device, .. }
+            | Error::Corrupt { device, .. }
+            | Error::SnapshotInvalid { device }
+            | Error::OutOfRange { device, .. }
+            | Error::Misaligned { device, .. }
+            | Error::Invalid { device, .. }
+            | Error::Shutdown { device } => Some(device),
+            Error::NoSnapshot(_) | Error::Merging(..) => None,
+        }
+    }
+
+    /// The message for a client of the API or of an export: this error
+    /// without its device, a server path that only the logs show (they get
+    /// the `Display` form).
+    pub fn client_message(&self) -> String {
+        let full = self.to_string();
+        match self.device().filter(|d| !d.is_empty()) {
+            Some(d) => {
+                let rest = full.strip_prefix(&format!("{d}: ")).unwrap_or(&full);
+                rest.replace(d, "the device")
+            }
+            None => full,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_name_no_device() {
+        let dev = "/var/lib/cowsnap/worker/devices/v1.s1.cow";
+        let errors = [
+            Error::Io {
+                device: dev.into(),
+                op: "read",
+                offset: 512,
+                cause: io::Error::from_raw_os_error(libc::EIO),
+            },
+            Error::SnapshotInvalid { device: dev.into() },
+            Error::Invalid {
+                device: dev.into(),
+                detail: format!("commit failed, snapshot invalidated: {dev}: write at byte 0"),
+            },
+            Error::Shutdown { device: dev.into() },
+        ];
+        for e in errors {
+            let m = e.client_message();
+            assert!(e.to_string().contains(dev), "the log form keeps it");
+            assert!(!m.contains("/var/lib"), "{m}");
+            assert!(!m.is_empty());
+        }
+        assert_eq!(
+            Error::SnapshotInvalid { device: dev.into() }.client_message(),
+            "the snapshot is invalid (overflowed or failed); its data cannot be read or written"
+        );
+        assert_eq!(Error::NoSnapshot(3).client_message(), "no snapshot 3");
+    }
+}

@@ -19,8 +19,10 @@ const OPEN: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
-/// Reads the token: the file's content without surrounding white space.
+/// Reads the token: the file's content without surrounding white space
+/// (with a warning when other users may read the file).
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    cowsnap_proto::server::warn_if_open_to_others(path, "auth token");
     let t = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the auth token", path.display()))?;
     let t = t.trim().to_string();
@@ -59,6 +61,15 @@ pub struct Auth<S> {
     token: Option<Arc<str>>,
 }
 
+/// The credentials of `Bearer TOKEN`: the scheme in any case (RFC 7235),
+/// then one or more spaces; white space around the token is ignored.
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_matches(' ').trim())
+}
+
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -78,15 +89,7 @@ impl<S> Auth<S> {
                 "missing authorization: send `authorization: Bearer TOKEN`",
             ));
         };
-        let presented = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .unwrap_or("");
+        let presented = value.to_str().ok().and_then(bearer).unwrap_or("");
         if same(presented.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
@@ -113,6 +116,28 @@ where
         match self.check(&req) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        for v in [
+            "Bearer t0k",
+            "bearer t0k",
+            "BEARER t0k",
+            "BeArEr t0k",
+            "Bearer   t0k",
+            "Bearer t0k ",
+        ] {
+            assert_eq!(bearer(v), Some("t0k"), "{v:?}");
+        }
+        for v in ["Basic t0k", "Bearert0k", "Bearer", "t0k", ""] {
+            assert!(bearer(v).is_none_or(str::is_empty), "{v:?}");
         }
     }
 }

@@ -46,11 +46,12 @@ pub struct Call<S> {
 }
 
 /// A `grpc-timeout` value (`100m`, `5S`, ...).
-fn grpc_timeout(v: &str) -> Option<Duration> {
+pub(crate) fn grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 {
         return None;
     }
-    let (n, unit) = v.split_at(v.len() - 1);
+    // `get`, not a slice: the last byte may end a multi-byte character.
+    let (n, unit) = (v.get(..v.len() - 1)?, v.get(v.len() - 1..)?);
     let n: u64 = n.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),

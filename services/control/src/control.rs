@@ -6,11 +6,84 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowsnap_proto::names::quote;
+
 use crate::catalog;
 use crate::error::{ControlError, Result};
 use crate::listing;
 use crate::model::{self, OpKind, OpState, Operation, Worker};
 use crate::operations::Operations;
+
+/// The operation id a ListOperations page token resumes before
+/// (`i64::MAX` for none).
+pub fn operation_cursor(page_token: &str) -> Result<i64> {
+    let after = listing::after("operations", page_token)?;
+    if after.is_empty() {
+        return Ok(i64::MAX);
+    }
+    after
+        .parse()
+        .map_err(|_| ControlError::invalid("page_token", "not a token from this list"))
+}
+
+/// A ListOperations filter: `done=true|false`, `target=NAME`, `kind=K`,
+/// `state=S`, joined with ` AND `.
+#[derive(Debug, Default)]
+pub struct OperationFilter {
+    done: Option<bool>,
+    target: Option<String>,
+    kind: Option<OpKind>,
+    state: Option<OpState>,
+}
+
+impl OperationFilter {
+    pub fn parse(filter: &str) -> Result<OperationFilter> {
+        let mut f = OperationFilter::default();
+        for (k, v) in listing::filter_terms(filter)? {
+            match k.as_str() {
+                "done" => {
+                    f.done = Some(v.parse::<bool>().map_err(|_| {
+                        ControlError::invalid(
+                            "filter",
+                            format!("done={}: true or false", quote(&v)),
+                        )
+                    })?)
+                }
+                "target" => f.target = Some(v),
+                "kind" => {
+                    f.kind = Some(OpKind::parse(&v).ok_or_else(|| {
+                        ControlError::invalid(
+                            "filter",
+                            format!("kind={}: not an operation kind", quote(&v)),
+                        )
+                    })?)
+                }
+                "state" => {
+                    f.state = Some(OpState::parse(&v).ok_or_else(|| {
+                        ControlError::invalid(
+                            "filter",
+                            format!("state={}: not an operation state", quote(&v)),
+                        )
+                    })?)
+                }
+                _ => {
+                    return Err(ControlError::invalid(
+                        "filter",
+                        format!("unknown term {} (done, target, kind, state)", quote(&k)),
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, o: &Operation) -> bool {
+        self.done.is_none_or(|d| o.state.done() == d)
+            && self.target.as_ref().is_none_or(|t| &o.target == t)
+            && self.kind.is_none_or(|k| o.kind == k)
+            && self.state.is_none_or(|s| o.state == s)
+    }
+}
 
 /// The domain services behind the public API.
 pub struct Control {
@@ -58,55 +131,13 @@ impl Control {
         filter: &str,
     ) -> Result<(Vec<Operation>, String)> {
         let size = listing::page_size(page_size)?;
-        let after = listing::after("operations", page_token)?;
-        let before = if after.is_empty() {
-            i64::MAX
-        } else {
-            after
-                .parse()
-                .map_err(|_| ControlError::invalid("page_token", "not a token from this list"))?
-        };
-        let mut done = None;
-        let mut target = None;
-        let mut kind = None;
-        let mut state = None;
-        for (k, v) in listing::filter_terms(filter)? {
-            match k.as_str() {
-                "done" => {
-                    done = Some(v.parse::<bool>().map_err(|_| {
-                        ControlError::invalid("filter", format!("done={v}: true or false"))
-                    })?)
-                }
-                "target" => target = Some(v),
-                "kind" => {
-                    kind = Some(OpKind::parse(&v).ok_or_else(|| {
-                        ControlError::invalid("filter", format!("kind={v}: not an operation kind"))
-                    })?)
-                }
-                "state" => {
-                    state = Some(OpState::parse(&v).ok_or_else(|| {
-                        ControlError::invalid(
-                            "filter",
-                            format!("state={v}: not an operation state"),
-                        )
-                    })?)
-                }
-                _ => {
-                    return Err(ControlError::invalid(
-                        "filter",
-                        format!("unknown term {k:?} (done, target, kind, state)"),
-                    ));
-                }
-            }
-        }
+        let before = operation_cursor(page_token)?;
+        let filter = OperationFilter::parse(filter)?;
         let mut c = self.ops.catalog.conn().await?;
         let all = catalog::operations::list_before(&mut c, before).await?;
         let mut page: Vec<Operation> = all
             .into_iter()
-            .filter(|o| done.is_none_or(|d| o.state.done() == d))
-            .filter(|o| target.as_ref().is_none_or(|t| &o.target == t))
-            .filter(|o| kind.is_none_or(|k| o.kind == k))
-            .filter(|o| state.is_none_or(|s| o.state == s))
+            .filter(|o| filter.matches(o))
             .take(size + 1)
             .collect();
         let next = if page.len() > size {

@@ -32,3 +32,6 @@ pub mod snapshots;
 pub mod telemetry;
 pub mod volumes;
 pub mod workers;
+
+#[cfg(test)]
+mod request_props;

@@ -1,6 +1,8 @@
 //! List calls (AIP-132, AIP-158, AIP-160): page sizes, opaque page tokens
 //! and the small filter language `KEY=VALUE AND KEY=VALUE`.
 
+use cowsnap_proto::names::quote;
+
 use crate::error::{ControlError, Result};
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -23,20 +25,24 @@ pub fn token(kind: &str, key: &str) -> String {
         .collect()
 }
 
-/// The key a page token of `kind` resumes after ("" for no token).
+/// The key a page token of `kind` resumes after ("" for no token). The
+/// token is the caller's: any bytes, decoded as bytes (never sliced as
+/// text, which panics inside a multi-byte character).
 pub fn after(kind: &str, token: &str) -> Result<String> {
     if token.is_empty() {
         return Ok(String::new());
     }
     let bad = || ControlError::invalid("page_token", "not a token from this list");
-    if !token.len().is_multiple_of(2) {
+    let hex = token.as_bytes();
+    if !hex.len().is_multiple_of(2) {
         return Err(bad());
     }
-    let bytes = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
-        .collect::<std::result::Result<Vec<u8>, _>>()
-        .map_err(|_| bad())?;
+    let digit = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let bytes = hex
+        .chunks_exact(2)
+        .map(|p| Some((digit(p[0])? << 4) | digit(p[1])?))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
     let s = String::from_utf8(bytes).map_err(|_| bad())?;
     s.strip_prefix(kind)
         .and_then(|r| r.strip_prefix(':'))
@@ -54,7 +60,7 @@ pub fn filter_terms(filter: &str) -> Result<Vec<(String, String)>> {
         .split(" AND ")
         .map(|t| {
             let (k, v) = t.trim().split_once('=').ok_or_else(|| {
-                ControlError::invalid("filter", format!("{t:?} is not KEY=VALUE"))
+                ControlError::invalid("filter", format!("{} is not KEY=VALUE", quote(t)))
             })?;
             let v = v.trim().trim_matches('"');
             Ok((k.trim().to_string(), v.to_string()))
@@ -73,6 +79,11 @@ mod tests {
         assert!(after("operations", &t).is_err());
         assert!(after("volumes", "zz").is_err());
         assert_eq!(after("volumes", "").unwrap(), "");
+        // Multi-byte characters (odd and even byte lengths) are refused,
+        // never sliced through.
+        for t in ["é", "éé", "aé", "€0", "0€", "😀", "+1", " 1"] {
+            assert!(after("volumes", t).is_err(), "{t}");
+        }
     }
 
     #[test]

@@ -284,12 +284,11 @@ impl Operation {
     }
 }
 
-/// The id of `operations/{op}`.
+/// The id of `operations/{op}` (canonical decimal digits only).
 pub fn parse_operation(name: &str) -> Result<i64> {
-    names::parse_in("operations", name)
+    names::parse_number_in("operations", name)
         .and_then(|id| {
-            id.parse()
-                .map_err(|_| format!("{name:?}: the id is a number"))
+            i64::try_from(id).map_err(|_| format!("{}: no such operation id", names::quote(name)))
         })
         .map_err(|e| ControlError::invalid("name", e))
 }
@@ -347,13 +346,19 @@ pub fn check_labels(field: &str, labels: &Labels) -> Result<()> {
         if !key_ok {
             return Err(ControlError::invalid(
                 field,
-                format!("key {k:?}: 1-63 characters of [a-z0-9_.-/], starting with a letter"),
+                format!(
+                    "key {}: 1-63 characters of [a-z0-9_.-/], starting with a letter",
+                    names::quote(k)
+                ),
             ));
         }
         if v.len() > 63 || v.chars().any(|c| c.is_control()) {
             return Err(ControlError::invalid(
                 field,
-                format!("value of {k:?}: at most 63 printable characters"),
+                format!(
+                    "value of {}: at most 63 printable characters",
+                    names::quote(k)
+                ),
             ));
         }
     }

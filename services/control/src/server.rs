@@ -20,7 +20,9 @@ use cowsnap_proto::cowsnap::v1::snapshot_service_server::SnapshotServiceServer;
 use cowsnap_proto::cowsnap::v1::volume_service_server::VolumeServiceServer;
 use cowsnap_proto::cowsnap::v1::worker_service_server::WorkerServiceServer;
 pub use cowsnap_proto::server::TlsFiles;
-use cowsnap_proto::server::{Bound, Listen, reflection_and_health};
+use cowsnap_proto::server::{
+    Bound, Listen, private_dir, private_file, reflection_and_health, restrict,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -112,9 +114,18 @@ pub async fn start(
     cfg: ControlConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningControl> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("{}: cannot create the data dir", cfg.data_dir.display()))?;
-    let catalog = Catalog::open(&cfg.data_dir.join("catalog.db")).await?;
+    private_dir(&cfg.data_dir).context("cannot create the data dir")?;
+    // Only its owner reads the catalog, whatever the umask: SQLite creates
+    // the -wal and -shm files with the mode of the database file.
+    let db = cfg.data_dir.join("catalog.db");
+    private_file(&db)?;
+    for side in ["catalog.db-wal", "catalog.db-shm"] {
+        let p = cfg.data_dir.join(side);
+        if p.exists() {
+            restrict(&p)?;
+        }
+    }
+    let catalog = Catalog::open(&db).await?;
     let token = cfg.auth_token_file.as_deref().map(read_token).transpose()?;
     let (server_tls, client_tls) = match &cfg.tls {
         // Callers may present a client certificate; workers' are checked.

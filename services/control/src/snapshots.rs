@@ -19,6 +19,20 @@ pub struct NewSnapshot {
     pub writable: bool,
 }
 
+/// The (volume id, sequence) a ListSnapshots page token resumes after
+/// (`("", 0)` for none).
+pub fn snapshot_cursor(page_token: &str) -> Result<(String, i64)> {
+    let after = listing::after("snapshots", page_token)?;
+    match after.split_once('/') {
+        Some((v, s)) => Ok((
+            v.to_string(),
+            s.parse::<i64>()
+                .map_err(|_| ControlError::invalid("page_token", "not a token from this list"))?,
+        )),
+        None => Ok((String::new(), 0)),
+    }
+}
+
 fn parse(name: &str) -> Result<(&str, &str)> {
     names::parse_snapshot(name).map_err(|e| ControlError::invalid("name", e))
 }
@@ -186,16 +200,7 @@ impl Control {
             self.volume_for(parent, v).await?;
             Some(v)
         };
-        let after = listing::after("snapshots", page_token)?;
-        let (after_vol, after_seq) = match after.split_once('/') {
-            Some((v, s)) => (
-                v.to_string(),
-                s.parse::<i64>().map_err(|_| {
-                    ControlError::invalid("page_token", "not a token from this list")
-                })?,
-            ),
-            None => (String::new(), 0),
-        };
+        let (after_vol, after_seq) = snapshot_cursor(page_token)?;
         let mut c = self.ops.catalog.conn().await?;
         let mut page =
             catalog::snapshots::list(&mut c, vol, (after_vol.as_str(), after_seq)).await?;

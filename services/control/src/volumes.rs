@@ -30,6 +30,53 @@ pub struct CopiedVolume {
     pub labels: Labels,
 }
 
+/// A ListVolumes filter: `state=S`, `worker=W` (or `workers/W`),
+/// `labels.KEY=VALUE`, joined with ` AND `.
+#[derive(Debug, Default)]
+pub struct VolumeFilter {
+    state: Option<State>,
+    worker: Option<String>,
+    labels: Vec<(String, String)>,
+}
+
+impl VolumeFilter {
+    pub fn parse(filter: &str) -> Result<VolumeFilter> {
+        let mut f = VolumeFilter::default();
+        for (k, v) in listing::filter_terms(filter)? {
+            if k == "state" {
+                f.state = Some(State::parse(&v).map_err(|_| {
+                    ControlError::invalid(
+                        "filter",
+                        format!("state={}: not a state", names::quote(&v)),
+                    )
+                })?);
+            } else if k == "worker" {
+                f.worker = Some(v.strip_prefix("workers/").unwrap_or(&v).to_string());
+            } else if let Some(l) = k.strip_prefix("labels.") {
+                f.labels.push((l.to_string(), v));
+            } else {
+                return Err(ControlError::invalid(
+                    "filter",
+                    format!(
+                        "unknown term {} (state, worker, labels.KEY)",
+                        names::quote(&k)
+                    ),
+                ));
+            }
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, v: &Volume) -> bool {
+        self.state.is_none_or(|s| v.state == s)
+            && self.worker.as_ref().is_none_or(|w| &v.worker_id == w)
+            && self
+                .labels
+                .iter()
+                .all(|(k, val)| v.labels.get(k) == Some(val))
+    }
+}
+
 impl Control {
     async fn volume(&self, id: &str) -> Result<Volume> {
         let mut c = self.ops.catalog.conn().await?;
@@ -140,32 +187,12 @@ impl Control {
     ) -> Result<(Vec<Volume>, String)> {
         let size = listing::page_size(page_size)?;
         let after = listing::after("volumes", page_token)?;
-        let mut state = None;
-        let mut worker = None;
-        let mut labels = Vec::new();
-        for (k, v) in listing::filter_terms(filter)? {
-            if k == "state" {
-                state = Some(State::parse(&v).map_err(|_| {
-                    ControlError::invalid("filter", format!("state={v}: not a state"))
-                })?);
-            } else if k == "worker" {
-                worker = Some(v.strip_prefix("workers/").unwrap_or(&v).to_string());
-            } else if let Some(l) = k.strip_prefix("labels.") {
-                labels.push((l.to_string(), v));
-            } else {
-                return Err(ControlError::invalid(
-                    "filter",
-                    format!("unknown term {k:?} (state, worker, labels.KEY)"),
-                ));
-            }
-        }
+        let filter = VolumeFilter::parse(filter)?;
         let mut c = self.ops.catalog.conn().await?;
         let mut page: Vec<Volume> = catalog::volumes::list_after(&mut c, &after)
             .await?
             .into_iter()
-            .filter(|v| state.is_none_or(|s| v.state == s))
-            .filter(|v| worker.as_ref().is_none_or(|w| &v.worker_id == w))
-            .filter(|v| labels.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
+            .filter(|v| filter.matches(v))
             .take(size + 1)
             .collect();
         let next = if page.len() > size {

@@ -509,6 +509,220 @@ async fn error_codes() {
     assert_eq!(s.code(), Code::AlreadyExists);
 }
 
+/// An INVALID_ARGUMENT naming `field`, with a short message.
+fn assert_invalid(s: tonic::Status, field: &str) {
+    assert_eq!(s.code(), Code::InvalidArgument, "{field}: {}", s.message());
+    assert!(
+        s.message().starts_with(&format!("invalid {field}:")),
+        "{field}: {}",
+        s.message()
+    );
+    assert!(s.message().len() <= 300, "{} bytes", s.message().len());
+}
+
+/// The name of the first operation listed.
+async fn some_operation(c: &mut Clients) -> String {
+    c.operations
+        .list_operations(pb::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .operations
+        .remove(0)
+        .name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_tokens_with_multi_byte_characters_are_invalid_argument() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    for t in ["aéb", "€0", "0€", "😀😀", "ab€"] {
+        let r = c
+            .volumes
+            .list_volumes(pb::ListVolumesRequest {
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+        let r = c
+            .snapshots
+            .list_snapshots(pb::ListSnapshotsRequest {
+                parent: "volumes/-".into(),
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+        let r = c
+            .operations
+            .list_operations(pb::ListOperationsRequest {
+                page_token: t.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_invalid(code(r), "page_token");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10kb_input_is_quoted_in_part_only() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    let long = "a".repeat(10_000);
+    let r = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: long.clone(),
+            volume: Some(pb::Volume {
+                size_bytes: MIB,
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_invalid(code(r), "volume_id");
+    let r = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: format!("volumes/{long}"),
+        })
+        .await;
+    assert_invalid(code(r), "name");
+    let r = c
+        .operations
+        .get_operation(pb::GetOperationRequest {
+            name: format!("operations/{long}"),
+        })
+        .await;
+    assert_invalid(code(r), "name");
+    let r = c
+        .volumes
+        .list_volumes(pb::ListVolumesRequest {
+            filter: format!("{long}=x"),
+            ..Default::default()
+        })
+        .await;
+    assert_invalid(code(r), "filter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_names_are_canonical_decimal() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    let op = some_operation(&mut c).await;
+    let id = op.strip_prefix("operations/").unwrap();
+    c.operations
+        .get_operation(pb::GetOperationRequest { name: op.clone() })
+        .await
+        .unwrap();
+    for bad in [format!("operations/+{id}"), format!("operations/0{id}")] {
+        let r = c
+            .operations
+            .get_operation(pb::GetOperationRequest { name: bad.clone() })
+            .await;
+        assert_invalid(code(r), "name");
+        let r = c
+            .operations
+            .wait_operation(pb::WaitOperationRequest {
+                name: bad,
+                timeout: None,
+            })
+            .await;
+        assert_invalid(code(r), "name");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_timeout_must_be_a_valid_duration() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    c.create_volume("v1", 4 * MIB).await;
+    let op = some_operation(&mut c).await;
+    for (seconds, nanos) in [(0, 1_000_000_000), (1, -1), (-1, 0), (0, i32::MAX)] {
+        let r = c
+            .operations
+            .wait_operation(pb::WaitOperationRequest {
+                name: op.clone(),
+                timeout: Some(prost_types::Duration { seconds, nanos }),
+            })
+            .await;
+        assert_invalid(code(r), "timeout");
+    }
+    c.operations
+        .wait_operation(pb::WaitOperationRequest {
+            name: op.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 999_999_999,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_from_an_invalid_snapshot_is_refused_up_front() {
+    let (_dir, _w, _control, mut c) = setup().await;
+    let v = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "v1".into(),
+            volume: Some(pb::Volume {
+                size_bytes: 8 * MIB,
+                chunk_sectors: 8,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A COW of 64 KiB, overflowed by 1 MiB written to the volume (the
+    // catalog still says READY: nobody asked since).
+    c.snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/v1".into(),
+            snapshot_id: "s1".into(),
+            snapshot: Some(pb::Snapshot {
+                cow_size_bytes: 64 * 1024,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 1M", &v.nbd_uri])
+        .output()
+        .expect("qemu-io (qemu-utils) runs");
+    assert!(out.status.success(), "{out:?}");
+
+    let r = c
+        .volumes
+        .restore_volume(pb::RestoreVolumeRequest {
+            volume_id: "r1".into(),
+            source_snapshot: "volumes/v1/snapshots/s1".into(),
+            volume: None,
+        })
+        .await;
+    let s = code(r);
+    assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+    assert!(s.message().contains("invalid"), "{}", s.message());
+    // No volume is left behind, FAILED or otherwise.
+    let r = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/r1".into(),
+        })
+        .await;
+    assert_eq!(code(r).code(), Code::NotFound);
+    let s = c
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::State::Invalid);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_registered_checked_and_placed_by_room() {
     init_logs();

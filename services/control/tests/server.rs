@@ -129,6 +129,39 @@ async fn bearer_token_is_required_except_for_health_and_reflection() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_matched_in_any_case() {
+    let (_dir, _w, control) = setup_with_token().await;
+    let mut none = control.clients_with(None).await;
+    let call = |value: &str| {
+        let mut r = tonic::Request::new(pb::ListVolumesRequest::default());
+        r.metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+        r
+    };
+    for ok in [
+        "Bearer s3cret-token",
+        "bearer s3cret-token",
+        "BEARER s3cret-token",
+        "bEaReR s3cret-token",
+        "Bearer    s3cret-token",
+    ] {
+        none.volumes
+            .list_volumes(call(ok))
+            .await
+            .unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+    }
+    for bad in [
+        "Basic s3cret-token",
+        "Bearers3cret-token",
+        "s3cret-token",
+        "Bearer s3cret",
+    ] {
+        let s = code(none.volumes.list_volumes(call(bad)).await);
+        assert_eq!(s.code(), Code::Unauthenticated, "{bad:?}");
+    }
+}
+
 /// `GET path` on the metrics endpoint: (status line, body).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -59,8 +59,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         .nbd_listen
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("{}: cannot create the data dir", args.data_dir.display()))?;
+    cowsnap_proto::server::private_dir(&args.data_dir).context("cannot create the data dir")?;
     // Absolute, so the socket path registered in the catalog stays valid
     // whatever directory the next start runs from.
     let dir = std::fs::canonicalize(&args.data_dir)

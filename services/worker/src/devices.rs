@@ -55,8 +55,7 @@ impl Devices {
     /// absolute and clean (see [`check_clean`]).
     pub fn new(data_dir: &Path, allow: &[String]) -> Result<Devices> {
         let dir = data_dir.join("devices");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        cowsnap_proto::server::private_dir(&dir)?;
         let mut pats = Vec::new();
         for a in allow {
             check_clean(a).map_err(|e| WorkerError::invalid("device_allow", e))?;
@@ -184,7 +183,7 @@ impl Devices {
 
     /// Creates (or recreates) a zero-filled sparse file of `size` bytes.
     pub fn create_file(&self, path: &Path, size: u64) -> Result<()> {
-        let f = OpenOptions::new()
+        let f = cowsnap_proto::server::private_file_options()
             .create(true)
             .truncate(true)
             .write(true)

@@ -29,15 +29,32 @@ impl WorkerError {
             message: message.into(),
         }
     }
+
+    /// The message for a client (the control service, and through it API
+    /// callers): no server paths. An internal error says its root cause
+    /// (the store's without its device, an OS error's text), never the
+    /// contexts naming files, which only the logs get (`Display`).
+    pub fn client_message(&self) -> String {
+        match self {
+            WorkerError::Internal(e) => {
+                let root = e.root_cause();
+                match root.downcast_ref::<cowsnap_store::Error>() {
+                    Some(se) => se.client_message(),
+                    None => root.to_string(),
+                }
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<cowsnap_store::Error> for WorkerError {
     fn from(e: cowsnap_store::Error) -> WorkerError {
         use cowsnap_store::Error as E;
         match e {
-            E::Merging(..) => WorkerError::FailedPrecondition(e.to_string()),
-            E::SnapshotInvalid { .. } => WorkerError::FailedPrecondition(e.to_string()),
-            E::Shutdown { .. } => WorkerError::Unavailable(e.to_string()),
+            E::Merging(..) => WorkerError::FailedPrecondition(e.client_message()),
+            E::SnapshotInvalid { .. } => WorkerError::FailedPrecondition(e.client_message()),
+            E::Shutdown { .. } => WorkerError::Unavailable(e.client_message()),
             other => WorkerError::Internal(anyhow::Error::new(other)),
         }
     }

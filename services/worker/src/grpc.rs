@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowsnap_proto::server::status_message;
 use cowsnap_proto::worker::v1 as pb;
 use pb::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
@@ -16,17 +17,24 @@ use crate::worker::{ResState, SnapshotInfo, VolumeInfo, Worker, WorkerInfo};
 /// Longest `WaitTask` wait.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// The one place a worker error becomes a status: its client message (no
+/// server paths; the whole error goes to the log when internal), capped.
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
-        match e {
-            WorkerError::NotFound(m) => Status::not_found(m),
-            WorkerError::AlreadyExists(m) => Status::already_exists(m),
-            e @ WorkerError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            WorkerError::FailedPrecondition(m) => Status::failed_precondition(m),
-            WorkerError::ResourceExhausted(m) => Status::resource_exhausted(m),
-            WorkerError::Unavailable(m) => Status::unavailable(m),
-            e @ WorkerError::Internal(_) => Status::internal(e.to_string()),
+        use tonic::Code;
+        let code = match &e {
+            WorkerError::NotFound(_) => Code::NotFound,
+            WorkerError::AlreadyExists(_) => Code::AlreadyExists,
+            WorkerError::InvalidArgument { .. } => Code::InvalidArgument,
+            WorkerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            WorkerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            WorkerError::Unavailable(_) => Code::Unavailable,
+            WorkerError::Internal(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            tracing::error!("internal error: {e}");
         }
+        Status::new(code, status_message(e.client_message()))
     }
 }
 

@@ -188,8 +188,13 @@ impl StateFile {
     pub fn save(&self, state: &WorkerState) -> anyhow::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state)?;
-        let mut f =
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        // Only the owner reads it (it names the devices), whatever the umask.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = cowsnap_proto::server::private_file_options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)

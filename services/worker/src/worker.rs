@@ -169,8 +169,7 @@ impl Worker {
     /// (a merging one in merging state), registers the exports and resumes
     /// the merges and copies in progress.
     pub async fn open(cfg: WorkerConfig, exports: Arc<Exports>) -> anyhow::Result<Arc<Worker>> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("{}: cannot create the data dir", cfg.data_dir.display()))?;
+        cowsnap_proto::server::private_dir(&cfg.data_dir).context("cannot create the data dir")?;
         let backend = Backend::start(cfg.io).map_err(anyhow::Error::msg)?;
         let devices =
             Devices::new(&cfg.data_dir, &cfg.device_allow).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -295,7 +294,7 @@ impl Worker {
         if v.phase == Phase::Creating && !copying {
             // The create was never acknowledged: do it again from scratch.
             if let Err(e) = self.prepare_device(&v.device, v.file_backed, v.size_bytes) {
-                self.fail_volume(inner, &v.id, format!("cannot recreate its device: {e}"));
+                self.fail_volume(inner, &v.id, "cannot recreate its device", &e);
                 return;
             }
             v.phase = Phase::Ready;
@@ -306,7 +305,7 @@ impl Worker {
         {
             Ok(o) => Arc::new(o),
             Err(e) => {
-                self.fail_volume(inner, &v.id, format!("cannot open its device: {e}"));
+                self.fail_volume(inner, &v.id, "cannot open its device", &e);
                 return;
             }
         };
@@ -327,11 +326,8 @@ impl Worker {
                     continue;
                 }
                 Err(e) => {
-                    self.fail_volume(
-                        inner,
-                        &v.id,
-                        format!("cannot open the COW device of {sname}: {e}"),
-                    );
+                    let what = format!("cannot open the COW device of {sname}");
+                    self.fail_volume(inner, &v.id, &what, &e);
                     return;
                 }
             };
@@ -360,7 +356,8 @@ impl Worker {
                     keep.push(s);
                 }
                 Err(e) => {
-                    self.fail_volume(inner, &v.id, format!("cannot load {sname}: {e}"));
+                    let what = format!("cannot load {sname}");
+                    self.fail_volume(inner, &v.id, &what, &e.into());
                     return;
                 }
             }
@@ -381,8 +378,11 @@ impl Worker {
         }
     }
 
-    fn fail_volume(&self, inner: &mut Inner, vol: &str, why: String) {
-        tracing::error!(volume = %names::volume(vol), "volume failed: {why}");
+    /// Marks a volume failed: the log says `what` and the whole error, the
+    /// volume's error (which clients read) names no server path.
+    fn fail_volume(&self, inner: &mut Inner, vol: &str, what: &str, e: &WorkerError) {
+        tracing::error!(volume = %names::volume(vol), "volume failed: {what}: {e}");
+        let why = format!("{what}: {}", e.client_message());
         inner.live.insert(
             vol.to_string(),
             Live {
@@ -444,9 +444,9 @@ impl Worker {
             pin.still_at(path)?;
         }
         if dev.size() < size {
+            tracing::error!(device = %path.display(), "{} bytes, fewer than the {size} recorded", dev.size());
             return Err(WorkerError::FailedPrecondition(format!(
-                "{}: {} bytes, fewer than the {size} recorded",
-                path.display(),
+                "the device has {} bytes, fewer than the {size} recorded",
                 dev.size()
             )));
         }
@@ -496,9 +496,12 @@ impl Worker {
             let (_, free) = self.devices.fs_space()?;
             let room = free.saturating_sub(self.committed_unallocated(st));
             if size > room {
+                tracing::warn!(
+                    data_dir = %self.cfg.data_dir.display(),
+                    "no room for {size} bytes: {room} bytes left"
+                );
                 return Err(WorkerError::ResourceExhausted(format!(
-                    "no room for {size} bytes on this worker: {room} bytes left in {}",
-                    self.cfg.data_dir.display()
+                    "no room for {size} bytes on this worker: {room} bytes left"
                 )));
             }
             return Ok((file, true, size));
@@ -981,8 +984,7 @@ impl Worker {
             return Err(WorkerError::invalid(
                 "device",
                 format!(
-                    "{}: logical block size {} is larger than the volume's ({})",
-                    path.display(),
+                    "the COW device's logical block size {} is larger than the volume's ({})",
                     dev.block_size(),
                     origin.block_size()
                 ),
@@ -1200,6 +1202,17 @@ impl Worker {
                 "{source_snapshot} is not ready (merging, or being created or deleted)"
             )));
         }
+        // As a merge does: an invalid snapshot has no image to copy.
+        let (vol, snap) = (v.id.clone(), s.id.clone());
+        let origin = Self::live_origin(&inner, &vol)?;
+        let id = *inner.live[&vol].snaps.get(&snap).ok_or_else(|| {
+            WorkerError::FailedPrecondition(format!("{source_snapshot} is not loaded"))
+        })?;
+        if !origin.status(id)?.valid {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{source_snapshot} is invalid (it overflowed or failed): there is nothing to restore"
+            )));
+        }
         self.start_copy(
             &mut inner,
             TaskKind::Restore,
@@ -1317,7 +1330,7 @@ impl Worker {
                 inner.st.volumes.remove(volume_id);
                 task.update(|t| {
                     t.done = true;
-                    t.error = Some(e.to_string());
+                    t.error = Some(e.client_message());
                 });
                 self.save(inner)?;
                 return Err(e);
@@ -1344,7 +1357,7 @@ impl Worker {
             task.update(|t| {
                 if !t.done {
                     t.done = true;
-                    t.error = r.err().map(|e| e.to_string());
+                    t.error = r.err().map(|e| e.client_message());
                 }
             });
             let mut inner = w.inner.lock().await;

@@ -697,6 +697,133 @@ async fn restore_and_clone_copy_the_content() {
     w.stop().await;
 }
 
+/// Volume `v1` (8 MiB) with snapshot `s1` whose 64 KiB COW 1 MiB of
+/// writes overflowed: INVALID. Returns a connection to the snapshot's
+/// export opened while it was still valid.
+async fn overflowed_snapshot(w: &Worker, c: &mut Client) -> common::Client {
+    create_volume(c, "v1", 8 * MIB, 8).await;
+    create_snapshot(c, "v1", "s1", 64 * 1024).await;
+    let snap = nbd(w.nbd, "volumes/v1/snapshots/s1");
+    nbd(w.nbd, "volumes/v1").write_ok(0, &pattern(MIB as usize, 1));
+    let s = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, pb::State::Invalid as i32, "{s:?}");
+    snap
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_snapshot_is_refused_as_a_restore_source() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    let _snap = overflowed_snapshot(&w, &mut c).await;
+    // Refused up front, as a merge is: no task, no volume left FAILED.
+    let e = c
+        .restore_volume(pb::RestoreVolumeRequest {
+            volume_id: "r1".into(),
+            source_snapshot: "volumes/v1/snapshots/s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("invalid"), "{}", e.message());
+    let gone = c
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/r1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(
+        c.list_tasks(pb::ListTasksRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .is_empty()
+    );
+    let e = c
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_no_server_path_to_clients() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let data_dir = dir.path().to_str().unwrap().to_string();
+    let mut c = w.client().await;
+    let mut snap = overflowed_snapshot(&w, &mut c).await;
+    // The engine's error on the snapshot's export names no device file
+    // (the log does).
+    let r = snap.call(0, common::CMD_READ, 0, 4096, &[]);
+    assert_ne!(r.error, 0, "reading an invalid snapshot fails");
+    assert!(r.message.contains("invalid"), "{}", r.message);
+    assert!(
+        !r.message.contains(&data_dir) && !r.message.contains(".cow"),
+        "NBD error names a server path: {}",
+        r.message
+    );
+    // Nor does a status.
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "huge".into(),
+            size_bytes: 1 << 60,
+            chunk_sectors: 0,
+            device: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("no room"), "{}", e.message());
+    assert!(
+        !e.message().contains(&data_dir),
+        "status names a server path: {}",
+        e.message()
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10kb_input_gets_a_short_status_message() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    let long = "a".repeat(10_000);
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: long.clone(),
+            size_bytes: MIB,
+            chunk_sectors: 0,
+            device: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message().len());
+    assert!(e.message().contains("volume_id"), "{}", e.message());
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    let e = c
+        .get_volume(pb::GetVolumeRequest {
+            name: format!("volumes/{long}"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message().len());
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_content_survive_a_restart() {
     let dir = scratch();

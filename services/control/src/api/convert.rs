@@ -1,6 +1,7 @@
 //! Domain values to `cowsnap.v1` messages, and errors to gRPC statuses.
 
 use cowsnap_proto::cowsnap::v1 as pb;
+use cowsnap_proto::server::status_message;
 use tonic::{Code, Status};
 
 use crate::error::{ControlError, ErrorKind};
@@ -14,7 +15,7 @@ impl From<ControlError> for Status {
         if code == Code::Internal {
             tracing::error!("internal error: {e}");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, status_message(e.to_string()))
     }
 }
 

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use cowsnap_proto::cowsnap::v1 as pb;
 use pb::operation_service_server::OperationService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::convert::operation;
 use super::{Api, Rpc};
+use crate::error::{ControlError, Result};
 
 #[tonic::async_trait]
 impl OperationService for Api {
@@ -33,16 +34,26 @@ impl OperationService for Api {
 
     async fn wait_operation(&self, r: Request<pb::WaitOperationRequest>) -> Rpc<pb::Operation> {
         let r = r.into_inner();
-        let timeout = match r.timeout {
-            None => Duration::ZERO,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(Status::invalid_argument(
-                    "invalid timeout: must not be negative",
-                ));
-            }
-            Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
-        };
+        let timeout = timeout(r.timeout)?;
         let op = self.control.wait_operation(&r.name, timeout).await?;
         Ok(Response::new(operation(op)))
     }
+}
+
+/// WaitOperation's `timeout`: none is zero; a valid protobuf Duration
+/// (`nanos` from 0 to 999,999,999; not negative, which means nothing here).
+pub(crate) fn timeout(d: Option<prost_types::Duration>) -> Result<Duration> {
+    let Some(d) = d else {
+        return Ok(Duration::ZERO);
+    };
+    if !(0..=999_999_999).contains(&d.nanos) {
+        return Err(ControlError::invalid(
+            "timeout",
+            format!("nanos {} is not from 0 to 999999999", d.nanos),
+        ));
+    }
+    if d.seconds < 0 {
+        return Err(ControlError::invalid("timeout", "must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }

@@ -58,6 +58,8 @@ pub struct Up {
     pub nbd_port: u16,
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// The umask it runs with (the test's own when unset).
+    umask: Option<u32>,
 }
 
 impl Up {
@@ -67,6 +69,11 @@ impl Up {
 
     /// Starts it with these environment variables set.
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Up {
+        Up::start_with(dir, env, None)
+    }
+
+    /// Starts it with these environment variables set, under `umask`.
+    pub fn start_with(dir: &Path, env: &[(&str, &str)], umask: Option<u32>) -> Up {
         let mut up = Up {
             child: None,
             dir: dir.to_path_buf(),
@@ -77,6 +84,7 @@ impl Up {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            umask,
         };
         up.spawn();
         up
@@ -89,7 +97,18 @@ impl Up {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cowsnap"));
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask(2) is async-signal-safe and cannot fail.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("up")
             .arg("--data-dir")
             .arg(&self.dir)

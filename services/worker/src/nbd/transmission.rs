@@ -418,8 +418,8 @@ impl Conn {
     /// The reply to a request the engine failed.
     fn engine_error(&self, req: &RequestHeader, e: cowsnap_store::Error) -> Body {
         let errno = proto::nbd_errno(e.errno());
-        let message = format!(
-            "{}: {} at {} length {}: {e}",
+        let request = format!(
+            "{}: {} at {} length {}",
             self.export.name,
             proto::command_name(req.kind),
             req.offset,
@@ -427,7 +427,9 @@ impl Conn {
         );
         let peer = &self.peer;
         let export = &self.export.name;
-        tracing::warn!(%peer, %export, errno, "NBD request from {peer} failed: {message}");
+        tracing::warn!(%peer, %export, errno, "NBD request from {peer} failed: {request}: {e}");
+        // The client's message names no server path (the log line does).
+        let message = format!("{request}: {}", e.client_message());
         // Where the I/O failed, when the engine says so in export terms (an
         // origin device offset); otherwise the request's start, which makes
         // no claim that any part of it succeeded.
