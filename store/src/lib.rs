@@ -26,7 +26,7 @@ pub mod table;
 
 pub use error::{Error, Result};
 pub use format::Layout;
-pub use io::{AlignedBuf, Backend, BackendChoice, Device};
+pub use io::{AlignedBuf, AllocError, Backend, BackendChoice, Device};
 pub use merge::MergeProgress;
 pub use origin::{AddedSnapshot, IoStats, Origin, SnapshotOptions, SnapshotStatus, Target};
 pub use pstore::{CommitStats, Usage};

@@ -169,8 +169,12 @@ async fn read_segs(segs: Vec<Seg>, len: u64) -> Result<AlignedBuf> {
     if let [seg] = &segs[..] {
         return seg.dev.read(seg.dev_off, seg.len as usize).await;
     }
+    let Some(first) = segs.first() else {
+        // Nothing mapped: a zero length.
+        return Ok(AlignedBuf::zeroed(0));
+    };
+    let mut out = first.dev.buffer(first.dev_off, len as usize)?;
     let bufs = join_all(segs.iter().map(|s| s.dev.read(s.dev_off, s.len as usize))).await;
-    let mut out = AlignedBuf::zeroed(len as usize);
     for (s, b) in segs.iter().zip(bufs) {
         let b = b?;
         out[s.buf_off as usize..(s.buf_off + s.len) as usize].copy_from_slice(&b);

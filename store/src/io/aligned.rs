@@ -43,8 +43,32 @@ static POOL: [Mutex<Vec<usize>>; CLASSES] = [const { Mutex::new(Vec::new()) }; C
 
 /// The class whose buffers hold `len` bytes, when such buffers are pooled.
 fn class_of(len: usize) -> Option<usize> {
-    let size = len.max(1).next_power_of_two().max(BUF_ALIGN);
+    let size = len.max(1).checked_next_power_of_two()?.max(BUF_ALIGN);
     (size <= POOL_MAX).then(|| (size / BUF_ALIGN).trailing_zeros() as usize)
+}
+
+/// An [`AlignedBuf`] could not be allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocError {
+    /// The length asked for.
+    pub len: usize,
+    /// What the allocator refused; `None` when the size cannot be a layout.
+    layout: Option<Layout>,
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot allocate a buffer of {} bytes", self.len)
+    }
+}
+
+impl std::error::Error for AllocError {}
+
+impl From<AllocError> for std::io::Error {
+    /// `ENOMEM`, which block clients understand.
+    fn from(_: AllocError) -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOMEM)
+    }
 }
 
 /// A heap buffer aligned to [`BUF_ALIGN`], owned, zero-initialised, and
@@ -62,8 +86,19 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes.
+    /// A zeroed buffer of `len` bytes. Aborts the process when memory runs
+    /// out, like `Vec`; where a request from outside decides the size, use
+    /// [`try_zeroed`](AlignedBuf::try_zeroed).
     pub fn zeroed(len: usize) -> AlignedBuf {
+        AlignedBuf::try_zeroed(len).unwrap_or_else(|e| match e.layout {
+            Some(layout) => std::alloc::handle_alloc_error(layout),
+            None => panic!("{e}"),
+        })
+    }
+
+    /// A zeroed buffer of `len` bytes, or an error when the allocator cannot
+    /// give that much (address space or memory limit reached).
+    pub fn try_zeroed(len: usize) -> Result<AlignedBuf, AllocError> {
         if let Some(class) = class_of(len) {
             let cap = BUF_ALIGN << class;
             let reused = POOL[class].lock().expect("buffer pool").pop();
@@ -72,19 +107,26 @@ impl AlignedBuf {
                 // SAFETY: the pooled allocation is `cap` bytes, exclusively
                 // ours now; clearing `len` of them is in bounds.
                 unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-                return AlignedBuf { ptr, len, cap };
+                return Ok(AlignedBuf { ptr, len, cap });
             }
             return AlignedBuf::fresh(len, cap);
         }
-        AlignedBuf::fresh(len, len.next_multiple_of(BUF_ALIGN))
+        let cap = len
+            .checked_next_multiple_of(BUF_ALIGN)
+            .ok_or(AllocError { len, layout: None })?;
+        AlignedBuf::fresh(len, cap)
     }
 
-    fn fresh(len: usize, cap: usize) -> AlignedBuf {
-        let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer size overflows");
+    fn fresh(len: usize, cap: usize) -> Result<AlignedBuf, AllocError> {
+        let layout = Layout::from_size_align(cap, BUF_ALIGN)
+            .map_err(|_| AllocError { len, layout: None })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len, cap }
+        let ptr = NonNull::new(ptr).ok_or(AllocError {
+            len,
+            layout: Some(layout),
+        })?;
+        Ok(AlignedBuf { ptr, len, cap })
     }
 
     /// A buffer holding a copy of `data`.
@@ -182,6 +224,19 @@ mod tests {
         // Beyond the pool: exact page multiples, freed on drop.
         let b = AlignedBuf::zeroed(POOL_MAX + 1);
         assert_eq!(b.capacity(), POOL_MAX + BUF_ALIGN);
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors_not_aborts() {
+        // More than any address space holds: the allocator says no.
+        let e = AlignedBuf::try_zeroed(1 << 62).unwrap_err();
+        assert_eq!(e.len, 1 << 62);
+        assert_eq!(std::io::Error::from(e).raw_os_error(), Some(libc::ENOMEM));
+        // Not even a layout.
+        assert!(AlignedBuf::try_zeroed(usize::MAX).is_err());
+        assert!(AlignedBuf::try_zeroed(usize::MAX - BUF_ALIGN).is_err());
+        // And the allocator still works afterwards.
+        assert_eq!(AlignedBuf::try_zeroed(8192).unwrap().len(), 8192);
     }
 
     #[test]

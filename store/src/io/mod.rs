@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{AlignedBuf, AllocError};
 
 use crate::error::{Error, Result};
 
@@ -216,9 +216,24 @@ impl Device {
             .expect("read returns its buffer"))
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset`. A buffer the allocator cannot give is
+    /// an `ENOMEM` I/O error, not an abort: the length may come from a
+    /// client.
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
-        self.read_into(offset, AlignedBuf::zeroed(len)).await
+        self.check(offset, len as u64)?;
+        let buf = self.buffer(offset, len)?;
+        self.read_into(offset, buf).await
+    }
+
+    /// A zeroed buffer of `len` bytes for I/O at `offset`, or an `ENOMEM`
+    /// error naming this device.
+    pub fn buffer(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
+        AlignedBuf::try_zeroed(len).map_err(|e| Error::Io {
+            device: self.inner.name.clone(),
+            op: "read",
+            offset,
+            cause: e.into(),
+        })
     }
 
     /// Writes `buf` at `offset`; with `dsync` the data is durable on return.
