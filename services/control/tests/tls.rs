@@ -106,6 +106,7 @@ async fn mtls_between_control_and_worker_and_tls_on_the_public_api() {
                 key: worker_key,
                 ca: Some(ca_pem.clone()),
             }),
+            nbd_limits: Default::default(),
         },
         token.clone(),
     )

@@ -20,7 +20,7 @@ use cowsnap_worker::server::{ServeOptions, hostname};
 use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker_cmd::cancel_on_signals;
+use crate::worker_cmd::{NbdLimitArgs, cancel_on_signals};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -47,10 +47,13 @@ pub struct UpArgs {
     /// I/O backend: auto, uring or portable.
     #[arg(long, env = "COWSNAP_IO", default_value = "auto")]
     io: String,
+    #[command(flatten)]
+    nbd_limits: NbdLimitArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<u8> {
     let io: BackendChoice = args.io.parse().map_err(anyhow::Error::msg)?;
+    let nbd_limits = args.nbd_limits.limits()?;
     let listen = args
         .listen
         .parse()
@@ -81,6 +84,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         nbd_listen,
         nbd_advertise: args.nbd_advertise,
         tls: None,
+        nbd_limits,
     };
     let mut control_cfg = ControlConfig::new(&dir, listen);
     control_cfg.workers = vec![worker_addr];

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exports::Exports;
 use crate::grpc::WorkerGrpc;
+use crate::nbd::limits::{NbdLimits, Quotas};
 use crate::nbd::listener::{LocalAddr, NbdServer};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -27,6 +28,10 @@ pub struct ServeOptions {
     /// TLS on the gRPC API; with a CA, callers must present a certificate
     /// it signed (mTLS with the control service).
     pub tls: Option<TlsFiles>,
+    /// What NBD clients may take of the process: connections, idle time,
+    /// buffer memory. The connection limit is lowered at start when the file
+    /// descriptor limit cannot hold it.
+    pub nbd_limits: NbdLimits,
 }
 
 /// A started worker.
@@ -77,7 +82,12 @@ pub async fn start(
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningWorker> {
-    let nbd = NbdServer::bind(&opts.nbd_listen).await?;
+    opts.nbd_limits.check().map_err(anyhow::Error::msg)?;
+    let mut limits = opts.nbd_limits;
+    limits.fit_to_fd_limit();
+    let nbd = NbdServer::bind(&opts.nbd_listen)
+        .await?
+        .with_quotas(Quotas::new(limits));
     let nbd_local = nbd.local_addr().clone();
     cfg.nbd_uri = opts
         .nbd_advertise
@@ -92,6 +102,17 @@ pub async fn start(
         nbd = %nbd_local,
         io = worker.backend_name(),
         "worker serving: gRPC on {grpc_local}, NBD on {nbd_local}"
+    );
+    let idle = match limits.idle_timeout {
+        Some(t) => format!("{} s", t.as_secs()),
+        None => "none".into(),
+    };
+    tracing::info!(
+        max_connections = limits.max_connections,
+        buffer_budget = limits.buffer_budget_bytes,
+        "NBD limits: {} connections, idle timeout {idle}, {} MiB of buffers",
+        limits.max_connections,
+        limits.buffer_budget_bytes >> 20
     );
 
     let (v1, v1alpha, reporter, health) =

@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Read;
 
 use common::*;
 use cowsnap_store::Target;
@@ -628,4 +629,227 @@ fn random_requests_each_get_one_reply_simple() {
 #[test]
 fn random_requests_each_get_one_reply_structured() {
     random_requests(true, 0x5eed_0002);
+}
+
+// ---------------------------------------------------------------------------
+// Limits: connections, idle time, buffer memory (issue 13, point 2).
+
+/// Waits (a safety net of 60 s, not a timing assertion) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{what}: not within 60 s");
+}
+
+/// A client that got `NBD_REP_ERR_POLICY` with `told` in the message, then
+/// an acknowledged abort and a closed connection.
+fn assert_refused(h: &Harness, told: &str) {
+    let mut c = Client::start(h.tcp);
+    let e = c.info_or_go(OPT_GO, VOLUME).unwrap_err();
+    assert_eq!(e.kind, REP_ERR_POLICY, "{e:?}");
+    let msg = String::from_utf8(e.data).unwrap();
+    assert!(msg.contains(told), "refusal message {msg:?}");
+    c.option(OPT_ABORT, &[]);
+    assert_eq!(c.opt_reply().kind, REP_ACK);
+    assert!(c.closed());
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_clearly() {
+    let h = Harness::start_with(cowsnap_worker::nbd::NbdLimits {
+        max_connections: 4,
+        ..Default::default()
+    });
+    let told = "too many connections (limit 4)";
+    let mut held: Vec<Client> = (0..4).map(|_| bystander(&h)).collect();
+    assert_eq!(h.quotas.connections(), 4);
+
+    // The fifth is told why, during the handshake.
+    assert_refused(&h, told);
+    // So are real clients: qemu prints the server's message, libnbd in its
+    // debug output. On the unix socket too: the limit is the process's, not
+    // a listener's.
+    let out = std::process::Command::new("nbdinfo")
+        .arg(h.unix_uri(VOLUME))
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .expect("nbdinfo (libnbd-bin)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(told), "nbdinfo: {err}");
+    let out = run_tool("qemu-io", &["-f", "raw", &h.uri(VOLUME), "-c", "read 0 4k"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(told), "qemu-io: {err}");
+    // A client that goes away at once leaves nothing behind.
+    drop(std::net::TcpStream::connect(h.tcp).unwrap());
+
+    // The admitted connections kept working all along.
+    for (i, c) in held.iter_mut().enumerate() {
+        assert_eq!(
+            c.read_ok(0, 4096),
+            h.engine_read(Target::Origin, 0, 4096),
+            "{i}"
+        );
+    }
+
+    // One closes: a new one gets in, and is the fourth again.
+    drop(held.pop());
+    eventually("the closed connection freed its slot", || {
+        h.quotas.connections() == 3
+    });
+    let mut again = bystander(&h);
+    assert_eq!(h.quotas.connections(), 4);
+    assert_refused(&h, told);
+
+    // With room again, nbdinfo and qemu-io work.
+    drop(held);
+    eventually("the closed connections freed their slots", || {
+        h.quotas.connections() == 1
+    });
+    let out = ok(run_tool("nbdinfo", &[&h.uri(VOLUME)]), "nbdinfo");
+    assert!(out.contains(&SIZE.to_string()), "{out}");
+    ok(
+        run_tool(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                &h.uri(VOLUME),
+                "-c",
+                "write -P 0x11 0 64k",
+                "-c",
+                "read -P 0x11 0 64k",
+            ],
+        ),
+        "qemu-io",
+    );
+    assert_eq!(again.read_ok(0, 4096), vec![0x11; 4096]);
+    drop(again);
+    h.stop();
+}
+
+#[test]
+fn idle_connections_are_closed() {
+    let h = Harness::start_with(cowsnap_worker::nbd::NbdLimits {
+        idle_timeout: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    });
+    let (mut idle, _) = Client::open(h.tcp, VOLUME, true);
+    let (mut busy, _) = Client::open(h.tcp, VOLUME, false);
+    // The busy one sends a request every 200 ms for three times the idle
+    // timeout, while the idle one waits for the server to close it.
+    let worker = std::thread::spawn(move || {
+        for i in 0..15u64 {
+            let data = pattern(4096, i);
+            busy.write_ok(8192, &data);
+            assert_eq!(busy.read_ok(8192, 4096), data, "request {i}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        busy
+    });
+    assert!(
+        idle.closed(),
+        "the idle connection was closed by the server"
+    );
+    let mut busy = worker.join().unwrap();
+    assert_eq!(busy.read_ok(8192, 4096), pattern(4096, 14));
+    eventually("the idle connection freed its slot", || {
+        h.quotas.connections() == 1
+    });
+    drop(busy);
+    h.stop();
+}
+
+#[test]
+fn clients_that_take_no_replies_are_dropped_after_the_idle_timeout() {
+    let h = Harness::start_with(cowsnap_worker::nbd::NbdLimits {
+        idle_timeout: Some(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    });
+    let (mut c, _) = Client::open(h.tcp, VOLUME, false);
+    // 64 MiB of replies, more than the sockets hold; none is read.
+    for i in 0..16 {
+        c.request(0, CMD_READ, i, 0, 4 << 20, &[]);
+    }
+    // The server gives up on the client, and its budget comes back.
+    eventually("the stalled client's budget released", || {
+        h.quotas.buffer_bytes_in_use() == 0 && h.quotas.connections() == 0
+    });
+    let mut got = Vec::new();
+    let _ = c.s.read_to_end(&mut got);
+    assert!(
+        got.len() < 16 * ((4 << 20) + 16),
+        "the connection was cut before every reply was sent"
+    );
+    let mut other = bystander(&h);
+    assert_still_serving(&h, &mut other, 3);
+    h.stop();
+}
+
+#[test]
+fn a_budget_of_one_request_answers_every_pipelined_read() {
+    // One 4 MiB buffer at a time in the whole process.
+    let h = Harness::start_with(cowsnap_worker::nbd::NbdLimits {
+        buffer_budget_bytes: 4 << 20,
+        ..Default::default()
+    });
+    let len = 4u32 << 20;
+    let mut threads = Vec::new();
+    for k in 0..3u64 {
+        let (mut c, _) = Client::open(h.tcp, if k == 2 { SNAPSHOT } else { VOLUME }, k == 1);
+        threads.push(std::thread::spawn(move || {
+            // Pipelined: all sent before any reply is read.
+            let mut lens = HashMap::new();
+            for i in 0..8u64 {
+                c.request(0, CMD_READ, i, 0, len, &[]);
+                lens.insert(i, len);
+            }
+            let mut replies = Vec::new();
+            for _ in 0..8 {
+                let r = c.reply(&lens);
+                assert_eq!(r.error, 0, "{}", r.message);
+                replies.push(assemble(&r, 0, len));
+            }
+            replies
+        }));
+    }
+    for t in threads {
+        for r in t.join().unwrap() {
+            assert_eq!(r, h.snapshot_model[..len as usize]);
+        }
+    }
+    assert_eq!(h.quotas.buffer_bytes_in_use(), 0);
+    h.stop();
+}
+
+#[test]
+fn requests_larger_than_the_whole_budget_get_enomem() {
+    // Below the largest request (only a test can set that).
+    let h = Harness::start_with(cowsnap_worker::nbd::NbdLimits {
+        buffer_budget_bytes: 1 << 20,
+        ..Default::default()
+    });
+    for structured in [false, true] {
+        let (mut c, _) = Client::open(h.tcp, VOLUME, structured);
+        let r = c.call(0, CMD_READ, 0, 2 << 20, &[]);
+        assert_eq!(r.error, ENOMEM);
+        let r = c.call(0, CMD_WRITE, 0, 2 << 20, &pattern(2 << 20, 9));
+        assert_eq!(r.error, ENOMEM);
+        if structured {
+            assert!(r.message.contains("buffer budget"), "{}", r.message);
+        }
+        // The payload was skipped: the connection goes on, within budget.
+        assert_still_serving(&h, &mut c, 4);
+        assert_eq!(
+            c.read_ok(0, 1 << 20),
+            h.engine_read(Target::Origin, 0, 1 << 20)
+        );
+    }
+    assert_eq!(h.quotas.buffer_bytes_in_use(), 0);
+    h.stop();
 }

@@ -75,6 +75,7 @@ impl Worker {
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_advertise: None,
             tls: None,
+            nbd_limits: Default::default(),
         };
         let token = CancellationToken::new();
         let w = cowsnap_worker::server::start(cfg, opts, token.clone())

@@ -694,6 +694,7 @@ async fn measure(
             nbd_listen: NbdListen::Tcp("127.0.0.1:0".into()),
             nbd_advertise: None,
             tls: None,
+            nbd_limits: Default::default(),
         },
         shutdown.clone(),
     )

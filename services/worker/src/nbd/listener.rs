@@ -1,7 +1,8 @@
 //! Where the NBD server listens, and its accept loop: TCP (`host:port`) or a
-//! unix socket (`unix:PATH`), one task per connection, and a clean stop on
-//! the shutdown token (stop accepting, let every connection finish its
-//! in-flight requests, flush and close).
+//! unix socket (`unix:PATH`), one task per connection within the connection
+//! limit (a refusal task for one over it, see [`limits`](super::limits)),
+//! and a clean stop on the shutdown token (stop accepting, let every
+//! connection finish its in-flight requests, flush and close).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{ConnError, handshake, transmission};
+use super::limits::{NbdLimits, Quotas, REFUSAL_TIMEOUT, Slot};
+use super::{ConnError, handshake, refusal, transmission};
 use crate::exports::Exports;
 
 /// Where to listen: `host:port` (TCP; port 0 picks a free one) or
@@ -90,7 +92,7 @@ impl fmt::Display for LocalAddr {
 }
 
 /// How long a client may take from connecting to choosing an export.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Bound {
     Tcp(TcpListener),
@@ -102,6 +104,7 @@ enum Bound {
 pub struct NbdServer {
     bound: Bound,
     local: LocalAddr,
+    quotas: Arc<Quotas>,
 }
 
 /// Binds `listen` and serves `exports` until `shutdown` is cancelled.
@@ -126,6 +129,7 @@ impl NbdServer {
                 Ok(NbdServer {
                     bound: Bound::Tcp(l),
                     local,
+                    quotas: Quotas::new(NbdLimits::default()),
                 })
             }
             Listen::Unix(path) => {
@@ -136,6 +140,7 @@ impl NbdServer {
                 Ok(NbdServer {
                     bound: Bound::Unix(l),
                     local: LocalAddr::Unix(path.clone()),
+                    quotas: Quotas::new(NbdLimits::default()),
                 })
             }
         }
@@ -143,6 +148,13 @@ impl NbdServer {
 
     pub fn local_addr(&self) -> &LocalAddr {
         &self.local
+    }
+
+    /// Serves within `quotas` (shared with the process's other listeners)
+    /// instead of default limits of its own.
+    pub fn with_quotas(mut self, quotas: Arc<Quotas>) -> NbdServer {
+        self.quotas = quotas;
+        self
     }
 
     /// Accepts connections until `shutdown` is cancelled, then waits for
@@ -178,16 +190,40 @@ impl NbdServer {
                 None => format!("{}#{next_id}", self.local),
             };
             let span = tracing::debug_span!("nbd_conn", peer = %peer);
+            let Some(slot) = self.quotas.admit() else {
+                // Over the limit: told why when a refusal slot is free,
+                // closed at once otherwise.
+                if let Some(slot) = self.quotas.refuse(&peer) {
+                    let reason = self.quotas.refusal_message();
+                    let shutdown = shutdown.clone();
+                    match stream {
+                        Stream::Tcp(s) => {
+                            let (rd, wr) = s.into_split();
+                            conns.spawn(turn_away(rd, wr, reason, slot, shutdown).instrument(span));
+                        }
+                        Stream::Unix(s) => {
+                            let (rd, wr) = s.into_split();
+                            conns.spawn(turn_away(rd, wr, reason, slot, shutdown).instrument(span));
+                        }
+                    }
+                }
+                continue;
+            };
             let exports = exports.clone();
             let shutdown = shutdown.clone();
+            let quotas = self.quotas.clone();
             match stream {
                 Stream::Tcp(s) => {
                     let (rd, wr) = s.into_split();
-                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                    conns.spawn(
+                        connection(rd, wr, peer, exports, quotas, slot, shutdown).instrument(span),
+                    );
                 }
                 Stream::Unix(s) => {
                     let (rd, wr) = s.into_split();
-                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                    conns.spawn(
+                        connection(rd, wr, peer, exports, quotas, slot, shutdown).instrument(span),
+                    );
                 }
             }
         }
@@ -229,13 +265,40 @@ async fn accept(bound: &Bound) -> std::io::Result<(Stream, Option<String>)> {
     }
 }
 
-/// One client, from handshake to close. Never returns an error: how it
-/// ended is logged here, and nothing of it reaches other connections.
+/// A client over the connection limit: told why, within
+/// [`REFUSAL_TIMEOUT`], then closed. `_slot` is its refusal slot.
+async fn turn_away<R, W>(
+    mut rd: R,
+    mut wr: W,
+    reason: String,
+    _slot: Slot,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {}
+        r = tokio::time::timeout(REFUSAL_TIMEOUT, refusal::refuse(&mut rd, &mut wr, &reason)) => {
+            if let Ok(Err(e)) = r {
+                tracing::debug!(error = %e, "NBD: refused client went away: {e}");
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// One client, from handshake to close, holding `_slot` of the connection
+/// limit. Never returns an error: how it ended is logged here, and nothing
+/// of it reaches other connections.
 async fn connection<R, W>(
     mut rd: R,
     mut wr: W,
     peer: String,
     exports: Arc<Exports>,
+    quotas: Arc<Quotas>,
+    _slot: Slot,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -269,7 +332,7 @@ async fn connection<R, W>(
             "NBD client {peer} uses export {}",
             negotiated.export.name
         );
-        transmission::run(rd, wr, negotiated, peer.as_str().into(), shutdown).await
+        transmission::run(rd, wr, negotiated, peer.as_str().into(), quotas, shutdown).await
     }
     .await;
     match result {

@@ -7,6 +7,9 @@
 //!   (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`, `STRUCTURED_REPLY`);
 //! - [`transmission`]: the request loop: requests run concurrently, replies
 //!   go out through one writer, in any order;
+//! - [`limits`]: the connection limit, the idle timeout and the buffer
+//!   budget every connection of the process draws from;
+//! - [`refusal`]: what a client over the connection limit is told;
 //! - [`proto`]: the wire format.
 //!
 //! Export names are resource names (`volumes/VOL`,
@@ -19,12 +22,15 @@
 //! (trim and write-zeroes may be longer).
 
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod proto;
+pub mod refusal;
 pub mod transmission;
 
 use std::io;
 
+pub use limits::{NbdLimits, Quotas};
 pub use listener::{Listen, LocalAddr, NbdServer, serve};
 
 /// Largest read or write one request may carry (advertised as the maximum
@@ -34,8 +40,10 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Requests one connection runs at once; further requests wait on the socket.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// Bytes of read and write buffers one connection holds at once (beside the
-/// request count limit): 64 requests of 32 MiB would be 2 GiB.
+/// Bytes of read and write buffers one connection holds at most (beside the
+/// request count limit): 64 requests of 32 MiB would be 2 GiB. The process's
+/// buffer budget may make a connection's share smaller
+/// ([`Quotas::per_connection_bytes`]).
 pub const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
 
 /// Why a connection ended early.

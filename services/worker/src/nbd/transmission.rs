@@ -3,23 +3,30 @@
 //! One reader (this task) takes requests off the socket, receiving write
 //! payloads straight into the [`AlignedBuf`] the engine writes from. Each
 //! request then runs as its own task, at most [`MAX_IN_FLIGHT`] at a time and
-//! [`MAX_IN_FLIGHT_BYTES`] of buffers, so replies come back in whatever
-//! order the engine finishes them. Every reply goes through one writer task,
-//! so replies never interleave; read data goes from the engine's buffer to
-//! the socket without another copy. A request's slot is released only once
-//! its reply is written: a client that stops reading stops being read.
+//! [`Quotas::per_connection_bytes`] of buffers, so replies come back in
+//! whatever order the engine finishes them. Every reply goes through one
+//! writer task, so replies never interleave; read data goes from the
+//! engine's buffer to the socket without another copy.
+//!
+//! Memory: a read or write takes its length from the process's buffer
+//! budget ([`Quotas::reserve`]) before its buffer is allocated, and gives it
+//! back only once its reply is written out; the reader waits for it, so a
+//! client that stops reading stops being read. A buffer the allocator
+//! refuses is an `ENOMEM` reply, never an abort.
 //!
 //! The connection ends on `NBD_CMD_DISC`, end of file, a protocol error (bad
-//! request magic), a failed reply write, or the shutdown token; in every case
-//! the requests already in flight finish and are answered, writes not yet
-//! flushed are flushed, then the socket closes.
+//! request magic), a failed reply write, the idle timeout (no request in
+//! flight and none received for that long, or a reply left untaken for that
+//! long), or the shutdown token; in every case the requests already in
+//! flight finish and are answered, writes not yet flushed are flushed, then
+//! the socket closes.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cowsnap_store::{AlignedBuf, Target};
+use cowsnap_store::{AlignedBuf, AllocError, Target};
 use futures::FutureExt;
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
@@ -29,8 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::handshake::Negotiated;
+use super::limits::{Budget, Quotas};
 use super::proto::{self, RequestHeader};
-use super::{ConnError, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES, MAX_PAYLOAD};
+use super::{ConnError, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::exports::Export;
 
 /// Socket read buffer: request headers come through it; write payloads
@@ -39,8 +47,8 @@ const READ_BUF: usize = 16 << 10;
 /// Socket write buffer: small replies are batched in it; read data larger
 /// than it goes to the socket directly.
 const WRITE_BUF: usize = 64 << 10;
-/// Unit of the per-connection buffer budget.
-const BUDGET_UNIT: usize = 64 << 10;
+/// Unit of a connection's share of the buffer budget.
+const SHARE_UNIT: usize = 64 << 10;
 /// How long replies may take to drain to a client once the server is
 /// shutting down, before the connection is dropped.
 const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(10);
@@ -65,7 +73,16 @@ struct Reply {
     handle: u64,
     kind: u16,
     body: Body,
-    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    _held: Held,
+}
+
+/// What a request holds from admission until its reply is written: its
+/// slot among the connection's requests, its bytes of the connection's
+/// share and of the process's budget.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _share: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
 }
 
 /// What every request task of the connection shares.
@@ -85,6 +102,7 @@ enum End {
     Eof,
     Shutdown,
     WriterGone,
+    Idle,
 }
 
 impl End {
@@ -94,6 +112,7 @@ impl End {
             End::Eof => "the client closed the connection",
             End::Shutdown => "the server is shutting down",
             End::WriterGone => "replies could not be written",
+            End::Idle => "the connection was idle too long",
         }
     }
 }
@@ -105,6 +124,7 @@ pub async fn run<R, W>(
     wr: W,
     negotiated: Negotiated,
     peer: Arc<str>,
+    quotas: Arc<Quotas>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError>
 where
@@ -125,10 +145,20 @@ where
         BufWriter::with_capacity(WRITE_BUF, wr),
         rx,
         negotiated.structured,
+        quotas.limits().idle_timeout,
         writer_gone.clone(),
     ));
     let tasks = TaskTracker::new();
-    let ended = read_requests(&mut rd, &conn, &tx, &tasks, &shutdown, &writer_gone).await;
+    let ended = read_requests(
+        &mut rd,
+        &conn,
+        &tx,
+        &tasks,
+        &quotas,
+        &shutdown,
+        &writer_gone,
+    )
+    .await;
     drop(rd);
 
     // Whatever ended the loop, the requests already taken are answered.
@@ -167,7 +197,12 @@ where
     let written =
         written.unwrap_or_else(|e| Err(std::io::Error::other(format!("reply writer: {e}"))));
     let end = ended?;
-    tracing::debug!(%peer, "NBD transmission with {peer} ended: {}", end.describe());
+    if end == End::Idle {
+        let secs = quotas.limits().idle_timeout.unwrap_or_default().as_secs();
+        tracing::info!(%peer, "NBD: closed the connection from {peer}: no request for {secs} s");
+    } else {
+        tracing::debug!(%peer, "NBD transmission with {peer} ended: {}", end.describe());
+    }
     written.map_err(ConnError::from)
 }
 
@@ -177,6 +212,7 @@ async fn read_requests<R>(
     conn: &Arc<Conn>,
     tx: &mpsc::UnboundedSender<Reply>,
     tasks: &TaskTracker,
+    quotas: &Arc<Quotas>,
     shutdown: &CancellationToken,
     writer_gone: &CancellationToken,
 ) -> Result<End, ConnError>
@@ -184,14 +220,30 @@ where
     R: AsyncRead + Unpin,
 {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
+    let share = quotas.per_connection_bytes();
+    let shares = Arc::new(Semaphore::new(share / SHARE_UNIT));
+    let idle = quotas.limits().idle_timeout;
     loop {
         let mut raw = [0u8; proto::REQUEST_LEN];
-        let got = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(End::Shutdown),
-            _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-            r = read_header(rd, &mut raw) => r?,
+        let got = {
+            let header = read_header(rd, &mut raw);
+            tokio::pin!(header);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                    _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+                    r = &mut header => break r?,
+                    _ = sleep_or_never(idle) => {
+                        // Idle: nothing received for that long, and nothing
+                        // in flight (a request not yet answered, or a reply
+                        // not yet written, keeps the connection busy).
+                        if slots.available_permits() == MAX_IN_FLIGHT {
+                            return Ok(End::Idle);
+                        }
+                    }
+                }
+            }
         };
         if !got {
             return Ok(End::Eof);
@@ -211,18 +263,38 @@ where
             proto::CMD_READ | proto::CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
             _ => 0,
         };
-        let permits = tokio::select! {
+        let (held, fits) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(End::Shutdown),
             _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-            p = acquire(&slots, &budget, bytes) => p,
+            h = admit(&slots, &shares, quotas, bytes) => h,
         };
+        let mut early = None;
+        if !fits {
+            early = Some(conn.error(
+                &req,
+                proto::ENOMEM,
+                format_args!(
+                    "larger than the server's whole buffer budget ({} bytes)",
+                    quotas.limits().buffer_budget_bytes
+                ),
+            ));
+        }
 
         let payload = if req.kind == proto::CMD_WRITE {
-            tokio::select! {
+            let keep = early.is_none() && req.length <= MAX_PAYLOAD;
+            let got = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                p = read_payload(rd, req.length) => p?,
+                p = read_payload(rd, req.length, keep) => p?,
+            };
+            match got {
+                Payload::Data(buf) => Some(buf),
+                Payload::Skipped => None,
+                Payload::NoMemory(e) => {
+                    early = Some(conn.error(&req, proto::ENOMEM, e));
+                    None
+                }
             }
         } else {
             None
@@ -231,49 +303,76 @@ where
         let conn = conn.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let body = AssertUnwindSafe(execute(&conn, &req, payload))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| {
-                    let (peer, export) = (&conn.peer, &conn.export.name);
-                    let cmd = proto::command_name(req.kind);
-                    tracing::error!(%peer, %export, "NBD: {cmd} request from {peer} panicked");
-                    Body::Error {
-                        errno: proto::EIO,
-                        message: format!("{}: internal error", conn.export.name),
-                        offset: None,
-                    }
-                });
+            let body = match early {
+                Some(refused) => refused,
+                None => AssertUnwindSafe(execute(&conn, &req, payload))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        let (peer, export) = (&conn.peer, &conn.export.name);
+                        let cmd = proto::command_name(req.kind);
+                        tracing::error!(%peer, %export, "NBD: {cmd} request from {peer} panicked");
+                        Body::Error {
+                            errno: proto::EIO,
+                            message: format!("{}: internal error", conn.export.name),
+                            offset: None,
+                        }
+                    }),
+            };
             // The writer is gone only when the connection is.
             let _ = tx.send(Reply {
                 handle: req.handle,
                 kind: req.kind,
                 body,
-                _permits: permits,
+                _held: held,
             });
         });
     }
 }
 
-async fn acquire(
+/// Sleeps for `d`, or forever without one.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Admits a request of `bytes` of buffers: a slot among the connection's
+/// requests, then its bytes of the connection's share, then of the process's
+/// budget, waiting for each in turn. `false`: the bytes are more than the
+/// whole budget and were not taken (the request is refused).
+async fn admit(
     slots: &Arc<Semaphore>,
-    budget: &Arc<Semaphore>,
+    shares: &Arc<Semaphore>,
+    quotas: &Quotas,
     bytes: usize,
-) -> (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>) {
+) -> (Held, bool) {
     let slot = slots.clone().acquire_owned().await.expect("never closed");
-    let units = bytes.div_ceil(BUDGET_UNIT) as u32;
-    let held = if units == 0 {
-        None
-    } else {
-        Some(
-            budget
-                .clone()
-                .acquire_many_owned(units)
-                .await
-                .expect("never closed"),
-        )
+    let mut held = Held {
+        _slot: slot,
+        _share: None,
+        _budget: None,
     };
-    (slot, held)
+    if bytes == 0 {
+        return (held, true);
+    }
+    // At most MAX_PAYLOAD, which every share holds.
+    let units = bytes.div_ceil(SHARE_UNIT) as u32;
+    held._share = Some(
+        shares
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("never closed"),
+    );
+    match quotas.reserve(bytes).await {
+        Some(b) => {
+            held._budget = Some(b);
+            (held, true)
+        }
+        None => (held, false),
+    }
 }
 
 /// Reads one request header; `false` on a clean end of file before it.
@@ -298,25 +397,36 @@ async fn read_header<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-/// Receives a write payload: into an `AlignedBuf` (the bytes already
-/// buffered are copied, the rest is read straight into it), or thrown away
-/// when it is longer than any write may be.
+/// A write payload as received.
+enum Payload {
+    Data(AlignedBuf),
+    /// Read and thrown away: longer than any write may be, or the request
+    /// is refused anyway.
+    Skipped,
+    /// Read and thrown away: the allocator had no buffer for it.
+    NoMemory(AllocError),
+}
+
+/// Receives a write payload: into an `AlignedBuf` when `keep` (the bytes
+/// already buffered are copied, the rest is read straight into it);
+/// otherwise, or when no buffer can be allocated, it is read and thrown
+/// away so that the next request header is found.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut BufReader<R>,
     len: u32,
-) -> std::io::Result<Option<AlignedBuf>> {
-    if len > MAX_PAYLOAD {
-        let skipped =
-            tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink()).await?;
-        if skipped < u64::from(len) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed in the middle of a write payload",
-            ));
-        }
-        return Ok(None);
+    keep: bool,
+) -> std::io::Result<Payload> {
+    if !keep {
+        skip(rd, len).await?;
+        return Ok(Payload::Skipped);
     }
-    let mut buf = AlignedBuf::zeroed(len as usize);
+    let mut buf = match AlignedBuf::try_zeroed(len as usize) {
+        Ok(b) => b,
+        Err(e) => {
+            skip(rd, len).await?;
+            return Ok(Payload::NoMemory(e));
+        }
+    };
     let buffered = rd.buffer();
     let n = buffered.len().min(buf.len());
     buf[..n].copy_from_slice(&buffered[..n]);
@@ -324,7 +434,20 @@ async fn read_payload<R: AsyncRead + Unpin>(
     if n < buf.len() {
         rd.get_mut().read_exact(&mut buf[n..]).await?;
     }
-    Ok(Some(buf))
+    Ok(Payload::Data(buf))
+}
+
+/// Reads `len` bytes and throws them away.
+async fn skip<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u32) -> std::io::Result<()> {
+    let skipped =
+        tokio::io::copy(&mut (&mut *rd).take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if skipped < u64::from(len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed in the middle of a write payload",
+        ));
+    }
+    Ok(())
 }
 
 impl Conn {
@@ -510,28 +633,50 @@ async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) 
 }
 
 /// The one writer of a connection's replies: batches small replies, flushes
-/// when no more are queued. On a write error it signals `gone` and stops.
+/// when no more are queued. On a write error, or when the client leaves a
+/// reply untaken for `stall` (the idle timeout), it signals `gone` and
+/// stops; the replies still queued are dropped with the budget they hold.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     structured: bool,
+    stall: Option<Duration>,
     gone: CancellationToken,
 ) -> std::io::Result<()> {
     let r = async {
         while let Some(reply) = rx.recv().await {
-            write_reply(&mut w, reply, structured).await?;
+            unstalled(stall, write_reply(&mut w, reply, structured)).await?;
             while let Ok(reply) = rx.try_recv() {
-                write_reply(&mut w, reply, structured).await?;
+                unstalled(stall, write_reply(&mut w, reply, structured)).await?;
             }
-            w.flush().await?;
+            unstalled(stall, w.flush()).await?;
         }
-        w.shutdown().await
+        unstalled(stall, w.shutdown()).await
     }
     .await;
     if r.is_err() {
         gone.cancel();
     }
     r
+}
+
+/// A reply write, failed with `TimedOut` when it takes longer than
+/// `stall`: the client is not reading.
+async fn unstalled(
+    stall: Option<Duration>,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let Some(limit) = stall else {
+        return write.await;
+    };
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took no reply for {} s", limit.as_secs()),
+            ))
+        })
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(

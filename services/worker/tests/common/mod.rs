@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use cowsnap_store::{Backend, Origin, SnapId, SnapshotOptions, Target};
 use cowsnap_worker::exports::{Export, Exports};
-use cowsnap_worker::nbd::{Listen, LocalAddr, NbdServer};
+use cowsnap_worker::nbd::{Listen, LocalAddr, NbdLimits, NbdServer, Quotas};
 use tokio_util::sync::CancellationToken;
 
 pub const VOLUME: &str = "volumes/v1";
@@ -74,13 +74,22 @@ pub struct Harness {
     pub origin_path: PathBuf,
     /// What the snapshot holds: the volume as it was when taken.
     pub snapshot_model: Vec<u8>,
+    /// The limits both servers share.
+    pub quotas: Arc<Quotas>,
     shutdown: CancellationToken,
     servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Harness {
     pub fn start() -> Harness {
+        Harness::start_with(NbdLimits::default())
+    }
+
+    /// Starts both servers sharing `limits` (not checked: a test may set a
+    /// budget below the largest request).
+    pub fn start_with(limits: NbdLimits) -> Harness {
         init_logs();
+        let quotas = Quotas::new(limits);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -127,11 +136,15 @@ impl Harness {
             });
             let tcp_server = NbdServer::bind(&"127.0.0.1:0".parse::<Listen>().unwrap())
                 .await
-                .unwrap();
+                .unwrap()
+                .with_quotas(quotas.clone());
             let LocalAddr::Tcp(tcp) = tcp_server.local_addr().clone() else {
                 panic!("TCP listener has a TCP address");
             };
-            let unix_server = NbdServer::bind(&Listen::Unix(unix.clone())).await.unwrap();
+            let unix_server = NbdServer::bind(&Listen::Unix(unix.clone()))
+                .await
+                .unwrap()
+                .with_quotas(quotas.clone());
             let servers = vec![
                 tokio::spawn(tcp_server.run(exports.clone(), shutdown.clone())),
                 tokio::spawn(unix_server.run(exports.clone(), shutdown.clone())),
@@ -148,6 +161,7 @@ impl Harness {
             snap,
             origin_path,
             snapshot_model: content,
+            quotas,
             shutdown,
             servers,
         }
@@ -275,6 +289,7 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
@@ -302,6 +317,7 @@ pub const TYPE_ERROR_OFFSET: u16 = 0x8002;
 
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 

@@ -74,6 +74,7 @@ impl Worker {
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_advertise: None,
             tls: None,
+            nbd_limits: Default::default(),
         };
         let running = start(cfg, opts, shutdown.clone()).await.unwrap();
         let nbd = match &running.nbd {
