@@ -35,3 +35,18 @@ pub mod workers;
 
 #[cfg(test)]
 mod request_props;
+
+/// Parsers of request headers that are otherwise private to their layers,
+/// for the fuzz targets under `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// [`crate::calls`]' parser of a `grpc-timeout` value.
+    pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+        crate::calls::grpc_timeout(v)
+    }
+
+    /// [`crate::auth`]'s parser of an `authorization` value.
+    pub fn bearer(v: &str) -> Option<&str> {
+        crate::auth::bearer(v)
+    }
+}
