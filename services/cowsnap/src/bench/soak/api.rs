@@ -113,7 +113,7 @@ pub async fn client(env: Arc<Env>, me: usize, seed: u64) {
     };
     let mut volumes = Volumes::new(ch.clone());
     let mut snapshots = Snapshots::new(ch);
-    let mut rng = StdRng::seed_from_u64(seed ^ (me as u64 + 1) * 0x51_7cc1_b727);
+    let mut rng = StdRng::seed_from_u64(seed ^ ((me as u64 + 1) * 0x51_7cc1_b727));
     let t = &env.tally;
     let mut vols: Vec<String> = Vec::new();
     let mut snaps: Vec<String> = Vec::new();

@@ -98,7 +98,7 @@ pub async fn client(env: std::sync::Arc<Env>, me: usize, seed: u64) {
         name: format!("volumes/{}", volume_id(me)),
         env,
         me,
-        rng: StdRng::seed_from_u64(seed ^ (me as u64 + 1) * 0x9e37_79b9),
+        rng: StdRng::seed_from_u64(seed ^ ((me as u64 + 1) * 0x9e37_79b9)),
         durable: vec![0; blocks],
         current: vec![0; blocks],
         open: vec![None; blocks],

@@ -212,7 +212,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<u8> {
     if args.volume_kib == 0 || !args.volume_kib.is_multiple_of(4) {
         bail!("--volume-kib: a positive multiple of 4");
     }
-    if !(args.kill_every > 0.0) {
+    if !args.kill_every.is_finite() || args.kill_every <= 0.0 {
         bail!("--kill-every: a positive number of seconds");
     }
     let parent = match &args.dir {
