@@ -153,6 +153,30 @@ struct Seg {
     len: u64,
 }
 
+impl Seg {
+    /// Piece `p` of an I/O starting at `off`, read or written on the
+    /// origin `dev` in place.
+    fn origin(dev: &Device, p: &Range<u64>, off: u64) -> Seg {
+        Seg {
+            dev: dev.clone(),
+            dev_off: p.start,
+            buf_off: p.start - off,
+            len: p.end - p.start,
+        }
+    }
+
+    /// Piece `p` of origin chunk `c` (chunks of `cb` bytes), of an I/O
+    /// starting at `off`, as COW chunk `new` on `cow` holds it.
+    fn cow(cow: &Device, c: u64, new: u64, cb: u64, p: &Range<u64>, off: u64) -> Seg {
+        Seg {
+            dev: cow.clone(),
+            dev_off: new * cb + (p.start - c * cb),
+            buf_off: p.start - off,
+            len: p.end - p.start,
+        }
+    }
+}
+
 fn push_seg(segs: &mut Vec<Seg>, seg: Seg) {
     if let Some(last) = segs.last_mut()
         && last.dev.same(&seg.dev)
@@ -682,10 +706,7 @@ impl Origin {
             Err(e) => {
                 for (c, targets) in &run.chunks {
                     for (s, new) in targets {
-                        s.store.abandon(*new);
-                        let mut st = s.lock();
-                        st.pending.remove(c);
-                        s.changed(&mut st);
+                        s.undo_pending(*c, *new);
                     }
                 }
                 return Err(e);
@@ -739,27 +760,13 @@ impl Origin {
             for c in s.chunks(off, len) {
                 let p = piece(c, cb, off, len);
                 match st.exceptions.get(&c) {
-                    Some(&new) => push_seg(
-                        &mut segs,
-                        Seg {
-                            dev: s.store.device().clone(),
-                            dev_off: new * cb + (p.start - c * cb),
-                            buf_off: p.start - off,
-                            len: p.end - p.start,
-                        },
-                    ),
+                    Some(&new) => {
+                        push_seg(&mut segs, Seg::cow(s.store.device(), c, new, cb, &p, off))
+                    }
                     None => {
                         st.origin_readers.inc(c);
                         tracked.push(c);
-                        push_seg(
-                            &mut segs,
-                            Seg {
-                                dev: self.dev.clone(),
-                                dev_off: p.start,
-                                buf_off: p.start - off,
-                                len: p.end - p.start,
-                            },
-                        );
+                        push_seg(&mut segs, Seg::origin(&self.dev, &p, off));
                     }
                 }
             }
@@ -812,15 +819,7 @@ impl Origin {
                     break;
                 };
                 let p = piece(c, cb, off, len);
-                push_seg(
-                    &mut segs,
-                    Seg {
-                        dev: s.store.device().clone(),
-                        dev_off: new * cb + (p.start - c * cb),
-                        buf_off: p.start - off,
-                        len: p.end - p.start,
-                    },
-                );
+                push_seg(&mut segs, Seg::cow(s.store.device(), c, new, cb, &p, off));
             }
             all.then_some(segs)
         };
@@ -896,10 +895,7 @@ impl Origin {
             match self.dev.read(start, olen as usize).await {
                 Ok(o) => chunk[..olen as usize].copy_from_slice(&o),
                 Err(e) => {
-                    s.store.abandon(new);
-                    let mut st = s.lock();
-                    st.pending.remove(&c);
-                    s.changed(&mut st);
+                    s.undo_pending(c, new);
                     return Err(e);
                 }
             }
@@ -975,19 +971,9 @@ impl Origin {
                         let seg = match st.exceptions.get(&c) {
                             Some(&new) => {
                                 tracked.push(c);
-                                Seg {
-                                    dev: m.store.device().clone(),
-                                    dev_off: new * cb + (p.start - c * cb),
-                                    buf_off: p.start - off,
-                                    len: p.end - p.start,
-                                }
+                                Seg::cow(m.store.device(), c, new, cb, &p, off)
                             }
-                            None => Seg {
-                                dev: self.dev.clone(),
-                                dev_off: p.start,
-                                buf_off: p.start - off,
-                                len: p.end - p.start,
-                            },
+                            None => Seg::origin(&self.dev, &p, off),
                         };
                         push_seg(&mut segs, seg);
                     }
