@@ -600,7 +600,7 @@ impl Origin {
     /// Makes sure every valid, non-merging snapshot has a committed exception
     /// for every chunk of `[off, off+len)` and that no snapshot read of those
     /// origin chunks is in flight: after this, the origin range may be
-    /// written (invariant 1). Snapshots that cannot take the exception
+    /// written (D1 of docs/design.md). Snapshots that cannot take the exception
     /// (full, or failing) are invalidated durably first; if that cannot be
     /// made durable, this fails and the origin must not be written.
     pub(crate) async fn ensure_copied(&self, off: u64, len: u64) -> Result<()> {

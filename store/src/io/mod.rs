@@ -8,7 +8,7 @@
 //! - [`fault`]: for tests, a layer that keeps unflushed writes volatile so a
 //!   power cut can drop any subset of them, and that fails chosen I/O with EIO.
 //!
-//! Durability vocabulary (DESIGN.md): `flush` is `fdatasync` (the kernel's
+//! Durability vocabulary (M2, M3 of docs/design.md): `flush` is `fdatasync` (the kernel's
 //! PREFLUSH); a write with `dsync` is `RWF_DSYNC` (FUA on a block device).
 
 pub mod aligned;
