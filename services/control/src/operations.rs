@@ -41,7 +41,7 @@ use crate::catalog::{self, Catalog, Tx};
 use crate::error::{ControlError, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::model::{OpKind, OpResult, OpState, Operation, State, now_ms};
-use crate::workers::{WorkerClient, WorkerTask, Workers};
+use crate::workers::{WorkerClient, WorkerTask, Workers, classify};
 
 /// How long one wait on a worker's task lasts before the tracker records
 /// progress and waits again.
@@ -81,9 +81,9 @@ pub struct Guard {
 
 /// The engine that records, drives and tracks operations.
 pub struct Operations {
-    pub catalog: Catalog,
-    pub workers: Arc<Workers>,
-    pub metrics: Arc<Metrics>,
+    catalog: Catalog,
+    workers: Arc<Workers>,
+    metrics: Arc<Metrics>,
     locks: Locks,
     /// Ticks whenever an operation changes (for WaitOperation).
     changed: watch::Sender<u64>,
@@ -101,11 +101,6 @@ fn unknown(op: &Operation, e: ControlError) -> ControlError {
         "{e}; {} is recorded and completes when the worker answers",
         op.name()
     ))
-}
-
-/// Whether a worker error leaves the outcome unknown.
-fn indeterminate(e: &ControlError) -> bool {
-    matches!(e, ControlError::Unavailable(_))
 }
 
 impl Operations {
@@ -342,7 +337,7 @@ impl Operations {
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -357,7 +352,7 @@ impl Operations {
                     .await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -398,7 +393,7 @@ impl Operations {
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -414,7 +409,7 @@ impl Operations {
                     .await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -452,7 +447,7 @@ impl Operations {
                     self.commit(tx, op).await
                 }
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -483,11 +478,11 @@ impl Operations {
                         op,
                         ControlError::Unavailable(format!("{} is still being made", op.target)),
                     )),
-                    Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+                    Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
                     Err(_) => self.fail_undo(op, ControlError::AlreadyExists(m)).await,
                 }
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
