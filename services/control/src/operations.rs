@@ -22,7 +22,8 @@
 //! second call return what the first one did. A worker that does not
 //! answer leaves the operation `pending` (the call fails with UNAVAILABLE),
 //! to be driven again when it answers; a worker that refuses ends it
-//! `failed`, with the recorded row undone.
+//! `failed`, with the recorded row undone. Which answers are which is
+//! [`crate::workers::classify`]'s to say.
 //!
 //! Calls on one volume (and its snapshots) are serialized by a lock per
 //! volume id ([`Operations::lock`]), taken by handlers, trackers and the

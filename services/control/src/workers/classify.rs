@@ -3,7 +3,7 @@
 //! nothing), or its outcome is unknown (no answer, or none in time: the
 //! worker may or may not have acted).
 //!
-//! The channel's layer ([`super::layer`]) reports each outcome to the
+//! The channel's layer (`layer`) reports each outcome to the
 //! worker's health by [`outcome`]; the client turns a status into the
 //! control service's error by [`error`]; and operations keep an operation
 //! pending, to be driven again, when [`unknown`] says so.

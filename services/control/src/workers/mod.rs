@@ -2,9 +2,9 @@
 //! deregistration), their health, and placement of new volumes by free
 //! room. The registry alone writes a worker's health into the catalog.
 //!
-//! - [`client`]: the typed client of one worker, one line per call;
-//! - [`layer`]: the tower layer its channel is built with, which reports
-//!   each call's outcome to the worker's [`Health`];
+//! - `client`: the typed client of one worker, one line per call;
+//! - `layer`: the tower layer its channel is built with, which reports
+//!   each call's outcome to the worker's `Health`;
 //! - [`classify`]: which gRPC codes mean done, refused, or unknown.
 //!
 //! A call that finds its worker unreachable marks the worker unhealthy at
