@@ -20,7 +20,6 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
 use tokio_rustls::server::TlsStream;
 
 use super::proto::{self, put_u16, put_u32, put_u64};

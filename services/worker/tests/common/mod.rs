@@ -3,7 +3,8 @@
 //! does not work on tmpfs), a model of what each export holds, and a small
 //! blocking NBD client written from the protocol spec (its constants are
 //! spelled out here, not taken from the server, so the two check each
-//! other).
+//! other), over plain TCP or over TLS after `NBD_OPT_STARTTLS`; [`pki`]
+//! makes the certificates.
 
 #![allow(dead_code)]
 
