@@ -7,7 +7,8 @@
 //! DIR/worker.sock     the worker's gRPC API (only the control service uses it)
 //! ```
 //!
-//! The public API listens on `--listen`, NBD on `--nbd-listen`. SIGTERM or
+//! The public API listens on `--listen`, NBD on `--nbd-listen` (over TLS
+//! with `--nbd-tls-cert`, as on `cowsnap worker`). SIGTERM or
 //! SIGINT stops the control service first (no new calls reach the worker),
 //! then the worker (in-flight I/O finishes, engines are flushed).
 
@@ -20,7 +21,7 @@ use cowsnap_worker::server::{ServeOptions, hostname};
 use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker_cmd::cancel_on_signals;
+use crate::worker_cmd::{NbdTlsArgs, cancel_on_signals};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -47,6 +48,8 @@ pub struct UpArgs {
     /// I/O backend: auto, uring or portable.
     #[arg(long, env = "COWSNAP_IO", default_value = "auto")]
     io: String,
+    #[command(flatten)]
+    nbd_tls: NbdTlsArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<u8> {
@@ -81,6 +84,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         nbd_listen,
         nbd_advertise: args.nbd_advertise,
         tls: None,
+        nbd_tls: args.nbd_tls.resolve(NbdTlsArgs::default())?,
     };
     let mut control_cfg = ControlConfig::new(&dir, listen);
     control_cfg.workers = vec![worker_addr];

@@ -693,6 +693,7 @@ async fn measure(
             grpc_listen: "127.0.0.1:0".parse().map_err(|e: String| anyhow!(e))?,
             nbd_listen: NbdListen::Tcp("127.0.0.1:0".into()),
             nbd_advertise: None,
+            nbd_tls: None,
             tls: None,
         },
         shutdown.clone(),
