@@ -4,14 +4,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use cowsnap_proto::server::TlsFiles;
-use cowsnap_store::BackendChoice;
 use cowsnap_worker::nbd::{NbdTlsConfig, TlsMode};
 use cowsnap_worker::server::{ServeOptions, hostname, start};
 use cowsnap_worker::worker::WorkerConfig;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+
+use crate::service::{config_file, parse_flag, run_until_signal, tls_files};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap";
 const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50052";
@@ -127,33 +125,16 @@ fn tls_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsMode>, D
 
 /// The settings resolved from flags, environment, config file and defaults.
 pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)> {
-    let file = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .with_context(|| format!("{}: bad config file", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let io: BackendChoice = args
-        .io
-        .or(file.io)
-        .unwrap_or_default()
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let file: FileConfig = config_file(args.config.as_deref())?;
+    let io = parse_flag("--io", &args.io.or(file.io).unwrap_or_default())?;
     let grpc_listen = args
         .grpc_listen
         .or(file.grpc_listen)
-        .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.into())
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--grpc-listen: {e}"))?;
+        .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.into());
     let nbd_listen = args
         .nbd_listen
         .or(file.nbd_listen)
-        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into())
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
+        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
     let device_allow = if args.device_allow.is_empty() {
         file.device_allow.unwrap_or_default()
     } else {
@@ -173,15 +154,6 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)>
         device_allow,
         io,
     };
-    let tls = match (
-        args.tls_cert.or(file.tls_cert),
-        args.tls_key.or(file.tls_key),
-        args.tls_ca.or(file.tls_ca),
-    ) {
-        (Some(cert), Some(key), ca) => Some(TlsFiles { cert, key, ca }),
-        (None, None, None) => None,
-        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and optionally --tls-ca)"),
-    };
     let nbd_tls = args.nbd_tls.resolve(NbdTlsArgs {
         nbd_tls_cert: file.nbd_tls_cert,
         nbd_tls_key: file.nbd_tls_key,
@@ -189,42 +161,22 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)>
         nbd_tls_mode: file.nbd_tls_mode,
     })?;
     let opts = ServeOptions {
-        grpc_listen,
-        nbd_listen,
+        grpc_listen: parse_flag("--grpc-listen", &grpc_listen)?,
+        nbd_listen: parse_flag("--nbd-listen", &nbd_listen)?,
         nbd_advertise: args.nbd_advertise.or(file.nbd_advertise),
-        tls,
+        tls: tls_files(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+        )?,
         nbd_tls,
     };
     Ok((cfg, opts))
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-        token.cancel();
-    });
-    Ok(())
-}
-
 pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
     let (cfg, opts) = resolve(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        cancel_on_signals(shutdown.clone())?;
-        let w = start(cfg, opts, shutdown).await?;
-        w.wait().await?;
-        Ok(0)
-    })
+    run_until_signal(async |shutdown| start(cfg, opts, shutdown).await?.wait().await)
 }
 
 #[cfg(test)]

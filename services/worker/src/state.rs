@@ -144,22 +144,6 @@ impl WorkerState {
         }
         None
     }
-
-    /// Bytes of every file-backed device (what sparse files may grow to).
-    pub fn file_backed_bytes(&self) -> u64 {
-        self.volumes
-            .values()
-            .map(|v| {
-                let own = if v.file_backed { v.size_bytes } else { 0 };
-                own + v
-                    .snapshots
-                    .iter()
-                    .filter(|s| s.file_backed)
-                    .map(|s| s.cow_size_bytes)
-                    .sum::<u64>()
-            })
-            .sum()
-    }
 }
 
 /// `state.json` in the data dir.
