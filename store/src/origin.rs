@@ -101,9 +101,6 @@ pub struct SnapshotStatus {
     pub commits: CommitStats,
     /// Why it became invalid, when that happened since it was opened.
     pub invalid_reason: Option<String>,
-    /// Data chunks allocated before a crash and never committed, waiting
-    /// to be used again.
-    pub free_chunks: u64,
 }
 
 /// What went through one engine since it was opened: reads and writes of
@@ -422,7 +419,6 @@ impl Origin {
             usage: s.store.usage(),
             commits: s.store.commit_stats(),
             invalid_reason: s.store.invalid_reason(),
-            free_chunks: s.store.free_chunks(),
         })
     }
 

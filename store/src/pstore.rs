@@ -263,7 +263,8 @@ impl PStore {
                     scan.current_committed,
                     scan.area,
                 );
-                let free_chunks: u64 = scan.free.iter().map(|r| r.end - r.start).sum();
+                store.st.lock().expect("pstore").free = scan.free.into_iter().rev().collect();
+                let free_chunks = store.free_chunks();
                 if free_chunks > 0 {
                     tracing::info!(
                         device = %name,
@@ -271,7 +272,6 @@ impl PStore {
                         "reusing COW chunks allocated but never committed (a crash interrupted their exceptions)"
                     );
                 }
-                store.st.lock().expect("pstore").free = scan.free.into_iter().rev().collect();
                 Ok(Opened {
                     store: Arc::new(store),
                     initialised: false,
