@@ -11,7 +11,8 @@
 //! - [`operations`]: how mutations are recorded, driven and settled so a
 //!   crash at any point is repaired; [`reconcile`]: the repairs, at start
 //!   and periodically;
-//! - [`workers`]: registry, health, placement, and the worker clients;
+//! - [`workers`]: the registry (health, placement) and the worker client,
+//!   whose channel layer reports each call's outcome ([`workers::classify`]);
 //! - [`catalog`]: the SQLite schema and queries; [`model`]: domain types;
 //!   [`listing`]: pagination and filters; [`error`];
 //! - [`metrics`]: Prometheus; [`telemetry`]: logs and OTLP traces.

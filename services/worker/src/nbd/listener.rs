@@ -1,7 +1,8 @@
 //! Where the NBD server listens, and its accept loop: TCP (`host:port`) or a
-//! unix socket (`unix:PATH`), one task per connection, and a clean stop on
-//! the shutdown token (stop accepting, let every connection finish its
-//! in-flight requests, flush and close).
+//! unix socket (`unix:PATH`), one task per connection (handshake, TLS when
+//! the client starts it, transmission), and a clean stop on the shutdown
+//! token (stop accepting, let every connection finish its in-flight
+//! requests, flush and close).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::handshake::Transport;
+use super::tls::NbdTls;
 use super::{ConnError, handshake, transmission};
 use crate::exports::Exports;
 
@@ -102,6 +105,7 @@ enum Bound {
 pub struct NbdServer {
     bound: Bound,
     local: LocalAddr,
+    tls: Option<Arc<NbdTls>>,
 }
 
 /// Binds `listen` and serves `exports` until `shutdown` is cancelled.
@@ -126,6 +130,7 @@ impl NbdServer {
                 Ok(NbdServer {
                     bound: Bound::Tcp(l),
                     local,
+                    tls: None,
                 })
             }
             Listen::Unix(path) => {
@@ -136,6 +141,7 @@ impl NbdServer {
                 Ok(NbdServer {
                     bound: Bound::Unix(l),
                     local: LocalAddr::Unix(path.clone()),
+                    tls: None,
                 })
             }
         }
@@ -145,6 +151,13 @@ impl NbdServer {
         &self.local
     }
 
+    /// Offers TLS to clients (`NBD_OPT_STARTTLS`), or requires it, as `tls`
+    /// says; `None`: plain text only.
+    pub fn with_tls(mut self, tls: Option<NbdTls>) -> NbdServer {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
     /// Accepts connections until `shutdown` is cancelled, then waits for
     /// every connection to finish its in-flight requests and close.
     pub async fn run(
@@ -152,7 +165,14 @@ impl NbdServer {
         exports: Arc<Exports>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        tracing::info!(listen = %self.local, "NBD server listening on {}", self.local);
+        let tls = match &self.tls {
+            None => "plain text only",
+            Some(t) if t.required() && t.client_certs() => "TLS required, client certificates",
+            Some(t) if t.required() => "TLS required",
+            Some(t) if t.client_certs() => "TLS optional, client certificates",
+            Some(_) => "TLS optional",
+        };
+        tracing::info!(listen = %self.local, tls, "NBD server listening on {} ({tls})", self.local);
         let conns = TaskTracker::new();
         let mut next_id: u64 = 0;
         loop {
@@ -180,14 +200,17 @@ impl NbdServer {
             let span = tracing::debug_span!("nbd_conn", peer = %peer);
             let exports = exports.clone();
             let shutdown = shutdown.clone();
+            let tls = self.tls.clone();
             match stream {
                 Stream::Tcp(s) => {
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                    let split = tokio::net::TcpStream::into_split;
+                    let conn = connection(s, split, peer, exports, tls, shutdown);
+                    conns.spawn(conn.instrument(span));
                 }
                 Stream::Unix(s) => {
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(connection(rd, wr, peer, exports, shutdown).instrument(span));
+                    let split = tokio::net::UnixStream::into_split;
+                    let conn = connection(s, split, peer, exports, tls, shutdown);
+                    conns.spawn(conn.instrument(span));
                 }
             }
         }
@@ -231,13 +254,18 @@ async fn accept(bound: &Bound) -> std::io::Result<(Stream, Option<String>)> {
 
 /// One client, from handshake to close. Never returns an error: how it
 /// ended is logged here, and nothing of it reaches other connections.
-async fn connection<R, W>(
-    mut rd: R,
-    mut wr: W,
+/// `split` halves a plain stream for transmission (the socket's own halves,
+/// no lock between reader and writer); a TLS stream is halved by
+/// [`tokio::io::split`].
+async fn connection<S, R, W>(
+    stream: S,
+    split: fn(S) -> (R, W),
     peer: String,
     exports: Arc<Exports>,
+    tls: Option<Arc<NbdTls>>,
     shutdown: CancellationToken,
 ) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -248,7 +276,7 @@ async fn connection<R, W>(
             _ = shutdown.cancelled() => return Ok(()),
             n = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                handshake::negotiate(&mut rd, &mut wr, &exports, &peer),
+                handshake::negotiate(stream, &exports, tls.as_deref(), &peer),
             ) => match n {
                 Ok(n) => n?,
                 Err(_) => {
@@ -259,23 +287,37 @@ async fn connection<R, W>(
                 }
             },
         };
-        let Some(negotiated) = negotiated else {
+        let Some((negotiated, transport)) = negotiated else {
             return Ok(());
         };
         tracing::debug!(
             %peer,
             export = %negotiated.export.name,
             structured = negotiated.structured,
+            tls = matches!(transport, Transport::Tls(_)),
             "NBD client {peer} uses export {}",
             negotiated.export.name
         );
-        transmission::run(rd, wr, negotiated, peer.as_str().into(), shutdown).await
+        let peer: Arc<str> = peer.as_str().into();
+        match transport {
+            Transport::Plain(s) => {
+                let (rd, wr) = split(s);
+                transmission::run(rd, wr, negotiated, peer, shutdown).await
+            }
+            Transport::Tls(s) => {
+                let (rd, wr) = tokio::io::split(*s);
+                transmission::run(rd, wr, negotiated, peer, shutdown).await
+            }
+        }
     }
     .await;
     match result {
         Ok(()) => tracing::debug!(%peer, "NBD connection from {peer} closed"),
         Err(e) if e.is_disconnect() => {
             tracing::debug!(%peer, error = %e, "NBD client {peer} went away: {e}")
+        }
+        Err(ConnError::Tls(e)) => {
+            tracing::warn!(%peer, error = %e, "NBD client {peer}: TLS handshake failed ({e}); connection closed")
         }
         Err(ConnError::Protocol(why)) => {
             tracing::warn!(%peer, "NBD client {peer} broke the protocol ({why}); connection closed")
