@@ -58,6 +58,11 @@ pub enum Error {
     Merging(u64, &'static str),
     #[error("{device}: the device has been shut down")]
     Shutdown { device: String },
+    /// The io_uring backend was asked for, and the kernel refused a ring
+    /// (too old, or io_uring disabled by `kernel.io_uring_disabled` or a
+    /// seccomp filter).
+    #[error("io_uring backend requested but unavailable: {0}")]
+    UringUnavailable(io::Error),
 }
 
 impl Error {
@@ -92,7 +97,7 @@ impl Error {
             | Error::Misaligned { device, .. }
             | Error::Invalid { device, .. }
             | Error::Shutdown { device } => Some(device),
-            Error::NoSnapshot(_) | Error::Merging(..) => None,
+            Error::NoSnapshot(_) | Error::Merging(..) | Error::UringUnavailable(_) => None,
         }
     }
 
@@ -145,5 +150,19 @@ mod tests {
             "the snapshot is invalid (overflowed or failed); its data cannot be read or written"
         );
         assert_eq!(Error::NoSnapshot(3).client_message(), "no snapshot 3");
+    }
+
+    #[test]
+    fn an_unavailable_io_uring_says_why_and_names_no_device() {
+        let e = Error::UringUnavailable(io::Error::from_raw_os_error(libc::EPERM));
+        assert!(e.device().is_none());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "io_uring backend requested but unavailable: {}",
+                io::Error::from_raw_os_error(libc::EPERM)
+            )
+        );
+        assert_eq!(e.client_message(), e.to_string());
     }
 }

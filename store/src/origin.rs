@@ -101,9 +101,6 @@ pub struct SnapshotStatus {
     pub commits: CommitStats,
     /// Why it became invalid, when that happened since it was opened.
     pub invalid_reason: Option<String>,
-    /// Data chunks allocated before a crash and never committed, waiting
-    /// to be used again.
-    pub free_chunks: u64,
 }
 
 /// What went through one engine since it was opened: reads and writes of
@@ -151,6 +148,30 @@ struct Seg {
     dev_off: u64,
     buf_off: u64,
     len: u64,
+}
+
+impl Seg {
+    /// Piece `p` of an I/O starting at `off`, read or written on the
+    /// origin `dev` in place.
+    fn origin(dev: &Device, p: &Range<u64>, off: u64) -> Seg {
+        Seg {
+            dev: dev.clone(),
+            dev_off: p.start,
+            buf_off: p.start - off,
+            len: p.end - p.start,
+        }
+    }
+
+    /// Piece `p` of origin chunk `c` (chunks of `cb` bytes), of an I/O
+    /// starting at `off`, as COW chunk `new` on `cow` holds it.
+    fn cow(cow: &Device, c: u64, new: u64, cb: u64, p: &Range<u64>, off: u64) -> Seg {
+        Seg {
+            dev: cow.clone(),
+            dev_off: new * cb + (p.start - c * cb),
+            buf_off: p.start - off,
+            len: p.end - p.start,
+        }
+    }
 }
 
 fn push_seg(segs: &mut Vec<Seg>, seg: Seg) {
@@ -402,7 +423,6 @@ impl Origin {
             usage: s.store.usage(),
             commits: s.store.commit_stats(),
             invalid_reason: s.store.invalid_reason(),
-            free_chunks: s.store.free_chunks(),
         })
     }
 
@@ -580,7 +600,7 @@ impl Origin {
     /// Makes sure every valid, non-merging snapshot has a committed exception
     /// for every chunk of `[off, off+len)` and that no snapshot read of those
     /// origin chunks is in flight: after this, the origin range may be
-    /// written (invariant 1). Snapshots that cannot take the exception
+    /// written (D1 of docs/design.md). Snapshots that cannot take the exception
     /// (full, or failing) are invalidated durably first; if that cannot be
     /// made durable, this fails and the origin must not be written.
     pub(crate) async fn ensure_copied(&self, off: u64, len: u64) -> Result<()> {
@@ -686,10 +706,7 @@ impl Origin {
             Err(e) => {
                 for (c, targets) in &run.chunks {
                     for (s, new) in targets {
-                        s.store.abandon(*new);
-                        let mut st = s.lock();
-                        st.pending.remove(c);
-                        s.changed(&mut st);
+                        s.undo_pending(*c, *new);
                     }
                 }
                 return Err(e);
@@ -743,27 +760,13 @@ impl Origin {
             for c in s.chunks(off, len) {
                 let p = piece(c, cb, off, len);
                 match st.exceptions.get(&c) {
-                    Some(&new) => push_seg(
-                        &mut segs,
-                        Seg {
-                            dev: s.store.device().clone(),
-                            dev_off: new * cb + (p.start - c * cb),
-                            buf_off: p.start - off,
-                            len: p.end - p.start,
-                        },
-                    ),
+                    Some(&new) => {
+                        push_seg(&mut segs, Seg::cow(s.store.device(), c, new, cb, &p, off))
+                    }
                     None => {
                         st.origin_readers.inc(c);
                         tracked.push(c);
-                        push_seg(
-                            &mut segs,
-                            Seg {
-                                dev: self.dev.clone(),
-                                dev_off: p.start,
-                                buf_off: p.start - off,
-                                len: p.end - p.start,
-                            },
-                        );
+                        push_seg(&mut segs, Seg::origin(&self.dev, &p, off));
                     }
                 }
             }
@@ -816,15 +819,7 @@ impl Origin {
                     break;
                 };
                 let p = piece(c, cb, off, len);
-                push_seg(
-                    &mut segs,
-                    Seg {
-                        dev: s.store.device().clone(),
-                        dev_off: new * cb + (p.start - c * cb),
-                        buf_off: p.start - off,
-                        len: p.end - p.start,
-                    },
-                );
+                push_seg(&mut segs, Seg::cow(s.store.device(), c, new, cb, &p, off));
             }
             all.then_some(segs)
         };
@@ -900,10 +895,7 @@ impl Origin {
             match self.dev.read(start, olen as usize).await {
                 Ok(o) => chunk[..olen as usize].copy_from_slice(&o),
                 Err(e) => {
-                    s.store.abandon(new);
-                    let mut st = s.lock();
-                    st.pending.remove(&c);
-                    s.changed(&mut st);
+                    s.undo_pending(c, new);
                     return Err(e);
                 }
             }
@@ -979,19 +971,9 @@ impl Origin {
                         let seg = match st.exceptions.get(&c) {
                             Some(&new) => {
                                 tracked.push(c);
-                                Seg {
-                                    dev: m.store.device().clone(),
-                                    dev_off: new * cb + (p.start - c * cb),
-                                    buf_off: p.start - off,
-                                    len: p.end - p.start,
-                                }
+                                Seg::cow(m.store.device(), c, new, cb, &p, off)
                             }
-                            None => Seg {
-                                dev: self.dev.clone(),
-                                dev_off: p.start,
-                                buf_off: p.start - off,
-                                len: p.end - p.start,
-                            },
+                            None => Seg::origin(&self.dev, &p, off),
                         };
                         push_seg(&mut segs, seg);
                     }

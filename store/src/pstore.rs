@@ -6,6 +6,8 @@
 //!
 //! # Commit: what is written, in what order, and why a crash is safe
 //!
+//! Rules D2–D4 and outcomes C2–C5 of `docs/design.md`.
+//!
 //! An exception `{old, new}` is created in three steps:
 //! 1. [`PStore::prepare`] hands out data chunk `new` (memory only);
 //! 2. the engine copies the origin chunk into COW chunk `new` with a plain
@@ -24,7 +26,7 @@
 //! present; each record that reaches the disk points at data made durable by
 //! (b), so every record read back is right. Records not yet acknowledged are
 //! simply absent, and the origin was never written over their chunks
-//! (invariant 1 of DESIGN.md: the engine writes the origin only after the
+//! (D1 of docs/design.md: the engine writes the origin only after the
 //! commit). Because of (a), the next area is zero on disk before the full
 //! area that precedes it can be read as full, so a reader finds the end.
 //!
@@ -37,13 +39,13 @@
 //! disks, against a fraction of that for a chunk copy: waiting for the copies
 //! in flight fills each commit instead of halving it.
 //!
-//! # Invalidation
+//! # Invalidation (D5)
 //!
 //! A COW device that is full, or whose commit fails, makes the snapshot
 //! invalid: `valid = 0` is written to the header with `RWF_DSYNC`, and only
 //! once that is durable may the origin be written without the copy.
 //!
-//! # Merge
+//! # Merge (D7)
 //!
 //! [`PStore::prepare_merge`] finds the last run of consecutive exceptions;
 //! the merge driver copies them onto the origin and flushes it;
@@ -243,11 +245,14 @@ impl PStore {
                     stop_at_first: true,
                 };
                 let scan = scan_areas(&dev, layout, opts, |_, _, r| insert(r)).await?;
-                if let Some(p) = scan.problems.first() {
-                    return Err(Error::Corrupt {
-                        device: name,
-                        detail: p.to_string(),
-                    });
+                for p in &scan.problems {
+                    if !p.is_torn_tail() {
+                        return Err(Error::Corrupt {
+                            device: name,
+                            detail: p.to_string(),
+                        });
+                    }
+                    tracing::warn!(device = %name, "ignoring the end of a metadata write a crash interrupted: {p}");
                 }
                 let store = PStore::new(
                     dev,
@@ -258,7 +263,8 @@ impl PStore {
                     scan.current_committed,
                     scan.area,
                 );
-                let free_chunks: u64 = scan.free.iter().map(|r| r.end - r.start).sum();
+                store.st.lock().expect("pstore").free = scan.free.into_iter().rev().collect();
+                let free_chunks = store.free_chunks();
                 if free_chunks > 0 {
                     tracing::info!(
                         device = %name,
@@ -266,7 +272,6 @@ impl PStore {
                         "reusing COW chunks allocated but never committed (a crash interrupted their exceptions)"
                     );
                 }
-                store.st.lock().expect("pstore").free = scan.free.into_iter().rev().collect();
                 Ok(Opened {
                     store: Arc::new(store),
                     initialised: false,

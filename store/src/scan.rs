@@ -68,6 +68,17 @@ pub enum Problem {
     },
 }
 
+impl Problem {
+    /// Bytes after the end of the list in the last area: what a metadata
+    /// write torn by a crash leaves (M1 of docs/design.md: only a logical
+    /// block is atomic, so later blocks of the area may land and an earlier
+    /// one not). The records there were never acknowledged (C4); the
+    /// kernel stops at the end of the list as well, and so does the loader.
+    pub fn is_torn_tail(&self) -> bool {
+        matches!(self, Problem::AreaNotZeroed { .. })
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -343,11 +354,15 @@ pub async fn scan_areas(
             }
             if !full {
                 let end = records.len();
+                let mut buf = buf;
                 if buf[end * RECORD_SIZE..].iter().any(|&b| b != 0) {
                     s.problems.push(Problem::AreaNotZeroed {
                         area: a,
                         index: end as u64,
                     });
+                    // What the kernel reads ends here too; the next commit
+                    // of this area writes zeros over the rest.
+                    buf[end * RECORD_SIZE..].fill(0);
                 }
                 s.current_area = a;
                 s.current_committed = end as u64;

@@ -154,6 +154,16 @@ impl Snapshot {
         r
     }
 
+    /// Undoes the pending exception of origin chunk `c` whose copy into
+    /// COW chunk `new` will not be committed (reading the origin failed):
+    /// the chunk goes back to the store and whoever waits on `c` wakes.
+    pub(crate) fn undo_pending(&self, c: u64, new: u64) {
+        self.store.abandon(new);
+        let mut st = self.lock();
+        st.pending.remove(&c);
+        self.changed(&mut st);
+    }
+
     /// Completed exceptions.
     pub fn exception_count(&self) -> u64 {
         self.lock().exceptions.len() as u64

@@ -8,7 +8,9 @@
 //! - nothing panics: not the header decoder, not `scan_areas` collecting
 //!   every problem, not the loader (`PStore::open`, `Origin::add_snapshot`);
 //! - the loader accepts the image exactly when the full scan finds no
-//!   problem (and the header and geometry are usable);
+//!   problem but bytes after the end of the list in the last area (a torn
+//!   metadata write, read as the kernel reads it), and the header and
+//!   geometry are usable;
 //! - an accepted image holds exactly the records an independent decoder
 //!   reads from the bytes, and the snapshot reads what those records say
 //!   (the COW chunk where a record maps the origin chunk, the origin
@@ -377,7 +379,9 @@ async fn verdict(dev: &Device, origin_bytes: u64) -> Verdict {
                 map.len() as u64,
                 "the scan counts the records it accepts"
             );
-            if s.problems.is_empty() {
+            // Bytes after the end of the list in the last area are what a
+            // torn metadata write leaves: read as the kernel reads them.
+            if s.problems.iter().all(|p| p.is_torn_tail()) {
                 Verdict::Load(map)
             } else {
                 Verdict::Refuse

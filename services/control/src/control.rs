@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use cowsnap_proto::names::quote;
 
-use crate::catalog;
+use crate::catalog::{self, Catalog};
 use crate::error::{ControlError, Result};
 use crate::listing;
 use crate::model::{self, OpKind, OpState, Operation, Worker};
 use crate::operations::Operations;
+use crate::workers::Workers;
 
 /// The operation id a ListOperations page token resumes before
 /// (`i64::MAX` for none).
@@ -87,24 +88,37 @@ impl OperationFilter {
 
 /// The domain services behind the public API.
 pub struct Control {
+    pub(crate) catalog: Catalog,
+    pub(crate) workers: Arc<Workers>,
+    /// Records, drives and tracks the mutations.
     pub(crate) ops: Arc<Operations>,
     /// Longest WaitOperation wait (below the request timeout).
     max_wait: Duration,
 }
 
 impl Control {
-    pub fn new(ops: Arc<Operations>, max_wait: Duration) -> Control {
-        Control { ops, max_wait }
+    pub fn new(
+        catalog: Catalog,
+        workers: Arc<Workers>,
+        ops: Arc<Operations>,
+        max_wait: Duration,
+    ) -> Control {
+        Control {
+            catalog,
+            workers,
+            ops,
+            max_wait,
+        }
     }
 
     /// Fails with UNAVAILABLE, before anything is recorded, when the worker
     /// failed its last health check and still does not answer.
     pub(crate) async fn ensure_reachable(&self, worker_id: &str) -> Result<()> {
-        let w = self.ops.workers.get(worker_id).await?;
+        let w = self.workers.get(worker_id).await?;
         if w.healthy {
             return Ok(());
         }
-        let w = self.ops.workers.check(&w).await?;
+        let w = self.workers.check(&w).await?;
         if w.healthy {
             Ok(())
         } else {
@@ -133,7 +147,7 @@ impl Control {
         let size = listing::page_size(page_size)?;
         let before = operation_cursor(page_token)?;
         let filter = OperationFilter::parse(filter)?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let all = catalog::operations::list_before(&mut c, before).await?;
         let mut page: Vec<Operation> = all
             .into_iter()
@@ -160,22 +174,22 @@ impl Control {
 
     pub async fn register_worker(&self, address: &str, worker_id: &str) -> Result<Worker> {
         let id = (!worker_id.is_empty()).then_some(worker_id);
-        self.ops.workers.register(address, id).await
+        self.workers.register(address, id).await
     }
 
     /// A worker, checked now.
     pub async fn get_worker(&self, name: &str) -> Result<Worker> {
         let id = model::parse_worker(name)?;
-        let w = self.ops.workers.get(id).await?;
-        self.ops.workers.check(&w).await
+        let w = self.workers.get(id).await?;
+        self.workers.check(&w).await
     }
 
     pub async fn list_workers(&self) -> Result<Vec<Worker>> {
-        self.ops.workers.list().await
+        self.workers.list().await
     }
 
     pub async fn deregister_worker(&self, name: &str) -> Result<()> {
         let id = model::parse_worker(name)?;
-        self.ops.workers.deregister(id).await
+        self.workers.deregister(id).await
     }
 }

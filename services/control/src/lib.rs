@@ -11,7 +11,8 @@
 //! - [`operations`]: how mutations are recorded, driven and settled so a
 //!   crash at any point is repaired; [`reconcile`]: the repairs, at start
 //!   and periodically;
-//! - [`workers`]: registry, health, placement, and the worker clients;
+//! - [`workers`]: the registry (health, placement) and the worker client,
+//!   whose channel layer reports each call's outcome ([`workers::classify`]);
 //! - [`catalog`]: the SQLite schema and queries; [`model`]: domain types;
 //!   [`listing`]: pagination and filters; [`error`];
 //! - [`metrics`]: Prometheus; [`telemetry`]: logs and OTLP traces.
@@ -35,3 +36,18 @@ pub mod workers;
 
 #[cfg(test)]
 mod request_props;
+
+/// Parsers of request headers that are otherwise private to their layers,
+/// for the fuzz targets under `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// [`crate::calls`]' parser of a `grpc-timeout` value.
+    pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+        crate::calls::grpc_timeout(v)
+    }
+
+    /// [`crate::auth`]'s parser of an `authorization` value.
+    pub fn bearer(v: &str) -> Option<&str> {
+        crate::auth::bearer(v)
+    }
+}

@@ -22,8 +22,7 @@ use prometheus::{
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, Catalog};
-use crate::model::{OpKind, OpState};
-use crate::workers::WorkerIo;
+use crate::model::{OpKind, OpState, WorkerIo};
 
 pub struct Metrics {
     registry: Registry,

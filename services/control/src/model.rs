@@ -142,6 +142,34 @@ impl Worker {
     }
 }
 
+/// A worker's I/O counters since it started (they only grow until it
+/// restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerIo {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Metadata commits, and the exceptions (chunks copied on write) they
+    /// committed.
+    pub commits: u64,
+    pub exceptions: u64,
+}
+
+impl WorkerIo {
+    /// Each counter with its name.
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
+        [
+            ("reads", self.reads),
+            ("read_bytes", self.read_bytes),
+            ("writes", self.writes),
+            ("write_bytes", self.write_bytes),
+            ("commits", self.commits),
+            ("exceptions", self.exceptions),
+        ]
+    }
+}
+
 /// What an operation does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpKind {

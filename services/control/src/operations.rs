@@ -22,7 +22,8 @@
 //! second call return what the first one did. A worker that does not
 //! answer leaves the operation `pending` (the call fails with UNAVAILABLE),
 //! to be driven again when it answers; a worker that refuses ends it
-//! `failed`, with the recorded row undone.
+//! `failed`, with the recorded row undone. Which answers are which is
+//! [`crate::workers::classify`]'s to say.
 //!
 //! Calls on one volume (and its snapshots) are serialized by a lock per
 //! volume id ([`Operations::lock`]), taken by handlers, trackers and the
@@ -41,7 +42,7 @@ use crate::catalog::{self, Catalog, Tx};
 use crate::error::{ControlError, ErrorKind, Result};
 use crate::metrics::Metrics;
 use crate::model::{OpKind, OpResult, OpState, Operation, State, now_ms};
-use crate::workers::{WorkerClient, WorkerTask, Workers};
+use crate::workers::{WorkerClient, WorkerTask, Workers, classify};
 
 /// How long one wait on a worker's task lasts before the tracker records
 /// progress and waits again.
@@ -81,9 +82,9 @@ pub struct Guard {
 
 /// The engine that records, drives and tracks operations.
 pub struct Operations {
-    pub catalog: Catalog,
-    pub workers: Arc<Workers>,
-    pub metrics: Arc<Metrics>,
+    catalog: Catalog,
+    workers: Arc<Workers>,
+    metrics: Arc<Metrics>,
     locks: Locks,
     /// Ticks whenever an operation changes (for WaitOperation).
     changed: watch::Sender<u64>,
@@ -101,11 +102,6 @@ fn unknown(op: &Operation, e: ControlError) -> ControlError {
         "{e}; {} is recorded and completes when the worker answers",
         op.name()
     ))
-}
-
-/// Whether a worker error leaves the outcome unknown.
-fn indeterminate(e: &ControlError) -> bool {
-    matches!(e, ControlError::Unavailable(_))
 }
 
 impl Operations {
@@ -342,7 +338,7 @@ impl Operations {
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -357,7 +353,7 @@ impl Operations {
                     .await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -398,7 +394,7 @@ impl Operations {
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -414,7 +410,7 @@ impl Operations {
                     .await?;
                 self.commit(tx, op).await
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -452,7 +448,7 @@ impl Operations {
                     self.commit(tx, op).await
                 }
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }
@@ -483,11 +479,11 @@ impl Operations {
                         op,
                         ControlError::Unavailable(format!("{} is still being made", op.target)),
                     )),
-                    Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+                    Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
                     Err(_) => self.fail_undo(op, ControlError::AlreadyExists(m)).await,
                 }
             }
-            Err(e) if indeterminate(&e) => Err(unknown(op, e)),
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
         }
     }

@@ -26,11 +26,12 @@ use std::sync::{Arc, Mutex};
 
 use cowsnap_proto::names;
 
-use crate::catalog;
+use crate::catalog::{self, Catalog};
 use crate::error::{ControlError, Result};
+use crate::metrics::Metrics;
 use crate::model::{Snapshot, State, Volume, now_ms};
 use crate::operations::Operations;
-use crate::workers::{WorkerSnapshot, WorkerVolume};
+use crate::workers::{WorkerSnapshot, WorkerVolume, Workers};
 
 /// The label of resources adopted from a worker.
 pub const ADOPTED_LABEL: &str = "cowsnap.io/adopted";
@@ -51,14 +52,26 @@ pub struct Report {
 
 /// Runs reconciliation passes.
 pub struct Reconciler {
+    catalog: Catalog,
+    workers: Arc<Workers>,
+    metrics: Arc<Metrics>,
     ops: Arc<Operations>,
     /// Workers to register as soon as they answer.
     pending_workers: Mutex<Vec<String>>,
 }
 
 impl Reconciler {
-    pub fn new(ops: Arc<Operations>, pending_workers: Vec<String>) -> Reconciler {
+    pub fn new(
+        catalog: Catalog,
+        workers: Arc<Workers>,
+        metrics: Arc<Metrics>,
+        ops: Arc<Operations>,
+        pending_workers: Vec<String>,
+    ) -> Reconciler {
         Reconciler {
+            catalog,
+            workers,
+            metrics,
             ops,
             pending_workers: Mutex::new(pending_workers),
         }
@@ -70,13 +83,13 @@ impl Reconciler {
             workers_unhealthy: self.check_workers().await?,
             ..Report::default()
         };
-        self.ops.metrics.reconcile_passes.inc();
+        self.metrics.reconcile_passes.inc();
         self.operations(&mut report).await?;
-        for w in self.ops.workers.list().await? {
+        for w in self.workers.list().await? {
             if !w.healthy {
                 continue;
             }
-            let client = self.ops.workers.client(&w.id).await?;
+            let client = self.workers.client(&w.id).await?;
             match client.list_volumes().await {
                 Ok(vols) => self.sweep(&w.id, vols, &mut report).await?,
                 Err(e) => tracing::warn!(worker = %w.name(), "cannot list its volumes: {e}"),
@@ -93,8 +106,8 @@ impl Reconciler {
     pub async fn check_workers(&self) -> Result<usize> {
         self.register_pending().await;
         let mut unhealthy = 0;
-        for w in self.ops.workers.list().await? {
-            if !self.ops.workers.check(&w).await?.healthy {
+        for w in self.workers.list().await? {
+            if !self.workers.check(&w).await?.healthy {
                 unhealthy += 1;
             }
         }
@@ -104,7 +117,7 @@ impl Reconciler {
     async fn register_pending(&self) {
         let addrs = self.pending_workers.lock().expect("pending").clone();
         for a in addrs {
-            match self.ops.workers.register(&a, None).await {
+            match self.workers.register(&a, None).await {
                 Ok(_) => self
                     .pending_workers
                     .lock()
@@ -117,7 +130,7 @@ impl Reconciler {
 
     async fn operations(&self, report: &mut Report) -> Result<()> {
         let active = {
-            let mut c = self.ops.catalog.conn().await?;
+            let mut c = self.catalog.conn().await?;
             catalog::operations::active(&mut c).await?
         };
         for op in active {
@@ -134,7 +147,7 @@ impl Reconciler {
             report.operations_driven += 1;
             match self.ops.drive(op.id).await {
                 Ok(after) => {
-                    self.ops.metrics.repaired("operation_driven");
+                    self.metrics.repaired("operation_driven");
                     tracing::info!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target,
                         state = after.state.as_str(), "unfinished operation driven");
                 }
@@ -158,7 +171,7 @@ impl Reconciler {
         let reported: HashMap<String, WorkerVolume> =
             reported.into_iter().map(|v| (v.id.clone(), v)).collect();
         let listed = {
-            let mut c = self.ops.catalog.conn().await?;
+            let mut c = self.catalog.conn().await?;
             catalog::volumes::list_on_worker(&mut c, worker_id).await?
         };
         let known: Vec<String> = listed.iter().map(|v| v.id.clone()).collect();
@@ -180,7 +193,7 @@ impl Reconciler {
     /// Whether an unfinished operation works on the volume or one of its
     /// snapshots (then reconciliation leaves it to the operation).
     async fn busy(&self, vol: &str) -> Result<bool> {
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         Ok(catalog::operations::active(&mut c).await?.iter().any(|o| {
             crate::operations::volume_of(&o.target) == vol
                 || (!o.source.is_empty() && crate::operations::volume_of(&o.source) == vol)
@@ -197,7 +210,7 @@ impl Reconciler {
         if self.busy(id).await? {
             return Ok(());
         }
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let Some(v) = catalog::volumes::get(&mut c, id).await? else {
             return Ok(());
         };
@@ -215,7 +228,7 @@ impl Reconciler {
         // change, the worker confirms now.
         let fresh;
         let wv = if differs(&v, &snaps, wv) {
-            let client = self.ops.workers.client(worker_id).await?;
+            let client = self.workers.client(worker_id).await?;
             match client.get_volume(&v.name()).await {
                 Ok(f) => {
                     fresh = f;
@@ -231,7 +244,7 @@ impl Reconciler {
             wv
         };
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         let Some(wv) = wv else {
             if v.state != State::Failed {
                 tracing::error!(volume = %v.name(), "its worker no longer has it: marked FAILED");
@@ -247,7 +260,7 @@ impl Reconciler {
                     catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
                 }
                 report.marked_failed += 1;
-                self.ops.metrics.repaired("volume_missing");
+                self.metrics.repaired("volume_missing");
             }
             tx.commit().await?;
             return Ok(());
@@ -270,7 +283,7 @@ impl Reconciler {
                     tracing::error!(snapshot = %s.name(), "its worker no longer has it: marked FAILED");
                     catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
                     report.marked_failed += 1;
-                    self.ops.metrics.repaired("snapshot_missing");
+                    self.metrics.repaired("snapshot_missing");
                 }
                 None => {}
                 Some(ws) => {
@@ -328,7 +341,7 @@ impl Reconciler {
     /// Takes a volume the worker has and the catalog lacks into the
     /// catalog, after looking again under its lock.
     async fn adopt(&self, worker_id: &str, wv: &WorkerVolume, report: &mut Report) -> Result<()> {
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, &wv.id).await? {
             if v.worker_id != worker_id {
                 tracing::error!(volume = %v.name(), worker = worker_id,
@@ -338,7 +351,7 @@ impl Reconciler {
             return Ok(());
         }
         drop(c);
-        let client = self.ops.workers.client(worker_id).await?;
+        let client = self.workers.client(worker_id).await?;
         let wv = match client.get_volume(&names::volume(&wv.id)).await {
             Ok(v) => v,
             Err(_) => return Ok(()),
@@ -362,7 +375,7 @@ impl Reconciler {
             nbd_base: String::new(),
             operation: None,
         };
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         catalog::volumes::insert(&mut tx, &v, now).await?;
         for ws in &wv.snapshots {
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, wv.chunk_sectors), now)
@@ -381,7 +394,7 @@ impl Reconciler {
         }
         tx.commit().await?;
         tracing::warn!(volume = %v.name(), worker = worker_id, "adopted from its worker");
-        self.ops.metrics.repaired("adopted");
+        self.metrics.repaired("adopted");
         report.adopted += 1;
         Ok(())
     }

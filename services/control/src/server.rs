@@ -153,7 +153,12 @@ pub async fn start(
         .request_timeout
         .saturating_sub(Duration::from_secs(1))
         .max(Duration::from_millis(100));
-    let control = Arc::new(Control::new(ops.clone(), max_wait));
+    let control = Arc::new(Control::new(
+        catalog.clone(),
+        workers.clone(),
+        ops.clone(),
+        max_wait,
+    ));
 
     // Bind first: a taken address fails the start, and callers queue while
     // the first reconciliation runs.
@@ -164,7 +169,13 @@ pub async fn start(
         None => None,
     };
 
-    let reconciler = Arc::new(Reconciler::new(ops.clone(), cfg.workers.clone()));
+    let reconciler = Arc::new(Reconciler::new(
+        catalog.clone(),
+        workers.clone(),
+        metrics.clone(),
+        ops.clone(),
+        cfg.workers.clone(),
+    ));
     match reconciler.run_once().await {
         Ok(r) => tracing::info!(?r, "start-up reconciliation done"),
         Err(e) => tracing::error!("start-up reconciliation failed: {e}"),

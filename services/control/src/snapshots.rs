@@ -39,7 +39,7 @@ fn parse(name: &str) -> Result<(&str, &str)> {
 
 impl Control {
     async fn snapshot(&self, vol: &str, snap: &str) -> Result<Snapshot> {
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         catalog::snapshots::get(&mut c, vol, snap)
             .await?
             .ok_or_else(|| {
@@ -65,7 +65,7 @@ impl Control {
         let name = names::snapshot(vol, snapshot_id);
         let _g = self.ops.lock(&[vol]).await;
         let v = self.volume_for(parent, vol).await?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let Some(s) = catalog::snapshots::get(&mut c, vol, snapshot_id).await? {
             drop(c);
             // An unset COW size matches whatever size the first create got.
@@ -95,7 +95,7 @@ impl Control {
         }
         self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         let s = Snapshot {
             volume_id: vol.to_string(),
             id: snapshot_id.to_string(),
@@ -139,7 +139,7 @@ impl Control {
     }
 
     async fn volume_for(&self, parent: &str, vol: &str) -> Result<model::Volume> {
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         catalog::volumes::get(&mut c, vol)
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("{parent} not found")))
@@ -156,7 +156,7 @@ impl Control {
             return Ok(s);
         }
         let v = self.volume_for(&names::volume(vol), vol).await?;
-        let w = self.ops.workers.client(&v.worker_id).await?;
+        let w = self.workers.client(&v.worker_id).await?;
         let ws = match w.get_snapshot(name).await {
             Ok(ws) => ws,
             // Gone from the worker: reconciliation deals with it.
@@ -165,7 +165,7 @@ impl Control {
         };
         let _g = self.ops.lock(&[vol]).await;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         catalog::snapshots::set_reported(
             &mut tx,
             vol,
@@ -201,7 +201,7 @@ impl Control {
             Some(v)
         };
         let (after_vol, after_seq) = snapshot_cursor(page_token)?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let mut page =
             catalog::snapshots::list(&mut c, vol, (after_vol.as_str(), after_seq)).await?;
         let next = if page.len() > size {
@@ -235,7 +235,7 @@ impl Control {
             }
             _ => {}
         }
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let Some(op) = catalog::operations::active_on(&mut c, name)
             .await?
             .into_iter()
@@ -251,7 +251,7 @@ impl Control {
         let v = self.volume_for(&names::volume(vol), vol).await?;
         self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         catalog::snapshots::set_state(&mut tx, vol, snap, State::Deleting, now).await?;
         let args = OpArgs {
             prior_state: Some(s.state),
@@ -282,7 +282,7 @@ impl Control {
         let (vol, snap) = parse(name)?;
         let _g = self.ops.lock(&[vol]).await;
         let s = self.snapshot(vol, snap).await?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let active = catalog::operations::active_on(&mut c, name).await?;
         drop(c);
         if let Some(op) = active.iter().find(|o| o.kind == OpKind::MergeSnapshot) {
@@ -316,7 +316,7 @@ impl Control {
         }
         self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         catalog::snapshots::set_state(&mut tx, vol, snap, State::Merging, now).await?;
         catalog::volumes::set_state(&mut tx, vol, State::Merging, "", now).await?;
         let args = OpArgs {

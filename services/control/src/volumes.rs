@@ -79,7 +79,7 @@ impl VolumeFilter {
 
 impl Control {
     async fn volume(&self, id: &str) -> Result<Volume> {
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         catalog::volumes::get(&mut c, id)
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("{} not found", names::volume(id))))
@@ -105,7 +105,7 @@ impl Control {
         model::check_labels("volume.labels", &spec.labels)?;
         let name = names::volume(volume_id);
         let _g = self.ops.lock(&[volume_id]).await;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
             drop(c);
             if !v.source.is_empty()
@@ -132,9 +132,9 @@ impl Control {
             return Ok(v);
         }
         drop(c);
-        let worker = self.ops.workers.place(spec.size_bytes).await?;
+        let worker = self.workers.place(spec.size_bytes).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         let v = Volume {
             id: volume_id.to_string(),
             worker_id: worker.id.clone(),
@@ -188,7 +188,7 @@ impl Control {
         let size = listing::page_size(page_size)?;
         let after = listing::after("volumes", page_token)?;
         let filter = VolumeFilter::parse(filter)?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let mut page: Vec<Volume> = catalog::volumes::list_after(&mut c, &after)
             .await?
             .into_iter()
@@ -208,7 +208,7 @@ impl Control {
         let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
         let _g = self.ops.lock(&[id]).await;
         let v = self.volume(id).await?;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let (State::Deleting, Some(op)) = (v.state, v.operation) {
             drop(c);
             let op = self.ops.drive(op).await?;
@@ -244,7 +244,7 @@ impl Control {
         drop(c);
         self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         catalog::volumes::set_state(&mut tx, id, State::Deleting, &v.error, now).await?;
         let args = OpArgs {
             prior_state: Some(v.state),
@@ -282,7 +282,7 @@ impl Control {
             .map_err(|e| ControlError::invalid("source_snapshot", e))?;
         model::check_labels("volume.labels", &spec.labels)?;
         let _g = self.ops.lock(&[volume_id, sv]).await;
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         let snap = catalog::snapshots::get(&mut c, sv, ss)
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("{source_snapshot} not found")))?;
@@ -343,7 +343,7 @@ impl Control {
         )?;
         model::check_size("volume.chunk_sectors", src.size_bytes, chunk)?;
         let name = names::volume(volume_id);
-        let mut c = self.ops.catalog.conn().await?;
+        let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
             let same = v.source == source && v.chunk_sectors == chunk && v.labels == spec.labels;
             let op = match same {
@@ -375,7 +375,7 @@ impl Control {
         }
         self.ensure_reachable(&src.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.ops.catalog.write().await?;
+        let mut tx = self.catalog.write().await?;
         let v = Volume {
             id: volume_id.to_string(),
             worker_id: src.worker_id.clone(),

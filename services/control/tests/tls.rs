@@ -101,6 +101,7 @@ async fn mtls_between_control_and_worker_and_tls_on_the_public_api() {
             grpc_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_advertise: None,
+            nbd_tls: None,
             tls: Some(TlsFiles {
                 cert: worker_cert,
                 key: worker_key,

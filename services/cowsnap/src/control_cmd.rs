@@ -9,11 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cowsnap_control::server::{ControlConfig, TlsFiles, start};
+use cowsnap_control::server::{ControlConfig, start};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::worker_cmd::cancel_on_signals;
+use crate::service::{config_file, parse_flag, run_until_signal, tls_files};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap/control";
 const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -110,21 +109,14 @@ fn duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
 
 /// The settings resolved from flags, environment, config file and defaults.
 pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
-    let file = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .with_context(|| format!("{}: bad config file", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| DEFAULT_LISTEN.into())
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--listen: {e}"))?;
+    let file: FileConfig = config_file(args.config.as_deref())?;
+    let listen = parse_flag(
+        "--listen",
+        &args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+    )?;
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -136,14 +128,11 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
         args.workers
     };
     cfg.auth_token_file = args.auth_token_file.or(file.auth_token_file);
-    let cert = args.tls_cert.or(file.tls_cert);
-    let key = args.tls_key.or(file.tls_key);
-    let ca = args.tls_ca.or(file.tls_ca);
-    cfg.tls = match (cert, key) {
-        (Some(cert), Some(key)) => Some(TlsFiles { cert, key, ca }),
-        (None, None) if ca.is_none() => None,
-        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and optionally --tls-ca)"),
-    };
+    cfg.tls = tls_files(
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        args.tls_ca.or(file.tls_ca),
+    )?;
     cfg.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     if let Some(d) = args.request_timeout.or(file.request_timeout) {
         cfg.request_timeout = duration("--request-timeout", &d)?;
@@ -174,16 +163,9 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
 
 pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
     let cfg = resolve(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    run_until_signal(async |shutdown| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap-control")?;
-        let shutdown = CancellationToken::new();
-        cancel_on_signals(shutdown.clone())?;
-        let c = start(cfg, shutdown).await?;
-        c.wait().await?;
-        Ok(0)
+        start(cfg, shutdown).await?.wait().await
     })
 }
 

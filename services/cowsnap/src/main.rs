@@ -17,6 +17,7 @@ mod bench;
 mod control_cmd;
 mod cow;
 mod io_cmd;
+mod service;
 mod up_cmd;
 mod worker_cmd;
 

@@ -7,7 +7,8 @@
 //! DIR/worker.sock     the worker's gRPC API (only the control service uses it)
 //! ```
 //!
-//! The public API listens on `--listen`, NBD on `--nbd-listen`. SIGTERM or
+//! The public API listens on `--listen`, NBD on `--nbd-listen` (over TLS
+//! with `--nbd-tls-cert`, as on `cowsnap worker`). SIGTERM or
 //! SIGINT stops the control service first (no new calls reach the worker),
 //! then the worker (in-flight I/O finishes, engines are flushed).
 
@@ -15,12 +16,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cowsnap_control::server::ControlConfig;
-use cowsnap_store::BackendChoice;
 use cowsnap_worker::server::{ServeOptions, hostname};
 use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker_cmd::{NbdLimitArgs, cancel_on_signals};
+use crate::service::{parse_flag, run_until_signal};
+use crate::worker_cmd::{NbdLimitArgs, NbdTlsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -49,19 +50,15 @@ pub struct UpArgs {
     io: String,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
+    #[command(flatten)]
+    nbd_tls: NbdTlsArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<u8> {
-    let io: BackendChoice = args.io.parse().map_err(anyhow::Error::msg)?;
+    let io = parse_flag("--io", &args.io)?;
     let nbd_limits = args.nbd_limits.limits()?;
-    let listen = args
-        .listen
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--listen: {e}"))?;
-    let nbd_listen = args
-        .nbd_listen
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
+    let listen = parse_flag("--listen", &args.listen)?;
+    let nbd_listen = parse_flag("--nbd-listen", &args.nbd_listen)?;
     cowsnap_proto::server::private_dir(&args.data_dir).context("cannot create the data dir")?;
     // Absolute, so the socket path registered in the catalog stays valid
     // whatever directory the next start runs from.
@@ -78,26 +75,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         io,
     };
     let serve = ServeOptions {
-        grpc_listen: worker_addr
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("{}: {e}", worker_sock.display()))?,
+        grpc_listen: parse_flag(&worker_sock.display().to_string(), &worker_addr)?,
         nbd_listen,
         nbd_advertise: args.nbd_advertise,
         tls: None,
         nbd_limits,
+        nbd_tls: args.nbd_tls.resolve(NbdTlsArgs::default())?,
     };
     let mut control_cfg = ControlConfig::new(&dir, listen);
     control_cfg.workers = vec![worker_addr];
     control_cfg.metrics_listen = args.metrics_listen;
     control_cfg.auth_token_file = args.auth_token_file;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    run_until_signal(async |stop| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap")?;
-        let stop = CancellationToken::new();
-        cancel_on_signals(stop.clone())?;
         let worker_stop = CancellationToken::new();
         let worker = cowsnap_worker::server::start(worker_cfg, serve, worker_stop.clone())
             .await
@@ -119,7 +110,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         let served = control.wait().await;
         worker_stop.cancel();
         let flushed = worker.wait().await;
-        served.and(flushed)?;
-        Ok(0)
+        served.and(flushed)
     })
 }

@@ -5,14 +5,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
-use cowsnap_proto::server::TlsFiles;
-use cowsnap_store::BackendChoice;
-use cowsnap_worker::nbd::NbdLimits;
+use cowsnap_worker::nbd::{NbdLimits, NbdTlsConfig, TlsMode};
 use cowsnap_worker::server::{ServeOptions, hostname, start};
 use cowsnap_worker::worker::WorkerConfig;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
+
+use crate::service::{config_file, parse_flag, run_until_signal, tls_files};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap";
 const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50052";
@@ -22,7 +20,8 @@ const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 pub struct WorkerArgs {
     /// TOML file with any of the settings below (keys: data_dir,
     /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io,
-    /// tls_cert, tls_key, tls_ca, nbd_max_connections, nbd_idle_timeout,
+    /// tls_cert, tls_key, tls_ca, nbd_tls_cert, nbd_tls_key, nbd_tls_ca,
+    /// nbd_tls_mode, nbd_max_connections, nbd_idle_timeout,
     /// nbd_buffer_budget).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
@@ -64,6 +63,8 @@ pub struct WorkerArgs {
     tls_ca: Option<PathBuf>,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
+    #[command(flatten)]
+    nbd_tls: NbdTlsArgs,
 }
 
 /// The NBD server's limits, on `cowsnap worker` and `cowsnap up`.
@@ -75,9 +76,9 @@ pub struct NbdLimitArgs {
     #[arg(long, env = "COWSNAP_NBD_MAX_CONNECTIONS")]
     nbd_max_connections: Option<usize>,
     /// Seconds an NBD connection may go without a request (or leave a reply
-    /// untaken) before it is closed; 0: never [default: 600]. Clients that
-    /// stay attached while idle (kernel nbd-client, VMs) need 0 or to
-    /// reconnect.
+    /// untaken) before it is closed; 0: never [default: 0, because attached
+    /// block devices (CSI node, kernel nbd-client, VMs) idle without
+    /// reconnecting].
     #[arg(long, env = "COWSNAP_NBD_IDLE_TIMEOUT")]
     nbd_idle_timeout: Option<u64>,
     /// Memory for NBD request and reply buffers, all connections together,
@@ -133,6 +134,40 @@ impl NbdLimitArgs {
     }
 }
 
+/// TLS on NBD, shared by `cowsnap worker` and `cowsnap up`.
+#[derive(clap::Args, Debug, Default)]
+pub struct NbdTlsArgs {
+    /// PEM certificate (chain) of the NBD server: clients may then start TLS
+    /// (NBD_OPT_STARTTLS; qemu's tls-creds-x509, libnbd's nbds:// URIs).
+    /// Needs --nbd-tls-key.
+    #[arg(long, env = "COWSNAP_NBD_TLS_CERT")]
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nbd-tls-cert.
+    #[arg(long, env = "COWSNAP_NBD_TLS_KEY")]
+    pub nbd_tls_key: Option<PathBuf>,
+    /// PEM CA: every NBD client must present a certificate that chains to
+    /// it; without it no client certificate is asked for.
+    #[arg(long, env = "COWSNAP_NBD_TLS_CA")]
+    pub nbd_tls_ca: Option<PathBuf>,
+    /// off, optional (plain clients still served) or require (plain clients
+    /// are refused and learn no export name; exports are advertised as
+    /// nbds://) [default: require with --nbd-tls-cert, off without].
+    #[arg(long, env = "COWSNAP_NBD_TLS_MODE")]
+    pub nbd_tls_mode: Option<TlsMode>,
+}
+
+impl NbdTlsArgs {
+    /// The NBD TLS settings, each flag falling back to `file`'s key.
+    pub fn resolve(self, file: NbdTlsArgs) -> anyhow::Result<Option<NbdTlsConfig>> {
+        NbdTlsConfig::from_flags(
+            self.nbd_tls_cert.or(file.nbd_tls_cert).as_deref(),
+            self.nbd_tls_key.or(file.nbd_tls_key).as_deref(),
+            self.nbd_tls_ca.or(file.nbd_tls_ca).as_deref(),
+            self.nbd_tls_mode.or(file.nbd_tls_mode),
+        )
+    }
+}
+
 #[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -149,37 +184,31 @@ struct FileConfig {
     nbd_max_connections: Option<usize>,
     nbd_idle_timeout: Option<u64>,
     nbd_buffer_budget: Option<Size>,
+    nbd_tls_cert: Option<PathBuf>,
+    nbd_tls_key: Option<PathBuf>,
+    nbd_tls_ca: Option<PathBuf>,
+    #[serde(default, deserialize_with = "tls_mode")]
+    nbd_tls_mode: Option<TlsMode>,
+}
+
+/// `nbd_tls_mode = "require"` in the config file.
+fn tls_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsMode>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// The settings resolved from flags, environment, config file and defaults.
 pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)> {
-    let file = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .with_context(|| format!("{}: bad config file", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let io: BackendChoice = args
-        .io
-        .or(file.io)
-        .unwrap_or_default()
-        .parse()
-        .map_err(anyhow::Error::msg)?;
+    let file: FileConfig = config_file(args.config.as_deref())?;
+    let io = parse_flag("--io", &args.io.or(file.io).unwrap_or_default())?;
     let grpc_listen = args
         .grpc_listen
         .or(file.grpc_listen)
-        .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.into())
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--grpc-listen: {e}"))?;
+        .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.into());
     let nbd_listen = args
         .nbd_listen
         .or(file.nbd_listen)
-        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into())
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--nbd-listen: {e}"))?;
+        .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
     let device_allow = if args.device_allow.is_empty() {
         file.device_allow.unwrap_or_default()
     } else {
@@ -199,68 +228,110 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)>
         device_allow,
         io,
     };
-    let tls = match (
-        args.tls_cert.or(file.tls_cert),
-        args.tls_key.or(file.tls_key),
-        args.tls_ca.or(file.tls_ca),
-    ) {
-        (Some(cert), Some(key), ca) => Some(TlsFiles { cert, key, ca }),
-        (None, None, None) => None,
-        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key (and optionally --tls-ca)"),
-    };
     let nbd_limits = args.nbd_limits.resolve(
         file.nbd_max_connections,
         file.nbd_idle_timeout,
         file.nbd_buffer_budget,
     )?;
+    let nbd_tls = args.nbd_tls.resolve(NbdTlsArgs {
+        nbd_tls_cert: file.nbd_tls_cert,
+        nbd_tls_key: file.nbd_tls_key,
+        nbd_tls_ca: file.nbd_tls_ca,
+        nbd_tls_mode: file.nbd_tls_mode,
+    })?;
     let opts = ServeOptions {
-        grpc_listen,
-        nbd_listen,
+        grpc_listen: parse_flag("--grpc-listen", &grpc_listen)?,
+        nbd_listen: parse_flag("--nbd-listen", &nbd_listen)?,
         nbd_advertise: args.nbd_advertise.or(file.nbd_advertise),
-        tls,
+        tls: tls_files(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+        )?,
+        nbd_tls,
         nbd_limits,
     };
     Ok((cfg, opts))
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        }
-        token.cancel();
-    });
-    Ok(())
-}
-
 pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
     let (cfg, opts) = resolve(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        cancel_on_signals(shutdown.clone())?;
-        let w = start(cfg, opts, shutdown).await?;
-        w.wait().await?;
-        Ok(0)
-    })
+    run_until_signal(async |shutdown| start(cfg, opts, shutdown).await?.wait().await)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+
     use clap::Parser;
+
+    use super::*;
 
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        worker: WorkerArgs,
+        args: WorkerArgs,
+    }
+
+    fn resolve_args(argv: &[&str]) -> anyhow::Result<ServeOptions> {
+        let cli = Cli::try_parse_from(std::iter::once("worker").chain(argv.iter().copied()))?;
+        Ok(resolve(cli.args)?.1)
+    }
+
+    #[test]
+    fn nbd_tls_comes_from_the_config_file_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("worker.toml");
+        std::fs::write(
+            &conf,
+            "nbd_tls_cert = \"/etc/cowsnap/nbd.pem\"\n\
+             nbd_tls_key = \"/etc/cowsnap/nbd.key\"\n\
+             nbd_tls_ca = \"/etc/cowsnap/ca.pem\"\n",
+        )
+        .unwrap();
+        let conf = conf.to_str().unwrap();
+        let tls = resolve_args(&["--config", conf]).unwrap().nbd_tls.unwrap();
+        assert_eq!(tls.files.cert, Path::new("/etc/cowsnap/nbd.pem"));
+        assert_eq!(tls.files.key, Path::new("/etc/cowsnap/nbd.key"));
+        assert_eq!(
+            tls.files.ca.as_deref(),
+            Some(Path::new("/etc/cowsnap/ca.pem"))
+        );
+        assert_eq!(tls.mode, TlsMode::Require, "a certificate means require");
+
+        let tls = resolve_args(&[
+            "--config",
+            conf,
+            "--nbd-tls-mode",
+            "optional",
+            "--nbd-tls-cert",
+            "/other.pem",
+        ])
+        .unwrap()
+        .nbd_tls
+        .unwrap();
+        assert_eq!(
+            (tls.mode, tls.files.cert.as_path()),
+            (TlsMode::Optional, Path::new("/other.pem"))
+        );
+
+        assert!(resolve_args(&[]).unwrap().nbd_tls.is_none());
+    }
+
+    #[test]
+    fn a_bad_nbd_tls_mode_in_the_config_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("worker.toml");
+        std::fs::write(&conf, "nbd_tls_mode = \"sometimes\"\n").unwrap();
+        let e = resolve_args(&["--config", conf.to_str().unwrap()]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("sometimes") && msg.contains("require"),
+            "{msg}"
+        );
+        std::fs::write(&conf, "nbd_tls_mode = \"require\"\n").unwrap();
+        let e = resolve_args(&["--config", conf.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("--nbd-tls-cert"), "{e}");
     }
 
     fn limits(args: &[&str], config: &str) -> anyhow::Result<NbdLimits> {
@@ -270,7 +341,7 @@ mod tests {
         let mut argv = vec!["worker", "--config", path.to_str().unwrap()];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).unwrap();
-        resolve(cli.worker).map(|(_, opts)| opts.nbd_limits)
+        resolve(cli.args).map(|(_, opts)| opts.nbd_limits)
     }
 
     #[test]

@@ -63,22 +63,30 @@ fn reuse_lines(up: &Up) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_default_sized_snapshot_survives_kills_during_write_storms() {
+/// `cowsnap up` on a scratch data dir (kept while the first value lives),
+/// serving, with volume `volumes/v` of `size` bytes.
+async fn up_with_volume(size: u64) -> (tempfile::TempDir, Up) {
     let tmp = scratch();
     let mut up = Up::start(&tmp.path().join("data"));
     up.ready().await;
-    let mut api = up.clients().await;
-    api.volumes
+    up.clients()
+        .await
+        .volumes
         .create_volume(pb::CreateVolumeRequest {
             volume_id: "v".into(),
             volume: Some(pb::Volume {
-                size_bytes: SIZE,
+                size_bytes: size,
                 ..Default::default()
             }),
         })
         .await
         .unwrap();
+    (tmp, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_sized_snapshot_survives_kills_during_write_storms() {
+    let (_tmp, mut up) = up_with_volume(SIZE).await;
     let vol_uri = format!("nbd://{}/volumes/v", up.nbd());
     let snap_uri = format!("nbd://{}/volumes/v/snapshots/s0", up.nbd());
     qemu_io(&vol_uri, "write -P 0x11 0 256M");
@@ -144,20 +152,8 @@ async fn a_default_sized_snapshot_survives_kills_during_write_storms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overflowing_snapshot_says_why_after_a_restart() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_with_volume(16 * 1024 * 1024).await;
     let mut api = up.clients().await;
-    api.volumes
-        .create_volume(pb::CreateVolumeRequest {
-            volume_id: "v".into(),
-            volume: Some(pb::Volume {
-                size_bytes: 16 * 1024 * 1024,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
     api.snapshots
         .create_snapshot(pb::CreateSnapshotRequest {
             parent: "volumes/v".into(),

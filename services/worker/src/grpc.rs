@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::WorkerError;
 use crate::state::TaskRec;
-use crate::worker::{ResState, SnapshotInfo, VolumeInfo, Worker, WorkerInfo};
+use crate::worker::{
+    CopiedVolume, NewSnapshot, NewVolume, ResState, SnapshotInfo, VolumeInfo, Worker, WorkerInfo,
+};
 
 /// Longest `WaitTask` wait.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -161,11 +163,15 @@ impl WorkerService for WorkerGrpc {
 
     async fn create_volume(&self, r: Request<pb::CreateVolumeRequest>) -> Rpc<pb::Volume> {
         let r = r.into_inner();
-        let v = self
-            .worker
-            .create_volume(&r.volume_id, r.size_bytes, r.chunk_sectors, &r.device)
-            .await?;
-        Ok(Response::new(volume_pb(v)))
+        let new = NewVolume {
+            volume_id: r.volume_id,
+            size_bytes: r.size_bytes,
+            chunk_sectors: r.chunk_sectors,
+            device: r.device,
+        };
+        Ok(Response::new(volume_pb(
+            self.worker.create_volume(&new).await?,
+        )))
     }
 
     async fn get_volume(&self, r: Request<pb::GetVolumeRequest>) -> Rpc<pb::Volume> {
@@ -198,18 +204,17 @@ impl WorkerService for WorkerGrpc {
 
     async fn create_snapshot(&self, r: Request<pb::CreateSnapshotRequest>) -> Rpc<pb::Snapshot> {
         let r = r.into_inner();
-        let s = self
-            .worker
-            .create_snapshot(
-                &r.parent,
-                &r.snapshot_id,
-                r.cow_size_bytes,
-                r.chunk_sectors,
-                &r.device,
-                r.writable,
-            )
-            .await?;
-        Ok(Response::new(snapshot_pb(s)))
+        let new = NewSnapshot {
+            parent: r.parent,
+            snapshot_id: r.snapshot_id,
+            cow_size_bytes: r.cow_size_bytes,
+            chunk_sectors: r.chunk_sectors,
+            device: r.device,
+            writable: r.writable,
+        };
+        Ok(Response::new(snapshot_pb(
+            self.worker.create_snapshot(&new).await?,
+        )))
     }
 
     async fn get_snapshot(&self, r: Request<pb::GetSnapshotRequest>) -> Rpc<pb::Snapshot> {
@@ -234,19 +239,23 @@ impl WorkerService for WorkerGrpc {
 
     async fn restore_volume(&self, r: Request<pb::RestoreVolumeRequest>) -> Rpc<pb::Task> {
         let r = r.into_inner();
-        let t = self
-            .worker
-            .restore_volume(&r.volume_id, &r.source_snapshot, r.chunk_sectors, &r.device)
-            .await?;
+        let new = CopiedVolume {
+            volume_id: r.volume_id,
+            chunk_sectors: r.chunk_sectors,
+            device: r.device,
+        };
+        let t = self.worker.restore_volume(&new, &r.source_snapshot).await?;
         Ok(Response::new(task_pb(t)))
     }
 
     async fn clone_volume(&self, r: Request<pb::CloneVolumeRequest>) -> Rpc<pb::Task> {
         let r = r.into_inner();
-        let t = self
-            .worker
-            .clone_volume(&r.volume_id, &r.source_volume, r.chunk_sectors, &r.device)
-            .await?;
+        let new = CopiedVolume {
+            volume_id: r.volume_id,
+            chunk_sectors: r.chunk_sectors,
+            device: r.device,
+        };
+        let t = self.worker.clone_volume(&new, &r.source_volume).await?;
         Ok(Response::new(task_pb(t)))
     }
 

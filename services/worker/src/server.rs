@@ -15,6 +15,7 @@ use crate::exports::Exports;
 use crate::grpc::WorkerGrpc;
 use crate::nbd::limits::{NbdLimits, Quotas};
 use crate::nbd::listener::{LocalAddr, NbdServer};
+use crate::nbd::tls::NbdTlsConfig;
 use crate::worker::{Worker, WorkerConfig};
 
 /// Where a worker listens, besides its [`WorkerConfig`].
@@ -23,8 +24,13 @@ pub struct ServeOptions {
     pub grpc_listen: Listen,
     pub nbd_listen: crate::nbd::listener::Listen,
     /// The NBD endpoint to tell clients (`nbd://HOST:PORT` or
-    /// `nbd+unix:///?socket=PATH`); default: derived from where NBD listens.
+    /// `nbd+unix:///?socket=PATH`, `nbds` and `nbds+unix` when TLS is
+    /// required); default: derived from where NBD listens.
     pub nbd_advertise: Option<String>,
+    /// TLS on NBD (`NBD_OPT_STARTTLS`): certificate, key, the CA client
+    /// certificates must chain to, and whether plain clients are refused.
+    /// `None`: plain text only.
+    pub nbd_tls: Option<NbdTlsConfig>,
     /// TLS on the gRPC API; with a CA, callers must present a certificate
     /// it signed (mTLS with the control service).
     pub tls: Option<TlsFiles>,
@@ -52,15 +58,17 @@ impl RunningWorker {
     }
 }
 
-/// The NBD base URI clients are told, from where NBD listens.
-fn advertised(local: &LocalAddr) -> String {
+/// The NBD base URI clients are told, from where NBD listens: `nbds` (TLS)
+/// when the server requires TLS, as qemu and libnbd spell it.
+fn advertised(local: &LocalAddr, tls_required: bool) -> String {
+    let scheme = if tls_required { "nbds" } else { "nbd" };
     match local {
         LocalAddr::Tcp(a) if a.ip().is_unspecified() => {
             let host = hostname().unwrap_or_else(|| "localhost".into());
-            format!("nbd://{host}:{}", a.port())
+            format!("{scheme}://{host}:{}", a.port())
         }
-        LocalAddr::Tcp(a) => format!("nbd://{a}"),
-        LocalAddr::Unix(p) => format!("nbd+unix:///?socket={}", p.display()),
+        LocalAddr::Tcp(a) => format!("{scheme}://{a}"),
+        LocalAddr::Unix(p) => format!("{scheme}+unix:///?socket={}", p.display()),
     }
 }
 
@@ -85,14 +93,29 @@ pub async fn start(
     opts.nbd_limits.check().map_err(anyhow::Error::msg)?;
     let mut limits = opts.nbd_limits;
     limits.fit_to_fd_limit();
+    let nbd_tls = match &opts.nbd_tls {
+        Some(t) => t.load()?,
+        None => None,
+    };
+    let tls_required = nbd_tls.as_ref().is_some_and(|t| t.required());
     let nbd = NbdServer::bind(&opts.nbd_listen)
         .await?
-        .with_quotas(Quotas::new(limits));
+        .with_quotas(Quotas::new(limits))
+        .with_tls(nbd_tls);
     let nbd_local = nbd.local_addr().clone();
-    cfg.nbd_uri = opts
-        .nbd_advertise
-        .clone()
-        .unwrap_or_else(|| advertised(&nbd_local));
+    cfg.nbd_uri = match &opts.nbd_advertise {
+        Some(uri) => {
+            if tls_required && !uri.starts_with("nbds") {
+                tracing::warn!(
+                    nbd_advertise = %uri,
+                    "NBD requires TLS but clients are told {uri}, a plain-text URI: \
+                     they will be refused (advertise nbds://...)"
+                );
+            }
+            uri.clone()
+        }
+        None => advertised(&nbd_local, tls_required),
+    };
     let grpc = Bound::bind(&opts.grpc_listen).await?;
     let grpc_local = grpc.local();
     let exports = Exports::new();
@@ -152,4 +175,25 @@ pub async fn start(
         nbd: nbd_local,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_uri_says_nbds_when_tls_is_required() {
+        let tcp = LocalAddr::Tcp("127.0.0.1:10809".parse().unwrap());
+        assert_eq!(advertised(&tcp, false), "nbd://127.0.0.1:10809");
+        assert_eq!(advertised(&tcp, true), "nbds://127.0.0.1:10809");
+        let unix = LocalAddr::Unix("/run/nbd.sock".into());
+        assert_eq!(
+            advertised(&unix, false),
+            "nbd+unix:///?socket=/run/nbd.sock"
+        );
+        assert_eq!(
+            advertised(&unix, true),
+            "nbds+unix:///?socket=/run/nbd.sock"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! is in progress, which long-running tasks exist. Everything else (the
 //! exceptions, the data) lives on the devices themselves.
 //!
-//! Every change is written to `state.json.tmp`, fsynced, renamed over
+//! Every change (D8 of docs/design.md) is written to `state.json.tmp`, fsynced, renamed over
 //! `state.json`, and the directory fsynced: after a crash the file holds
 //! either the old or the new state. Records carry their lifecycle state so
 //! that start-up can finish or undo whatever was half done (a create that
@@ -143,22 +143,6 @@ impl WorkerState {
             }
         }
         None
-    }
-
-    /// Bytes of every file-backed device (what sparse files may grow to).
-    pub fn file_backed_bytes(&self) -> u64 {
-        self.volumes
-            .values()
-            .map(|v| {
-                let own = if v.file_backed { v.size_bytes } else { 0 };
-                own + v
-                    .snapshots
-                    .iter()
-                    .filter(|s| s.file_backed)
-                    .map(|s| s.cow_size_bytes)
-                    .sum::<u64>()
-            })
-            .sum()
     }
 }
 

@@ -8,7 +8,7 @@
 //! - [`fault`]: for tests, a layer that keeps unflushed writes volatile so a
 //!   power cut can drop any subset of them, and that fails chosen I/O with EIO.
 //!
-//! Durability vocabulary (DESIGN.md): `flush` is `fdatasync` (the kernel's
+//! Durability vocabulary (M2, M3 of docs/design.md): `flush` is `fdatasync` (the kernel's
 //! PREFLUSH); a write with `dsync` is `RWF_DSYNC` (FUA on a block device).
 
 pub mod aligned;
@@ -302,7 +302,7 @@ pub enum Backend {
 
 impl Backend {
     /// Starts the backend `choice` names, logging which one runs and why.
-    pub fn start(choice: BackendChoice) -> Result<Backend, String> {
+    pub fn start(choice: BackendChoice) -> Result<Backend> {
         match choice {
             BackendChoice::Portable => {
                 tracing::info!(
@@ -316,7 +316,7 @@ impl Backend {
                     tracing::info!(backend = "io_uring", "I/O backend: io_uring, as configured");
                     Ok(Backend::Uring(r))
                 }
-                Err(e) => Err(format!("io_uring backend requested but unavailable: {e}")),
+                Err(e) => Err(Error::UringUnavailable(e)),
             },
             BackendChoice::Auto => match uring::Ring::start() {
                 Ok(r) => {

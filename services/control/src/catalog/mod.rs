@@ -1,8 +1,8 @@
 //! The catalog: volumes, snapshots, workers and operations in SQLite
 //! (`DATA_DIR/catalog.db`) through sqlx, in WAL mode with
-//! `synchronous=FULL` (a committed transaction survives a power cut) and
-//! foreign keys on. The schema lives in `migrations/`, embedded and applied
-//! at start.
+//! `synchronous=FULL` (a committed transaction survives a power cut; D11 of
+//! docs/design.md) and foreign keys on. The schema lives in `migrations/`,
+//! embedded and applied at start.
 //!
 //! Queries are checked at compile time against the schema. A fresh clone
 //! builds offline from the committed `.sqlx/` at the workspace root

@@ -74,6 +74,7 @@ impl Worker {
             grpc_listen: self.address.parse().unwrap(),
             nbd_listen: "127.0.0.1:0".parse().unwrap(),
             nbd_advertise: None,
+            nbd_tls: None,
             tls: None,
             nbd_limits: Default::default(),
         };

@@ -41,3 +41,28 @@ pub fn sparse_file(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
     Ok(path.to_path_buf())
 }
+
+/// Runs `measure` on a new multi-threaded runtime, in a fresh scratch
+/// directory inside `parent` (default: the current directory) that is
+/// removed afterwards, whatever the outcome.
+pub fn in_scratch<T>(
+    parent: Option<&Path>,
+    measure: impl AsyncFnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let parent = match parent {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_dir().context("the current directory")?,
+    };
+    let scratch = scratch_dir(&parent)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = rt.block_on(measure(scratch.path()));
+    drop(rt);
+    let dir = scratch.path().display().to_string();
+    scratch
+        .close()
+        .with_context(|| format!("removing the scratch directory {dir}"))?;
+    result
+}

@@ -11,6 +11,8 @@
 //! - [`load`]: loading a COW device with many exceptions;
 //! - [`files`]: scratch directory and files;
 //! - [`report`]: figures, targets, table and JSON;
+//! - [`soak`]: `bench soak`, the whole product under load while its
+//!   worker is killed with `kill -9` at intervals;
 //! - [`alloc`]: the counting global allocator (installed in `main.rs`).
 
 pub mod alloc;
@@ -18,6 +20,7 @@ mod files;
 mod load;
 mod nbd;
 mod report;
+mod soak;
 mod store;
 mod workload;
 
@@ -35,11 +38,19 @@ pub enum BenchCommand {
     /// touch and overwrite, 4 KiB random reads, 1 MiB sequential writes and
     /// reads. Needs fio and qemu-utils.
     Nbd(nbd::NbdArgs),
+    /// Control service and worker as processes of their own under 64
+    /// clients (API calls and NBD I/O) for a set time, with the worker
+    /// killed with `kill -9` at intervals: reports errors by kind, lost
+    /// acknowledged writes, snapshot mismatches, and memory and open
+    /// descriptors over time; exits 1 on a lost write, a mismatch or a
+    /// growth beyond the thresholds.
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<u8> {
     match cmd {
         BenchCommand::Store(args) => store::run(args),
         BenchCommand::Nbd(args) => nbd::run(args),
+        BenchCommand::Soak(args) => soak::run(args),
     }
 }

@@ -13,14 +13,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use cowsnap_store::format::DEFAULT_CHUNK_SECTORS;
 use cowsnap_store::{
     AlignedBuf, Backend, BackendChoice, CommitStats, Device, Layout, Origin, SnapshotOptions,
     Target,
 };
 
-use super::files::{scratch_dir, sparse_file};
+use super::files::{in_scratch, sparse_file};
 use super::load;
 use super::report::{Baseline, Figure, Figures, Goal, Report};
 use super::workload::{
@@ -103,22 +103,9 @@ pub fn run(args: StoreArgs) -> anyhow::Result<u8> {
     let layout = Layout::new(args.chunk_sectors).map_err(|e| anyhow!("--chunk-sectors: {e}"))?;
     let plan = Plan::new(&args, layout)?;
     let backend = Backend::start(args.io).map_err(|e| anyhow!("--io: {e}"))?;
-    let parent = match &args.dir {
-        Some(d) => d.clone(),
-        None => std::env::current_dir().context("the current directory")?,
-    };
-    let scratch = scratch_dir(&parent)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let result = rt.block_on(measure(&args, &plan, &backend, layout, scratch.path()));
-    drop(rt);
-    let dir = scratch.path().display().to_string();
-    scratch
-        .close()
-        .with_context(|| format!("removing the scratch directory {dir}"))?;
-    let mut report = result?;
+    let mut report = in_scratch(args.dir.as_deref(), async |dir| {
+        measure(&args, &plan, &backend, layout, dir).await
+    })?;
     report.elapsed_secs = started.elapsed().as_secs_f64();
     report.tally();
     if args.json {

@@ -41,7 +41,7 @@ impl Devices {
             .enable_all()
             .build()
             .context("cannot start the runtime")?;
-        let backend = Backend::start(arg.io).map_err(anyhow::Error::msg)?;
+        let backend = Backend::start(arg.io)?;
         Ok(Devices { backend, rt })
     }
 

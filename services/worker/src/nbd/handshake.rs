@@ -3,17 +3,27 @@
 //!
 //! Options answered: `NBD_OPT_GO` and `NBD_OPT_INFO` (with
 //! `NBD_INFO_EXPORT`, `NAME`, `DESCRIPTION`, and always `BLOCK_SIZE`),
-//! `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT` and
-//! `NBD_OPT_STRUCTURED_REPLY`; every other option gets `NBD_REP_ERR_UNSUP`
-//! (so clients fall back: `SET_META_CONTEXT` means no block status). An
-//! unknown export name is `NBD_REP_ERR_UNKNOWN`, or a closed connection
-//! after `NBD_OPT_EXPORT_NAME`, which cannot carry an error.
+//! `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`,
+//! `NBD_OPT_STRUCTURED_REPLY` and, when TLS is set up, `NBD_OPT_STARTTLS`;
+//! every other option gets `NBD_REP_ERR_UNSUP` (so clients fall back:
+//! `SET_META_CONTEXT` means no block status). An unknown export name is
+//! `NBD_REP_ERR_UNKNOWN`, or a closed connection after
+//! `NBD_OPT_EXPORT_NAME`, which cannot carry an error.
+//!
+//! TLS ([`super::tls`] has the modes): `NBD_OPT_STARTTLS` is acknowledged,
+//! the TLS handshake runs on the raw stream, and haggling goes on inside
+//! TLS, with nothing negotiated before it kept. When TLS is required, any
+//! other option before it gets `NBD_REP_ERR_TLS_REQD` (so `NBD_OPT_LIST`,
+//! `INFO` and `GO` say nothing about exports) and `NBD_OPT_EXPORT_NAME`
+//! closes the connection.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::server::TlsStream;
 
 use super::proto::{self, put_u16, put_u32, put_u64};
+use super::tls::NbdTls;
 use super::{ConnError, MAX_PAYLOAD};
 use crate::exports::{Export, Exports};
 
@@ -90,145 +100,275 @@ pub struct Negotiated {
     pub block: BlockSizes,
 }
 
-/// Runs the handshake on a connection's two halves. `Ok(None)`: the client
-/// aborted, or asked for an export by `NBD_OPT_EXPORT_NAME` that does not
-/// exist. Reads no byte past the handshake.
-pub async fn negotiate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
+/// The stream a connection continues on: as accepted, or TLS over it after
+/// `NBD_OPT_STARTTLS`.
+pub enum Transport<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
+}
+
+/// Runs the handshake on a connection, upgrading it to TLS when the client
+/// sends `NBD_OPT_STARTTLS` and `tls` is set. `Ok(None)`: the client
+/// aborted, or asked by `NBD_OPT_EXPORT_NAME` (which cannot carry an error)
+/// for an export that does not exist or before starting the TLS the server
+/// requires. On success, the stream to run transmission on: no byte past
+/// the handshake has been read from it.
+pub async fn negotiate<S>(
+    mut stream: S,
     exports: &Exports,
+    tls: Option<&NbdTls>,
     peer: &str,
-) -> Result<Option<Negotiated>, ConnError>
+) -> Result<Option<(Negotiated, Transport<S>)>, ConnError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = Vec::with_capacity(18);
     put_u64(&mut out, proto::NBD_MAGIC);
     put_u64(&mut out, proto::IHAVEOPT);
     put_u16(&mut out, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
-    wr.write_all(&out).await?;
-    wr.flush().await?;
+    stream.write_all(&out).await?;
+    stream.flush().await?;
 
-    let client_flags = rd.read_u32().await?;
+    let client_flags = stream.read_u32().await?;
     let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
     if client_flags & !known != 0 {
         return Err(ConnError::Protocol(format!(
             "unknown client flags {client_flags:#x} in the handshake"
         )));
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
-    let mut structured = false;
-
+    let mut session = Session {
+        exports,
+        peer,
+        no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        tls: match tls {
+            None => TlsState::Unavailable,
+            Some(t) if t.required() => TlsState::Required,
+            Some(_) => TlsState::Offered,
+        },
+    };
+    let mut transport = Transport::Plain(stream);
     loop {
-        let magic = rd.read_u64().await?;
-        if magic != proto::IHAVEOPT {
-            return Err(ConnError::Protocol(format!(
-                "bad option magic {magic:#018x} (expected IHAVEOPT)"
-            )));
+        let step = match &mut transport {
+            Transport::Plain(s) => session.haggle(s).await?,
+            Transport::Tls(s) => session.haggle(s.as_mut()).await?,
+        };
+        match step {
+            Step::Go(neg) => return Ok(Some((neg, transport))),
+            Step::Close => return Ok(None),
+            Step::StartTls => {
+                // `haggle` only asks for TLS on a plain stream with TLS set up.
+                let (Transport::Plain(plain), Some(tls)) = (transport, tls) else {
+                    return Err(ConnError::Protocol("NBD_OPT_STARTTLS out of place".into()));
+                };
+                let upgraded = tls.accept(plain).await.map_err(ConnError::Tls)?;
+                tracing::debug!(
+                    %peer,
+                    "NBD client {peer} started TLS ({:?})",
+                    upgraded.get_ref().1.protocol_version()
+                );
+                session.tls = TlsState::On;
+                // Nothing agreed in plain text carries over into TLS: a
+                // man in the middle could have sent it (CVE-2021-3716).
+                session.structured = false;
+                transport = Transport::Tls(Box::new(upgraded));
+            }
         }
-        let opt = rd.read_u32().await?;
-        let len = rd.read_u32().await?;
-        if len > MAX_OPTION_LEN {
-            return Err(ConnError::Protocol(format!(
-                "{} ({opt}) with {len} bytes of data (at most {MAX_OPTION_LEN} accepted)",
-                proto::option_name(opt)
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await?;
+    }
+}
 
-        let mut out = Vec::new();
-        match opt {
-            proto::OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
-                let Some(export) = exports.get(&name) else {
+/// Where TLS stands on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsState {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is unsupported.
+    Unavailable,
+    /// The client may start TLS, or go on in plain text.
+    Offered,
+    /// The client must start TLS before any other option is answered.
+    Required,
+    /// TLS is running.
+    On,
+}
+
+/// How one round of option haggling ended.
+enum Step {
+    Go(Negotiated),
+    Close,
+    /// `NBD_REP_ACK` to `NBD_OPT_STARTTLS` is sent: the TLS handshake comes
+    /// next.
+    StartTls,
+}
+
+/// The state of one connection's option haggling.
+struct Session<'a> {
+    exports: &'a Exports,
+    peer: &'a str,
+    no_zeroes: bool,
+    /// The client asked for structured replies.
+    structured: bool,
+    tls: TlsState,
+}
+
+impl Session<'_> {
+    /// Answers options on `stream` until the client chooses an export,
+    /// leaves, or starts TLS.
+    async fn haggle<S>(&mut self, stream: &mut S) -> Result<Step, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (exports, peer) = (self.exports, self.peer);
+        loop {
+            let magic = stream.read_u64().await?;
+            if magic != proto::IHAVEOPT {
+                return Err(ConnError::Protocol(format!(
+                    "bad option magic {magic:#018x} (expected IHAVEOPT)"
+                )));
+            }
+            let opt = stream.read_u32().await?;
+            let len = stream.read_u32().await?;
+            if len > MAX_OPTION_LEN {
+                return Err(ConnError::Protocol(format!(
+                    "{} ({opt}) with {len} bytes of data (at most {MAX_OPTION_LEN} accepted)",
+                    proto::option_name(opt)
+                )));
+            }
+            let mut data = vec![0u8; len as usize];
+            stream.read_exact(&mut data).await?;
+
+            let mut out = Vec::new();
+            match opt {
+                proto::OPT_ABORT => {
+                    proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
+                    // The client may already be gone: it need not wait for this.
+                    let _ = stream.write_all(&out).await;
+                    let _ = stream.flush().await;
+                    return Ok(Step::Close);
+                }
+                proto::OPT_STARTTLS => match self.tls {
+                    TlsState::Unavailable => {
+                        let msg = "TLS is not configured on this server";
+                        proto::option_reply(&mut out, opt, proto::REP_ERR_UNSUP, msg.as_bytes());
+                    }
+                    TlsState::On => {
+                        invalid(&mut out, opt, peer, "TLS is already running");
+                    }
+                    TlsState::Offered | TlsState::Required if len != 0 => {
+                        invalid(&mut out, opt, peer, "NBD_OPT_STARTTLS carries no data");
+                    }
+                    TlsState::Offered | TlsState::Required => {
+                        proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
+                        stream.write_all(&out).await?;
+                        stream.flush().await?;
+                        return Ok(Step::StartTls);
+                    }
+                },
+                proto::OPT_EXPORT_NAME if self.tls == TlsState::Required => {
                     tracing::warn!(
                         %peer,
-                        export = %name,
-                        "NBD client {peer} asked for unknown export {name:?} \
-                         with NBD_OPT_EXPORT_NAME; closing"
+                        "NBD client {peer} asked for an export with NBD_OPT_EXPORT_NAME \
+                         without starting the TLS this server requires; closing"
                     );
-                    return Ok(None);
-                };
-                let neg = negotiated(export, structured);
-                put_u64(&mut out, neg.size);
-                put_u16(&mut out, neg.flags);
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
+                    return Ok(Step::Close);
                 }
-                wr.write_all(&out).await?;
-                wr.flush().await?;
-                return Ok(Some(neg));
-            }
-            proto::OPT_ABORT => {
-                proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
-                // The client may already be gone: it need not wait for this.
-                let _ = wr.write_all(&out).await;
-                let _ = wr.flush().await;
-                return Ok(None);
-            }
-            proto::OPT_LIST if len != 0 => {
-                invalid(&mut out, opt, peer, "NBD_OPT_LIST carries no data");
-            }
-            proto::OPT_LIST => {
-                for export in exports.list() {
-                    let mut d = Vec::new();
-                    put_u32(&mut d, export.name.len() as u32);
-                    d.extend_from_slice(export.name.as_bytes());
-                    d.extend_from_slice(describe(&export).as_bytes());
-                    proto::option_reply(&mut out, opt, proto::REP_SERVER, &d);
+                _ if self.tls == TlsState::Required => {
+                    // Not a word about exports before TLS: the option's
+                    // data (a name, perhaps) is neither used nor echoed.
+                    tracing::debug!(
+                        %peer,
+                        "NBD client {peer} sent {} before starting TLS",
+                        proto::option_name(opt)
+                    );
+                    let msg = "this server requires TLS: send NBD_OPT_STARTTLS first";
+                    proto::option_reply(&mut out, opt, proto::REP_ERR_TLS_REQD, msg.as_bytes());
                 }
-                proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
-            }
-            proto::OPT_INFO | proto::OPT_GO => match parse_info_request(&data) {
-                Err(why) => invalid(&mut out, opt, peer, &why),
-                Ok((name, requests)) => match exports.get(&name) {
-                    None => {
+                proto::OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    let Some(export) = exports.get(&name) else {
                         tracing::warn!(
                             %peer,
                             export = %name,
-                            "NBD client {peer} asked for unknown export {name:?}"
+                            "NBD client {peer} asked for unknown export {name:?} \
+                             with NBD_OPT_EXPORT_NAME; closing"
                         );
-                        let msg = format!("no export named {name:?} on this server");
-                        proto::option_reply(&mut out, opt, proto::REP_ERR_UNKNOWN, msg.as_bytes());
+                        return Ok(Step::Close);
+                    };
+                    let neg = negotiated(export, self.structured);
+                    put_u64(&mut out, neg.size);
+                    put_u16(&mut out, neg.flags);
+                    if !self.no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
                     }
-                    Some(export) => {
-                        let neg = negotiated(export, structured);
-                        info_replies(&mut out, opt, &neg, &requests);
-                        proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
-                        if opt == proto::OPT_GO {
-                            wr.write_all(&out).await?;
-                            wr.flush().await?;
-                            return Ok(Some(neg));
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    return Ok(Step::Go(neg));
+                }
+                proto::OPT_LIST if len != 0 => {
+                    invalid(&mut out, opt, peer, "NBD_OPT_LIST carries no data");
+                }
+                proto::OPT_LIST => {
+                    for export in exports.list() {
+                        let mut d = Vec::new();
+                        put_u32(&mut d, export.name.len() as u32);
+                        d.extend_from_slice(export.name.as_bytes());
+                        d.extend_from_slice(describe(&export).as_bytes());
+                        proto::option_reply(&mut out, opt, proto::REP_SERVER, &d);
+                    }
+                    proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
+                }
+                proto::OPT_INFO | proto::OPT_GO => match parse_info_request(&data) {
+                    Err(why) => invalid(&mut out, opt, peer, &why),
+                    Ok((name, requests)) => match exports.get(&name) {
+                        None => {
+                            tracing::warn!(
+                                %peer,
+                                export = %name,
+                                "NBD client {peer} asked for unknown export {name:?}"
+                            );
+                            let msg = format!("no export named {name:?} on this server");
+                            proto::option_reply(
+                                &mut out,
+                                opt,
+                                proto::REP_ERR_UNKNOWN,
+                                msg.as_bytes(),
+                            );
                         }
-                    }
+                        Some(export) => {
+                            let neg = negotiated(export, self.structured);
+                            info_replies(&mut out, opt, &neg, &requests);
+                            proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
+                            if opt == proto::OPT_GO {
+                                stream.write_all(&out).await?;
+                                stream.flush().await?;
+                                return Ok(Step::Go(neg));
+                            }
+                        }
+                    },
                 },
-            },
-            proto::OPT_STRUCTURED_REPLY if len != 0 => {
-                invalid(
-                    &mut out,
-                    opt,
-                    peer,
-                    "NBD_OPT_STRUCTURED_REPLY carries no data",
-                );
+                proto::OPT_STRUCTURED_REPLY if len != 0 => {
+                    invalid(
+                        &mut out,
+                        opt,
+                        peer,
+                        "NBD_OPT_STRUCTURED_REPLY carries no data",
+                    );
+                }
+                proto::OPT_STRUCTURED_REPLY => {
+                    self.structured = true;
+                    proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
+                }
+                _ => {
+                    let name = proto::option_name(opt);
+                    tracing::debug!(%peer, option = opt, "unsupported NBD option {name} ({opt})");
+                    let msg = format!(
+                        "{} ({opt}) is not supported by this server",
+                        proto::option_name(opt)
+                    );
+                    proto::option_reply(&mut out, opt, proto::REP_ERR_UNSUP, msg.as_bytes());
+                }
             }
-            proto::OPT_STRUCTURED_REPLY => {
-                structured = true;
-                proto::option_reply(&mut out, opt, proto::REP_ACK, &[]);
-            }
-            _ => {
-                let name = proto::option_name(opt);
-                tracing::debug!(%peer, option = opt, "unsupported NBD option {name} ({opt})");
-                let msg = format!(
-                    "{} ({opt}) is not supported by this server",
-                    proto::option_name(opt)
-                );
-                proto::option_reply(&mut out, opt, proto::REP_ERR_UNSUP, msg.as_bytes());
-            }
+            stream.write_all(&out).await?;
+            stream.flush().await?;
         }
-        wr.write_all(&out).await?;
-        wr.flush().await?;
     }
 }
 

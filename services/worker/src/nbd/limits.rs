@@ -58,7 +58,10 @@ impl Default for NbdLimits {
     fn default() -> NbdLimits {
         NbdLimits {
             max_connections: 256,
-            idle_timeout: Some(Duration::from_secs(600)),
+            // Off: block devices attached through NBD (the CSI node's
+            // nbdfuse, kernel nbd-client, VMs) hold a connection that may
+            // go without a request for days and do not reconnect.
+            idle_timeout: None,
             buffer_budget_bytes: 512 << 20,
         }
     }

@@ -1,8 +1,9 @@
 //! Where the NBD server listens, and its accept loop: TCP (`host:port`) or a
 //! unix socket (`unix:PATH`), one task per connection within the connection
-//! limit (a refusal task for one over it, see [`limits`](super::limits)),
-//! and a clean stop on the shutdown token (stop accepting, let every
-//! connection finish its in-flight requests, flush and close).
+//! limit (a refusal task for one over it, see [`limits`](super::limits)):
+//! handshake, TLS when the client starts it, transmission; and a clean stop
+//! on the shutdown token (stop accepting, let every connection finish its
+//! in-flight requests, flush and close).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::handshake::Transport;
 use super::limits::{NbdLimits, Quotas, REFUSAL_TIMEOUT, Slot};
+use super::tls::NbdTls;
 use super::{ConnError, handshake, refusal, transmission};
 use crate::exports::Exports;
 
@@ -105,6 +108,7 @@ pub struct NbdServer {
     bound: Bound,
     local: LocalAddr,
     quotas: Arc<Quotas>,
+    tls: Option<Arc<NbdTls>>,
 }
 
 /// Binds `listen` and serves `exports` until `shutdown` is cancelled.
@@ -130,6 +134,7 @@ impl NbdServer {
                     bound: Bound::Tcp(l),
                     local,
                     quotas: Quotas::new(NbdLimits::default()),
+                    tls: None,
                 })
             }
             Listen::Unix(path) => {
@@ -141,6 +146,7 @@ impl NbdServer {
                     bound: Bound::Unix(l),
                     local: LocalAddr::Unix(path.clone()),
                     quotas: Quotas::new(NbdLimits::default()),
+                    tls: None,
                 })
             }
         }
@@ -157,6 +163,13 @@ impl NbdServer {
         self
     }
 
+    /// Offers TLS to clients (`NBD_OPT_STARTTLS`), or requires it, as `tls`
+    /// says; `None`: plain text only.
+    pub fn with_tls(mut self, tls: Option<NbdTls>) -> NbdServer {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
     /// Accepts connections until `shutdown` is cancelled, then waits for
     /// every connection to finish its in-flight requests and close.
     pub async fn run(
@@ -164,7 +177,14 @@ impl NbdServer {
         exports: Arc<Exports>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        tracing::info!(listen = %self.local, "NBD server listening on {}", self.local);
+        let tls = match &self.tls {
+            None => "plain text only",
+            Some(t) if t.required() && t.client_certs() => "TLS required, client certificates",
+            Some(t) if t.required() => "TLS required",
+            Some(t) if t.client_certs() => "TLS optional, client certificates",
+            Some(_) => "TLS optional",
+        };
+        tracing::info!(listen = %self.local, tls, "NBD server listening on {} ({tls})", self.local);
         let conns = TaskTracker::new();
         let mut next_id: u64 = 0;
         loop {
@@ -212,18 +232,17 @@ impl NbdServer {
             let exports = exports.clone();
             let shutdown = shutdown.clone();
             let quotas = self.quotas.clone();
+            let tls = self.tls.clone();
             match stream {
                 Stream::Tcp(s) => {
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(
-                        connection(rd, wr, peer, exports, quotas, slot, shutdown).instrument(span),
-                    );
+                    let split = tokio::net::TcpStream::into_split;
+                    let conn = connection(s, split, peer, exports, tls, quotas, slot, shutdown);
+                    conns.spawn(conn.instrument(span));
                 }
                 Stream::Unix(s) => {
-                    let (rd, wr) = s.into_split();
-                    conns.spawn(
-                        connection(rd, wr, peer, exports, quotas, slot, shutdown).instrument(span),
-                    );
+                    let split = tokio::net::UnixStream::into_split;
+                    let conn = connection(s, split, peer, exports, tls, quotas, slot, shutdown);
+                    conns.spawn(conn.instrument(span));
                 }
             }
         }
@@ -291,16 +310,21 @@ async fn turn_away<R, W>(
 
 /// One client, from handshake to close, holding `_slot` of the connection
 /// limit. Never returns an error: how it ended is logged here, and nothing
-/// of it reaches other connections.
-async fn connection<R, W>(
-    mut rd: R,
-    mut wr: W,
+/// of it reaches other connections. `split` halves a plain stream for
+/// transmission (the socket's own halves, no lock between reader and
+/// writer); a TLS stream is halved by [`tokio::io::split`].
+#[allow(clippy::too_many_arguments)]
+async fn connection<S, R, W>(
+    stream: S,
+    split: fn(S) -> (R, W),
     peer: String,
     exports: Arc<Exports>,
+    tls: Option<Arc<NbdTls>>,
     quotas: Arc<Quotas>,
     _slot: Slot,
     shutdown: CancellationToken,
 ) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -311,7 +335,7 @@ async fn connection<R, W>(
             _ = shutdown.cancelled() => return Ok(()),
             n = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                handshake::negotiate(&mut rd, &mut wr, &exports, &peer),
+                handshake::negotiate(stream, &exports, tls.as_deref(), &peer),
             ) => match n {
                 Ok(n) => n?,
                 Err(_) => {
@@ -322,23 +346,37 @@ async fn connection<R, W>(
                 }
             },
         };
-        let Some(negotiated) = negotiated else {
+        let Some((negotiated, transport)) = negotiated else {
             return Ok(());
         };
         tracing::debug!(
             %peer,
             export = %negotiated.export.name,
             structured = negotiated.structured,
+            tls = matches!(transport, Transport::Tls(_)),
             "NBD client {peer} uses export {}",
             negotiated.export.name
         );
-        transmission::run(rd, wr, negotiated, peer.as_str().into(), quotas, shutdown).await
+        let peer: Arc<str> = peer.as_str().into();
+        match transport {
+            Transport::Plain(s) => {
+                let (rd, wr) = split(s);
+                transmission::run(rd, wr, negotiated, peer, quotas, shutdown).await
+            }
+            Transport::Tls(s) => {
+                let (rd, wr) = tokio::io::split(*s);
+                transmission::run(rd, wr, negotiated, peer, quotas, shutdown).await
+            }
+        }
     }
     .await;
     match result {
         Ok(()) => tracing::debug!(%peer, "NBD connection from {peer} closed"),
         Err(e) if e.is_disconnect() => {
             tracing::debug!(%peer, error = %e, "NBD client {peer} went away: {e}")
+        }
+        Err(ConnError::Tls(e)) => {
+            tracing::warn!(%peer, error = %e, "NBD client {peer}: TLS handshake failed ({e}); connection closed")
         }
         Err(ConnError::Protocol(why)) => {
             tracing::warn!(%peer, "NBD client {peer} broke the protocol ({why}); connection closed")

@@ -4,7 +4,10 @@
 //! - [`listener`]: where the server listens (TCP or a unix socket), the
 //!   accept loop, one task per connection, clean shutdown;
 //! - [`handshake`]: the fixed newstyle handshake and option haggling
-//!   (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`, `STRUCTURED_REPLY`);
+//!   (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`, `STRUCTURED_REPLY`,
+//!   `STARTTLS`);
+//! - [`tls`]: TLS (off, optional or required; client certificates from a
+//!   CA): its settings and the acceptor a connection upgrades with;
 //! - [`transmission`]: the request loop: requests run concurrently, replies
 //!   go out through one writer, in any order;
 //! - [`limits`]: the connection limit, the idle timeout and the buffer
@@ -26,12 +29,14 @@ pub mod limits;
 pub mod listener;
 pub mod proto;
 pub mod refusal;
+pub mod tls;
 pub mod transmission;
 
 use std::io;
 
 pub use limits::{NbdLimits, Quotas};
 pub use listener::{Listen, LocalAddr, NbdServer, serve};
+pub use tls::{NbdTls, NbdTlsConfig, TlsMode};
 
 /// Largest read or write one request may carry (advertised as the maximum
 /// block size). Clients commonly split at 32 MiB anyway.
@@ -54,6 +59,10 @@ pub enum ConnError {
     /// The client broke the protocol; the connection is dropped.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (no client
+    /// certificate, one from another CA, a client that rejected ours).
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 impl ConnError {

@@ -3,9 +3,12 @@
 //! does not work on tmpfs), a model of what each export holds, and a small
 //! blocking NBD client written from the protocol spec (its constants are
 //! spelled out here, not taken from the server, so the two check each
-//! other).
+//! other), over plain TCP or over TLS after `NBD_OPT_STARTTLS`; [`pki`]
+//! makes the certificates.
 
 #![allow(dead_code)]
+
+pub mod pki;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -17,7 +20,8 @@ use std::time::Duration;
 
 use cowsnap_store::{Backend, Origin, SnapId, SnapshotOptions, Target};
 use cowsnap_worker::exports::{Export, Exports};
-use cowsnap_worker::nbd::{Listen, LocalAddr, NbdLimits, NbdServer, Quotas};
+use cowsnap_worker::nbd::{Listen, LocalAddr, NbdLimits, NbdServer, NbdTls, Quotas};
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 pub const VOLUME: &str = "volumes/v1";
@@ -82,12 +86,21 @@ pub struct Harness {
 
 impl Harness {
     pub fn start() -> Harness {
-        Harness::start_with(NbdLimits::default())
+        Harness::start_full(NbdLimits::default(), None)
     }
 
     /// Starts both servers sharing `limits` (not checked: a test may set a
     /// budget below the largest request).
     pub fn start_with(limits: NbdLimits) -> Harness {
+        Harness::start_full(limits, None)
+    }
+
+    /// Both servers offer (or require) TLS as `tls` says.
+    pub fn start_with_tls(tls: Option<NbdTls>) -> Harness {
+        Harness::start_full(NbdLimits::default(), tls)
+    }
+
+    fn start_full(limits: NbdLimits, tls: Option<NbdTls>) -> Harness {
         init_logs();
         let quotas = Quotas::new(limits);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -137,14 +150,16 @@ impl Harness {
             let tcp_server = NbdServer::bind(&"127.0.0.1:0".parse::<Listen>().unwrap())
                 .await
                 .unwrap()
-                .with_quotas(quotas.clone());
+                .with_quotas(quotas.clone())
+                .with_tls(tls.clone());
             let LocalAddr::Tcp(tcp) = tcp_server.local_addr().clone() else {
                 panic!("TCP listener has a TCP address");
             };
             let unix_server = NbdServer::bind(&Listen::Unix(unix.clone()))
                 .await
                 .unwrap()
-                .with_quotas(quotas.clone());
+                .with_quotas(quotas.clone())
+                .with_tls(tls);
             let servers = vec![
                 tokio::spawn(tcp_server.run(exports.clone(), shutdown.clone())),
                 tokio::spawn(unix_server.run(exports.clone(), shutdown.clone())),
@@ -291,6 +306,7 @@ pub const REP_INFO: u32 = 3;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 pub const INFO_EXPORT: u16 = 0;
@@ -354,10 +370,15 @@ pub struct Reply {
     pub structured: bool,
 }
 
-pub struct Client {
-    pub s: TcpStream,
+/// A connection speaking NBD: over plain TCP, or over TLS after
+/// [`starttls`](Client::starttls).
+pub struct Client<S = TcpStream> {
+    pub s: S,
     pub structured: bool,
 }
+
+/// A client's stream once it started TLS.
+pub type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
@@ -371,6 +392,69 @@ impl Client {
         }
     }
 
+    /// Greeting plus fixed-newstyle, no-zeroes client flags.
+    pub fn start(addr: SocketAddr) -> Client {
+        let mut c = Client::connect(addr);
+        let f = c.greeting();
+        assert_eq!(f, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        c.client_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES);
+        c
+    }
+
+    pub fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    /// Full handshake into transmission on `name`.
+    pub fn open(addr: SocketAddr, name: &str, structured: bool) -> (Client, ExportInfo) {
+        let mut c = Client::start(addr);
+        if structured {
+            c.option(OPT_STRUCTURED_REPLY, &[]);
+            let r = c.opt_reply();
+            assert_eq!(r.kind, REP_ACK);
+            c.structured = true;
+        }
+        let info = c
+            .info_or_go(OPT_GO, name)
+            .unwrap_or_else(|e| panic!("GO {name} failed: {e:?}"));
+        (c, info)
+    }
+
+    pub fn shutdown_write(&mut self) {
+        let _ = self.s.shutdown(Shutdown::Write);
+    }
+
+    /// Sends `NBD_OPT_STARTTLS`, expects `NBD_REP_ACK`, and runs the TLS
+    /// handshake as `config` says (server name `localhost`). `Err`: the
+    /// handshake failed. Nothing negotiated before carries over.
+    pub fn starttls(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Client<TlsConn>> {
+        self.option(OPT_STARTTLS, &[]);
+        let r = self.opt_reply();
+        assert_eq!((r.opt, r.kind), (OPT_STARTTLS, REP_ACK), "STARTTLS refused");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, self.s);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(Client {
+            s,
+            structured: false,
+        })
+    }
+}
+
+impl<S: Read + Write> Client<S> {
     pub fn write(&mut self, b: &[u8]) {
         self.s.write_all(b).unwrap();
     }
@@ -407,15 +491,6 @@ impl Client {
         self.write(&flags.to_be_bytes());
     }
 
-    /// Greeting plus fixed-newstyle, no-zeroes client flags.
-    pub fn start(addr: SocketAddr) -> Client {
-        let mut c = Client::connect(addr);
-        let f = c.greeting();
-        assert_eq!(f, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        c.client_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES);
-        c
-    }
-
     pub fn option(&mut self, opt: u32, data: &[u8]) {
         let mut b = Vec::new();
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -432,17 +507,6 @@ impl Client {
         let len = self.u32() as usize;
         let data = self.read_exact(len);
         OptReply { opt, kind, data }
-    }
-
-    pub fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
-        let mut d = Vec::new();
-        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-        for i in infos {
-            d.extend_from_slice(&i.to_be_bytes());
-        }
-        d
     }
 
     /// Sends `NBD_OPT_INFO` or `GO` and collects the replies; `Err` is the
@@ -483,21 +547,6 @@ impl Client {
                 k => panic!("unexpected option reply type {k:#x}"),
             }
         }
-    }
-
-    /// Full handshake into transmission on `name`.
-    pub fn open(addr: SocketAddr, name: &str, structured: bool) -> (Client, ExportInfo) {
-        let mut c = Client::start(addr);
-        if structured {
-            c.option(OPT_STRUCTURED_REPLY, &[]);
-            let r = c.opt_reply();
-            assert_eq!(r.kind, REP_ACK);
-            c.structured = true;
-        }
-        let info = c
-            .info_or_go(OPT_GO, name)
-            .unwrap_or_else(|e| panic!("GO {name} failed: {e:?}"));
-        (c, info)
     }
 
     pub fn request(
@@ -620,10 +669,6 @@ impl Client {
                 std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
             ),
         }
-    }
-
-    pub fn shutdown_write(&mut self) {
-        let _ = self.s.shutdown(Shutdown::Write);
     }
 }
 

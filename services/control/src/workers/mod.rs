@@ -1,0 +1,322 @@
+//! The data workers: the registry of which workers exist (registration,
+//! deregistration), their health, and placement of new volumes by free
+//! room. The registry alone writes a worker's health into the catalog.
+//!
+//! - `client`: the typed client of one worker, one line per call;
+//! - `layer`: the tower layer its channel is built with, which reports
+//!   each call's outcome to the worker's `Health`;
+//! - [`classify`]: which gRPC codes mean done, refused, or unknown.
+//!
+//! A call that finds its worker unreachable marks the worker unhealthy at
+//! once (through its channel's layer) and fails with `Unavailable`; the
+//! periodic health check ([`Workers::check`]) marks it healthy again when
+//! it answers.
+
+pub mod classify;
+mod client;
+mod layer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cowsnap_proto::server::Listen;
+use tonic::Status;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tower::ServiceBuilder;
+
+pub use client::{WorkerClient, WorkerInfo, WorkerSnapshot, WorkerTask, WorkerVolume};
+
+use crate::catalog::{self, Catalog};
+use crate::error::{ControlError, Result};
+use crate::metrics::Metrics;
+use crate::model::{self, Worker, now_ms};
+use classify::Outcome;
+use layer::ObserveLayer;
+
+/// Where the channel of a worker's client reports the outcome of each
+/// call: the registry's record of that worker's health. A call left
+/// without an answer marks the worker unhealthy at once. Only a health
+/// check marks it healthy again, since that also refreshes what the
+/// worker reports about itself (room, I/O).
+#[derive(Clone)]
+pub(crate) struct Health {
+    catalog: Catalog,
+    /// `None` for an address not registered yet (a probe).
+    worker_id: Option<String>,
+    address: String,
+}
+
+impl Health {
+    pub(crate) async fn report(&self, outcome: Outcome, status: &Status) {
+        let (Outcome::Unknown, Some(id)) = (outcome, &self.worker_id) else {
+            return;
+        };
+        let why = classify::error(status, id, &self.address).to_string();
+        if let Ok(mut c) = self.catalog.conn().await
+            && let Err(e) = catalog::workers::set_unhealthy(&mut c, id, &why).await
+        {
+            tracing::warn!(worker = %id, "cannot record that it does not answer: {e}");
+        }
+    }
+}
+
+/// How the control service reaches workers.
+#[derive(Clone, Debug)]
+pub struct WorkerConnect {
+    /// Per-call deadline.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// mTLS to workers on TCP addresses (none on unix sockets).
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// The registered workers and their clients.
+pub struct Workers {
+    catalog: Catalog,
+    connect: WorkerConnect,
+    channels: Mutex<HashMap<String, Channel>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Workers {
+    pub fn new(catalog: Catalog, connect: WorkerConnect, metrics: Arc<Metrics>) -> Workers {
+        Workers {
+            catalog,
+            connect,
+            channels: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel> {
+        if let Some(c) = self.channels.lock().expect("channels").get(address) {
+            return Ok(c.clone());
+        }
+        let listen: Listen = address
+            .parse()
+            .map_err(|e: String| ControlError::invalid("address", e))?;
+        let bad = |e: tonic::transport::Error| {
+            ControlError::invalid("address", format!("{address}: {e}"))
+        };
+        let channel = match listen {
+            Listen::Tcp(hostport) => {
+                let scheme = if self.connect.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let mut ep = Endpoint::from_shared(format!("{scheme}://{hostport}"))
+                    .map_err(bad)?
+                    .connect_timeout(self.connect.connect_timeout)
+                    .timeout(self.connect.timeout)
+                    .tcp_nodelay(true);
+                if let Some(tls) = &self.connect.tls {
+                    ep = ep.tls_config(tls.clone()).map_err(bad)?;
+                }
+                ep.connect_lazy()
+            }
+            Listen::Unix(path) => Endpoint::from_static("http://worker.local")
+                .connect_timeout(self.connect.connect_timeout)
+                .timeout(self.connect.timeout)
+                .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                })),
+        };
+        self.channels
+            .lock()
+            .expect("channels")
+            .insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// A client of the worker at `address` (`id` empty for a probe of an
+    /// address not registered yet).
+    fn client_at(&self, id: &str, address: &str) -> Result<WorkerClient> {
+        let health = Health {
+            catalog: self.catalog.clone(),
+            worker_id: (!id.is_empty()).then(|| id.to_string()),
+            address: address.to_string(),
+        };
+        let channel = ServiceBuilder::new()
+            .layer(ObserveLayer::new(health))
+            .service(self.channel(address)?);
+        Ok(WorkerClient::new(id, address, channel))
+    }
+
+    /// The client of a registered worker.
+    pub async fn client(&self, worker_id: &str) -> Result<WorkerClient> {
+        let w = self.get(worker_id).await?;
+        self.client_at(&w.id, &w.address)
+    }
+
+    pub async fn get(&self, worker_id: &str) -> Result<Worker> {
+        let mut c = self.catalog.conn().await?;
+        catalog::workers::get(&mut c, worker_id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("workers/{worker_id} not found")))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Worker>> {
+        let mut c = self.catalog.conn().await?;
+        catalog::workers::list(&mut c).await
+    }
+
+    /// Registers the worker at `address` (or updates a registered one that
+    /// moved there). It must answer.
+    pub async fn register(&self, address: &str, worker_id: Option<&str>) -> Result<Worker> {
+        if address.is_empty() {
+            return Err(ControlError::invalid("address", "must not be empty"));
+        }
+        if let Some(id) = worker_id {
+            model::check_id("worker_id", id)?;
+        }
+        let probe = self.client_at("", address)?;
+        let info = probe.info().await.map_err(|e| {
+            ControlError::Unavailable(format!("the worker at {address} does not answer: {e}"))
+        })?;
+        let id = worker_id
+            .map(str::to_string)
+            .unwrap_or_else(|| model::worker_id_from_node(&info.node));
+        let now = now_ms();
+        let mut tx = self.catalog.write().await?;
+        let existing = catalog::workers::list(&mut tx).await?;
+        if let Some(other) = existing.iter().find(|w| w.address == address && w.id != id) {
+            return Err(ControlError::AlreadyExists(format!(
+                "{address} is already registered as {} (node {})",
+                other.name(),
+                other.node
+            )));
+        }
+        let old = existing.iter().find(|w| w.id == id);
+        if let Some(old) = old
+            && old.node != info.node
+        {
+            return Err(ControlError::AlreadyExists(format!(
+                "{} is the worker of node {}; the worker at {address} is on node {}",
+                old.name(),
+                old.node,
+                info.node
+            )));
+        }
+        let w = Worker {
+            id: id.clone(),
+            address: address.to_string(),
+            node: info.node,
+            nbd_uri: info.nbd_uri,
+            capacity_bytes: info.capacity_bytes,
+            free_bytes: info.free_bytes,
+            version: info.version,
+            io_backend: info.io_backend,
+            healthy: true,
+            last_error: String::new(),
+            last_seen_time: now,
+            create_time: old.map_or(now, |o| o.create_time),
+            volume_count: old.map_or(0, |o| o.volume_count),
+        };
+        catalog::workers::upsert(&mut tx, &w).await?;
+        tx.commit().await?;
+        if old.is_some_and(|o| o.address != address) {
+            tracing::info!(worker = %w.name(), address, "worker moved");
+        } else if old.is_none() {
+            tracing::info!(worker = %w.name(), address, node = %w.node, "worker registered");
+        }
+        Ok(w)
+    }
+
+    /// Checks a worker's health now (`grpc.health.v1`, then GetWorkerInfo)
+    /// and records what it found.
+    pub async fn check(&self, w: &Worker) -> Result<Worker> {
+        let client = self.client_at(&w.id, &w.address)?;
+        let result = client.check().await;
+        let mut c = self.catalog.conn().await?;
+        match result {
+            Ok(info) => {
+                self.metrics.worker_io(&w.name(), &info.io);
+                let mut fresh = w.clone();
+                fresh.nbd_uri = info.nbd_uri;
+                fresh.capacity_bytes = info.capacity_bytes;
+                fresh.free_bytes = info.free_bytes;
+                fresh.version = info.version;
+                fresh.io_backend = info.io_backend;
+                fresh.healthy = true;
+                fresh.last_error.clear();
+                fresh.last_seen_time = now_ms();
+                if !w.healthy {
+                    tracing::info!(worker = %w.name(), "worker answers again");
+                }
+                catalog::workers::upsert(&mut c, &fresh).await?;
+            }
+            Err(e) => {
+                if w.healthy {
+                    tracing::warn!(worker = %w.name(), address = %w.address, "worker unhealthy: {e}");
+                }
+                catalog::workers::set_unhealthy(&mut c, &w.id, &e.to_string()).await?;
+            }
+        }
+        catalog::workers::get(&mut c, &w.id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("{} not found", w.name())))
+    }
+
+    /// Forgets a worker that holds no volume.
+    pub async fn deregister(&self, worker_id: &str) -> Result<()> {
+        let mut tx = self.catalog.write().await?;
+        let w = catalog::workers::get(&mut tx, worker_id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("workers/{worker_id} not found")))?;
+        if w.volume_count > 0 {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{} holds {} volume(s); delete them first",
+                w.name(),
+                w.volume_count
+            )));
+        }
+        catalog::workers::delete(&mut tx, worker_id).await?;
+        tx.commit().await?;
+        self.channels.lock().expect("channels").remove(&w.address);
+        tracing::info!(worker = %w.name(), "worker deregistered");
+        Ok(())
+    }
+
+    /// The healthy worker with the most free room for a new volume of
+    /// `size` bytes (room taken by volumes still being created counts as
+    /// used).
+    pub async fn place(&self, size: u64) -> Result<Worker> {
+        let mut c = self.catalog.conn().await?;
+        let all = catalog::workers::list(&mut c).await?;
+        if all.is_empty() {
+            return Err(ControlError::FailedPrecondition(
+                "no worker is registered (WorkerService.RegisterWorker)".into(),
+            ));
+        }
+        let mut best: Option<(u64, Worker)> = None;
+        let mut healthy = 0;
+        for w in all {
+            if !w.healthy {
+                continue;
+            }
+            healthy += 1;
+            let room = w
+                .free_bytes
+                .saturating_sub(catalog::volumes::creating_bytes(&mut c, &w.id).await?);
+            if best.as_ref().is_none_or(|(r, _)| room > *r) {
+                best = Some((room, w));
+            }
+        }
+        match best {
+            None => Err(ControlError::Unavailable(format!(
+                "no worker is healthy ({healthy} of them answer)"
+            ))),
+            Some((room, w)) if room < size => Err(ControlError::ResourceExhausted(format!(
+                "no worker has room for {size} bytes: the most is {room} bytes on {}",
+                w.name()
+            ))),
+            Some((_, w)) => Ok(w),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Snapshot calls: create (idempotent: the same arguments return the
+//! existing snapshot), get and delete; attaching a COW device to the
+//! engine and detaching it; and saving why a snapshot became invalid.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cowsnap_proto::names;
+use cowsnap_store::{Layout, Origin, SnapId, SnapshotOptions};
+
+use super::info::snapshot_info;
+use super::live::Live;
+use super::placement::full_cow_bytes;
+use super::{Inner, SnapshotInfo, Worker, chunk_layout, same_or_exists};
+use crate::error::{Result, WorkerError};
+use crate::state::{Phase, SnapshotRec, now};
+
+/// What a new snapshot asks for.
+#[derive(Clone, Debug, Default)]
+pub struct NewSnapshot {
+    /// Its volume, `volumes/VOL`.
+    pub parent: String,
+    pub snapshot_id: String,
+    /// 0: large enough never to overflow (a file), or the whole raw
+    /// `device`.
+    pub cow_size_bytes: u64,
+    /// 0: the volume's.
+    pub chunk_sectors: u32,
+    /// A raw device from the allow list; empty: a new file.
+    pub device: String,
+    pub writable: bool,
+}
+
+impl Worker {
+    pub async fn create_snapshot(self: &Arc<Self>, new: &NewSnapshot) -> Result<SnapshotInfo> {
+        let NewSnapshot {
+            parent,
+            snapshot_id,
+            cow_size_bytes,
+            chunk_sectors,
+            device,
+            writable,
+        } = new;
+        let (snapshot_id, cow_size_bytes, writable) =
+            (snapshot_id.as_str(), *cow_size_bytes, *writable);
+        let vol = names::parse_volume(parent).map_err(|e| WorkerError::invalid("parent", e))?;
+        names::check_id(snapshot_id).map_err(|e| WorkerError::invalid("snapshot_id", e))?;
+        let mut inner = self.inner.lock().await;
+        let v = inner.volume(parent)?.clone();
+        let layout = chunk_layout("chunk_sectors", *chunk_sectors, v.chunk_sectors)?;
+        let sname = names::snapshot(vol, snapshot_id);
+        let file = self.devices.snapshot_file(vol, snapshot_id);
+        if let Some(s) = v.snapshots.iter().find(|s| s.id == snapshot_id) {
+            let asked_size = if cow_size_bytes == 0 {
+                s.cow_size_bytes
+            } else {
+                cow_size_bytes
+            };
+            let asked_dev = self.asked_device(device, file)?;
+            same_or_exists(
+                &sname,
+                (
+                    s.cow_size_bytes,
+                    s.chunk_sectors,
+                    s.device.clone(),
+                    s.writable,
+                ),
+                (asked_size, layout.chunk_sectors(), asked_dev, writable),
+            )?;
+            return Ok(snapshot_info(&v, s, inner.live.get(vol)));
+        }
+        if v.phase != Phase::Ready {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{parent} is not ready"
+            )));
+        }
+        if let Some(m) = &v.merging {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{parent} is merging {}; no snapshot can be taken until the merge ends",
+                names::snapshot(vol, m)
+            )));
+        }
+        let origin = inner.origin(vol)?;
+        let asked = if cow_size_bytes == 0 && device.is_empty() {
+            full_cow_bytes(v.size_bytes, layout)
+        } else {
+            cow_size_bytes
+        };
+        let place = self.choose_device(&inner.st, device, file, asked)?;
+        let (path, file_backed, size) = (place.path, place.file_backed, place.size);
+        if size < layout.min_device_bytes() || !size.is_multiple_of(4096) {
+            return Err(WorkerError::invalid(
+                "cow_size_bytes",
+                format!(
+                    "{size} bytes: a COW device needs a multiple of 4096 bytes and at least {} (a header, one metadata area and one data chunk of {} bytes)",
+                    layout.min_device_bytes(),
+                    layout.chunk_bytes()
+                ),
+            ));
+        }
+        let rec = SnapshotRec {
+            id: snapshot_id.to_string(),
+            cow_size_bytes: size,
+            chunk_sectors: layout.chunk_sectors(),
+            device: path.clone(),
+            file_backed,
+            writable,
+            phase: Phase::Creating,
+            create_time: now(),
+            error: None,
+        };
+        inner.volume_mut(vol).snapshots.push(rec);
+        self.save(&mut inner)?;
+        let added = match self
+            .attach_cow(&origin, &path, file_backed, size, layout)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                inner
+                    .volume_mut(vol)
+                    .snapshots
+                    .retain(|s| s.id != snapshot_id);
+                if file_backed {
+                    let _ = self.devices.release(&path, true);
+                }
+                self.save(&mut inner)?;
+                return Err(e);
+            }
+        };
+        inner
+            .live
+            .get_mut(vol)
+            .expect("live volume")
+            .add_snap(snapshot_id, added);
+        self.watch_invalid(&origin, added, vol, snapshot_id);
+        inner.set_snapshot_phase(vol, snapshot_id, Phase::Ready);
+        let v = inner.st.volumes[vol].clone();
+        let s = v
+            .snapshots
+            .iter()
+            .find(|s| s.id == snapshot_id)
+            .expect("just added")
+            .clone();
+        self.save(&mut inner)?;
+        if !snapshot_id.starts_with('.') {
+            self.export_snapshot(vol, &s, &origin, added);
+        }
+        tracing::info!(snapshot = %sname, cow_size = size, device = %path.display(), "snapshot created");
+        Ok(snapshot_info(&v, &s, inner.live.get(vol)))
+    }
+
+    /// Prepares a COW device and attaches it to the engine as a new
+    /// snapshot (atomic against in-flight writes).
+    pub(super) async fn attach_cow(
+        &self,
+        origin: &Arc<Origin>,
+        path: &Path,
+        file_backed: bool,
+        size: u64,
+        layout: Layout,
+    ) -> Result<SnapId> {
+        if file_backed {
+            self.devices.create_file(path, size)?;
+        } else {
+            // A new COW device starts with a zero header.
+            self.devices.zero_raw(path, layout.chunk_bytes() * 2)?;
+        }
+        let dev = self.open_sized(path, file_backed, size)?;
+        if dev.block_size() > origin.block_size() {
+            // NBD clients were told the volume's alignment at connect time.
+            return Err(WorkerError::invalid(
+                "device",
+                format!(
+                    "the COW device's logical block size {} is larger than the volume's ({})",
+                    dev.block_size(),
+                    origin.block_size()
+                ),
+            ));
+        }
+        let a = origin
+            .add_snapshot(
+                dev,
+                SnapshotOptions {
+                    chunk_sectors: Some(layout.chunk_sectors()),
+                    merging: false,
+                },
+            )
+            .await?;
+        Ok(a.id)
+    }
+
+    pub async fn get_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        let inner = self.inner.lock().await;
+        let (v, s) = inner.snapshot(name)?;
+        Ok(snapshot_info(v, s, inner.live.get(&v.id)))
+    }
+
+    pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let (v, s) = inner.snapshot(name)?;
+        let (vol, s) = (v.id.clone(), s.clone());
+        if v.merging.as_deref() == Some(s.id.as_str()) {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is merging into {}; it goes away when the merge ends",
+                names::volume(&vol)
+            )));
+        }
+        if let Some(t) = self.tasks.running_for(name) {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is the source of task tasks/{}",
+                t.get().id
+            )));
+        }
+        inner.set_snapshot_phase(&vol, &s.id, Phase::Deleting);
+        self.save(&mut inner)?;
+        self.exports.remove(name);
+        self.detach_snapshot(&mut inner, &vol, &s).await?;
+        tracing::info!(snapshot = %name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Takes a snapshot out of the engine, releases its device and drops its
+    /// record (the snapshot is in `Phase::Deleting`, persisted).
+    pub(super) async fn detach_snapshot(
+        &self,
+        inner: &mut Inner,
+        vol: &str,
+        s: &SnapshotRec,
+    ) -> Result<()> {
+        if let Some(Live::Up { origin, snaps }) = inner.live.get_mut(vol)
+            && let Some(id) = snaps.remove(&s.id)
+        {
+            match origin.delete_snapshot(id).await {
+                Ok(_) | Err(cowsnap_store::Error::NoSnapshot(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.devices.release(&s.device, s.file_backed)?;
+        inner.volume_mut(vol).snapshots.retain(|x| x.id != s.id);
+        self.save(inner)
+    }
+
+    /// Saves why snapshot `snap` of `vol` (engine id `id`) becomes invalid,
+    /// when it does: its COW header keeps only `valid = 0`, and the API
+    /// says why after any restart. Ends with the snapshot.
+    pub(super) fn watch_invalid(
+        self: &Arc<Self>,
+        origin: &Origin,
+        id: SnapId,
+        vol: &str,
+        snap: &str,
+    ) {
+        let Ok(mut rx) = origin.watch_invalid(id) else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let (vol, snap) = (vol.to_string(), snap.to_string());
+        tokio::spawn(async move {
+            let reason = match rx.wait_for(Option::is_some).await {
+                Ok(r) => (*r).clone().unwrap_or_default(),
+                Err(_) => return,
+            };
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            tracing::error!(snapshot = %names::snapshot(&vol, &snap), "snapshot is invalid: {reason}");
+            let mut inner = me.inner.lock().await;
+            let Some(rec) = inner
+                .st
+                .volumes
+                .get_mut(&vol)
+                .and_then(|v| v.snapshots.iter_mut().find(|s| s.id == snap))
+            else {
+                return;
+            };
+            if rec.error.is_none() {
+                rec.error = Some(reason);
+                if let Err(e) = me.save(&mut inner) {
+                    tracing::warn!(snapshot = %names::snapshot(&vol, &snap), "cannot save why the snapshot is invalid: {e}");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,171 @@
+//! Volume calls: create (idempotent: the same arguments return the existing
+//! volume), get, list and delete.
+
+use std::sync::Arc;
+
+use cowsnap_proto::names;
+use cowsnap_store::Origin;
+use cowsnap_store::format::DEFAULT_CHUNK_SECTORS;
+
+use super::live::Live;
+use super::{VolumeInfo, Worker, chunk_layout, same_or_exists};
+use crate::error::{Result, WorkerError};
+use crate::state::{Phase, VolumeRec, now};
+
+/// What a new empty volume asks for.
+#[derive(Clone, Debug, Default)]
+pub struct NewVolume {
+    pub volume_id: String,
+    /// 0: the whole raw `device`.
+    pub size_bytes: u64,
+    /// 0: the default (32).
+    pub chunk_sectors: u32,
+    /// A raw device from the allow list; empty: a new file.
+    pub device: String,
+}
+
+impl Worker {
+    pub async fn create_volume(&self, new: &NewVolume) -> Result<VolumeInfo> {
+        let NewVolume {
+            volume_id,
+            size_bytes,
+            chunk_sectors,
+            device,
+        } = new;
+        let (volume_id, size_bytes) = (volume_id.as_str(), *size_bytes);
+        names::check_id(volume_id).map_err(|e| WorkerError::invalid("volume_id", e))?;
+        let layout = chunk_layout("chunk_sectors", *chunk_sectors, DEFAULT_CHUNK_SECTORS)?;
+        let mut inner = self.inner.lock().await;
+        let file = self.devices.volume_file(volume_id);
+        if let Some(v) = inner.st.volumes.get(volume_id) {
+            let asked_dev = self.asked_device(device, file)?;
+            let asked_size = if size_bytes == 0 && !device.is_empty() {
+                v.size_bytes
+            } else {
+                size_bytes
+            };
+            same_or_exists(
+                &names::volume(volume_id),
+                (v.size_bytes, v.chunk_sectors, v.device.clone()),
+                (asked_size, layout.chunk_sectors(), asked_dev),
+            )?;
+            return Ok(self.volume_info(&inner, v));
+        }
+        if size_bytes == 0 && device.is_empty() {
+            return Err(WorkerError::invalid("size_bytes", "must be positive"));
+        }
+        let mut place = self.choose_device(&inner.st, device, file, size_bytes)?;
+        if size_bytes == 0 {
+            // The whole raw device, in whole chunks.
+            place.size -= place.size % layout.chunk_bytes();
+        }
+        let (path, file_backed, size) = (place.path, place.file_backed, place.size);
+        if size == 0 || !size.is_multiple_of(4096) || !size.is_multiple_of(layout.chunk_bytes()) {
+            return Err(WorkerError::invalid(
+                "size_bytes",
+                format!(
+                    "{size} is not a positive multiple of 4096 and of the chunk size ({} bytes)",
+                    layout.chunk_bytes()
+                ),
+            ));
+        }
+        let rec = VolumeRec {
+            id: volume_id.to_string(),
+            size_bytes: size,
+            chunk_sectors: layout.chunk_sectors(),
+            device: path.clone(),
+            file_backed,
+            phase: Phase::Creating,
+            snapshots: Vec::new(),
+            merging: None,
+            create_time: now(),
+        };
+        inner.st.volumes.insert(volume_id.to_string(), rec);
+        self.save(&mut inner)?;
+        let origin = self
+            .prepare_device(&path, file_backed, size)
+            .and_then(|()| Ok(Origin::new(self.open_sized(&path, file_backed, size)?)?));
+        let origin = match origin {
+            Ok(o) => Arc::new(o),
+            Err(e) => {
+                // Undo the intent: nothing was acknowledged.
+                inner.st.volumes.remove(volume_id);
+                if file_backed {
+                    let _ = self.devices.release(&path, true);
+                }
+                self.save(&mut inner)?;
+                return Err(e);
+            }
+        };
+        let v = inner.volume_mut(volume_id);
+        v.phase = Phase::Ready;
+        let v = v.clone();
+        inner
+            .live
+            .insert(volume_id.to_string(), Live::up(origin.clone()));
+        self.save(&mut inner)?;
+        self.export_volume(&v, &inner.live[volume_id]);
+        tracing::info!(volume = %names::volume(volume_id), size, device = %path.display(), "volume created");
+        Ok(self.volume_info(&inner, &v))
+    }
+
+    pub async fn get_volume(&self, name: &str) -> Result<VolumeInfo> {
+        let inner = self.inner.lock().await;
+        let v = inner.volume(name)?;
+        Ok(self.volume_info(&inner, v))
+    }
+
+    pub async fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let inner = self.inner.lock().await;
+        inner
+            .st
+            .volumes
+            .values()
+            .map(|v| self.volume_info(&inner, v))
+            .collect()
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let v = inner.volume(name)?.clone();
+        let visible = v
+            .snapshots
+            .iter()
+            .filter(|s| !s.id.starts_with('.'))
+            .count();
+        if visible > 0 {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} has {visible} snapshot(s); delete them first"
+            )));
+        }
+        if let Some(t) = self.tasks.running_for(name) {
+            let t = t.get();
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is used by task tasks/{} ({} of {})",
+                t.id,
+                t.kind.as_str(),
+                t.target
+            )));
+        }
+        if !v.snapshots.is_empty() {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is the source of a clone in progress"
+            )));
+        }
+        inner.volume_mut(&v.id).phase = Phase::Deleting;
+        self.save(&mut inner)?;
+        self.exports.remove(name);
+        if let Some(Live::Up { origin, .. }) = inner.live.remove(&v.id) {
+            self.retired_io
+                .lock()
+                .expect("retired io")
+                .add(&origin.io_stats());
+            origin.shutdown().await?;
+        }
+        self.devices.release(&v.device, v.file_backed)?;
+        inner.st.volumes.remove(&v.id);
+        self.save(&mut inner)?;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+}
