@@ -63,6 +63,25 @@ fn reuse_lines(up: &Up) -> usize {
         .count()
 }
 
+/// Waits until snapshot `name` holds copied chunks.
+async fn copying_into(up: &Up, name: &str) {
+    for _ in 0..1200 {
+        let s = up
+            .clients()
+            .await
+            .snapshots
+            .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.usage.is_some_and(|u| u.exceptions > 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fio copied nothing into {name} in 60 s");
+}
+
 /// `cowsnap up` on a scratch data dir (kept while the first value lives),
 /// serving, with volume `volumes/v` of `size` bytes.
 async fn up_with_volume(size: u64) -> (tempfile::TempDir, Up) {
@@ -111,9 +130,13 @@ async fn a_default_sized_snapshot_survives_kills_during_write_storms() {
             .unwrap()
             .into_inner();
         assert_eq!(s.state(), pb::State::Ready);
-        snaps.push(s.name);
         let mut fio = fio_storm(&vol_uri);
-        tokio::time::sleep(Duration::from_millis(300 + 100 * (kills % 5))).await;
+        // Kill only once fio is copying chunks into this snapshot (it may
+        // take a while to start on a loaded machine), a little later each
+        // round.
+        copying_into(&up, &s.name).await;
+        snaps.push(s.name);
+        tokio::time::sleep(Duration::from_millis(100 + 100 * (kills % 5))).await;
         up.kill9();
         kills += 1;
         let _ = fio.kill();
