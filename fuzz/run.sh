@@ -27,6 +27,8 @@ done
 # through on stable. No sanitizer: the code under test is safe Rust, and
 # its panics and failed checks are what is looked for.
 export RUSTC_BOOTSTRAP=1 SQLX_OFFLINE=true
+# Instrumented builds stay in fuzz/target, apart from the workspace's.
+unset CARGO_TARGET_DIR
 cargo fuzz build --sanitizer none > /tmp/cowsnap-fuzz-build.log 2>&1 \
   || { cat /tmp/cowsnap-fuzz-build.log; exit 1; }
 bin=target/x86_64-unknown-linux-gnu/release
