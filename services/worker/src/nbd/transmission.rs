@@ -10,7 +10,8 @@
 //! its reply is written: a client that stops reading stops being read.
 //!
 //! The connection ends on `NBD_CMD_DISC`, end of file, a protocol error (bad
-//! request magic), a failed reply write, or the shutdown token; in every case
+//! request magic), a failed reply write, the export being closed, or the
+//! shutdown token; in every case
 //! the requests already in flight finish and are answered, writes not yet
 //! flushed are flushed, then the socket closes.
 
@@ -85,6 +86,8 @@ enum End {
     Eof,
     Shutdown,
     WriterGone,
+    /// The export was closed for good (its volume retired).
+    Closed,
 }
 
 impl End {
@@ -94,6 +97,7 @@ impl End {
             End::Eof => "the client closed the connection",
             End::Shutdown => "the server is shutting down",
             End::WriterGone => "replies could not be written",
+            End::Closed => "the export was closed",
         }
     }
 }
@@ -191,6 +195,7 @@ where
             biased;
             _ = shutdown.cancelled() => return Ok(End::Shutdown),
             _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+            _ = conn.export.closed.cancelled() => return Ok(End::Closed),
             r = read_header(rd, &mut raw) => r?,
         };
         if !got {
@@ -215,6 +220,7 @@ where
             biased;
             _ = shutdown.cancelled() => return Ok(End::Shutdown),
             _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+            _ = conn.export.closed.cancelled() => return Ok(End::Closed),
             p = acquire(&slots, &budget, bytes) => p,
         };
 
@@ -378,6 +384,9 @@ impl Conn {
         );
         if writes && !self.export.writable {
             return Err(self.error(req, proto::EPERM, "the export is read-only"));
+        }
+        if writes && self.export.closed.is_cancelled() {
+            return Err(self.error(req, proto::ESHUTDOWN, "the export is closed"));
         }
         if req.kind == proto::CMD_FLUSH {
             return Ok(());
