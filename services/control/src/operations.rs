@@ -196,8 +196,19 @@ impl Operations {
         }
     }
 
-    /// A simulated crash at `point`, if a test asked for one.
+    /// A simulated crash at `point`, if a test asked for one; a real one
+    /// (SIGKILL) if `COWSNAP_TEST_KILL_AT` names it
+    /// (`KIND:before_worker` or `KIND:after_worker`, e.g.
+    /// `delete_volume:after_worker`).
     fn crash_at(&self, op: &Operation, point: CrashPoint) -> Result<()> {
+        cowsnap_proto::kill_point::reached(&format!(
+            "{}:{}",
+            op.kind.as_str(),
+            match point {
+                CrashPoint::BeforeWorker => "before_worker",
+                CrashPoint::AfterWorker => "after_worker",
+            }
+        ));
         if self.crash
             == Some(CrashAt {
                 kind: op.kind,

@@ -188,6 +188,7 @@ impl Worker {
         }
         inner.volume_mut(&v.id).phase = Phase::Deleting;
         self.save(&mut inner)?;
+        cowsnap_proto::kill_point::reached("worker:delete_volume:recorded");
         self.exports.remove(name);
         if let Some(Live::Up { origin, .. }) = inner.live.remove(&v.id) {
             self.retired_io
@@ -197,6 +198,7 @@ impl Worker {
             origin.shutdown().await?;
         }
         self.devices.release(&v.device, v.file_backed)?;
+        cowsnap_proto::kill_point::reached("worker:delete_volume:released");
         inner.st.volumes.remove(&v.id);
         self.save(&mut inner)?;
         tracing::info!(volume = %name, "volume deleted");
