@@ -368,7 +368,8 @@ impl Operations {
     /// made it DELETED_WITH_SNAPSHOTS: if the volume is DELETED_WITH_SNAPSHOTS
     /// and has no snapshot left, records its reclaim (a volume delete,
     /// undone back to DELETED_WITH_SNAPSHOTS if the worker refuses it).
-    /// Returns the operation, to drive once `tx` is committed.
+    /// Returns the operation, to drive once `tx` is committed (D12 of
+    /// docs/design.md).
     pub async fn reclaim_if_released(tx: &mut Tx, vol: &str, now: i64) -> Result<Option<i64>> {
         let Some(v) = catalog::volumes::get(tx, vol).await? else {
             return Ok(None);

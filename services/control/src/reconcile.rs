@@ -430,6 +430,7 @@ impl Reconciler {
             chunk_sectors: wv.chunk_sectors,
             labels,
             state: match wv.state {
+                _ if wv.retired => State::DeletedWithSnapshots,
                 State::Ready | State::Merging => State::Ready,
                 s => s,
             },
