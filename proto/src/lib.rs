@@ -6,8 +6,9 @@
 //! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
 //! [`names`], the resource names every side parses the same way, and
 //! [`server`], what every cowsnap gRPC server shares (listen addresses,
-//! reflection, health).
+//! reflection, health), and [`kill_point`], the tests' `kill -9` hook.
 
+pub mod kill_point;
 pub mod names;
 pub mod server;
 

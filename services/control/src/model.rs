@@ -32,6 +32,9 @@ pub enum State {
     Deleting,
     Invalid,
     Failed,
+    /// A volume deleted while it has snapshots: hidden from block clients,
+    /// kept for its snapshots, reclaimed when the last one goes.
+    DeletedWithSnapshots,
 }
 
 impl State {
@@ -43,6 +46,7 @@ impl State {
             State::Deleting => "deleting",
             State::Invalid => "invalid",
             State::Failed => "failed",
+            State::DeletedWithSnapshots => "deleted_with_snapshots",
         }
     }
 
@@ -54,6 +58,7 @@ impl State {
             "deleting" => State::Deleting,
             "invalid" => State::Invalid,
             "failed" => State::Failed,
+            "deleted_with_snapshots" => State::DeletedWithSnapshots,
             _ => {
                 return Err(ControlError::Internal(anyhow::anyhow!(
                     "unknown state {s:?} in the catalog"
@@ -278,6 +283,10 @@ pub struct OpArgs {
     /// The volume or snapshot as it was when its delete was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted: Option<OpResult>,
+    /// A volume delete deferred while it has snapshots: the worker retires
+    /// the volume, which stays DELETED_WITH_SNAPSHOTS until the last goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deferred: bool,
 }
 
 /// An operation's result: the resource it made, changed or deleted.

@@ -25,6 +25,14 @@
 //! `failed`, with the recorded row undone. Which answers are which is
 //! [`crate::workers::classify`]'s to say.
 //!
+//! A volume deleted while it has snapshots (`OpArgs::deferred`) is retired
+//! on its worker and settles as `DELETED_WITH_SNAPSHOTS`. Its reclaim is a
+//! plain volume delete, recorded by [`Operations::reclaim_if_released`] in
+//! the very transaction that removes its last snapshot row (or settles the
+//! deferral when none is left), so it is recorded exactly when the last
+//! snapshot is gone, never before, and a crash after that commit leaves a
+//! `pending` delete for reconciliation like any other.
+//!
 //! Calls on one volume (and its snapshots) are serialized by a lock per
 //! volume id ([`Operations::lock`]), taken by handlers, trackers and the
 //! reconciler alike, so they never act on one resource at once.
@@ -38,10 +46,11 @@ use tokio::sync::{OwnedMutexGuard, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::catalog::operations::NewOp;
 use crate::catalog::{self, Catalog, Tx};
 use crate::error::{ControlError, ErrorKind, Result};
 use crate::metrics::Metrics;
-use crate::model::{OpKind, OpResult, OpState, Operation, State, now_ms};
+use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation, State, now_ms};
 use crate::workers::{WorkerClient, WorkerTask, Workers, classify};
 
 /// How long one wait on a worker's task lasts before the tracker records
@@ -187,8 +196,19 @@ impl Operations {
         }
     }
 
-    /// A simulated crash at `point`, if a test asked for one.
+    /// A simulated crash at `point`, if a test asked for one; a real one
+    /// (SIGKILL) if `COWSNAP_TEST_KILL_AT` names it
+    /// (`KIND:before_worker` or `KIND:after_worker`, e.g.
+    /// `delete_volume:after_worker`).
     fn crash_at(&self, op: &Operation, point: CrashPoint) -> Result<()> {
+        cowsnap_proto::kill_point::reached(&format!(
+            "{}:{}",
+            op.kind.as_str(),
+            match point {
+                CrashPoint::BeforeWorker => "before_worker",
+                CrashPoint::AfterWorker => "after_worker",
+            }
+        ));
         if self.crash
             == Some(CrashAt {
                 kind: op.kind,
@@ -303,6 +323,7 @@ impl Operations {
             OpKind::CreateSnapshot => {
                 let (v, s) = snapshot_of(&op.target)?;
                 catalog::snapshots::delete(&mut tx, &v, &s).await?;
+                Self::reclaim_if_released(&mut tx, &v, now).await?;
             }
             OpKind::DeleteSnapshot | OpKind::MergeSnapshot => {
                 let (v, s) = snapshot_of(&op.target)?;
@@ -343,7 +364,47 @@ impl Operations {
         }
     }
 
+    /// In `tx`, which has just removed a snapshot row of volume `vol` or
+    /// made it DELETED_WITH_SNAPSHOTS: if the volume is DELETED_WITH_SNAPSHOTS
+    /// and has no snapshot left, records its reclaim (a volume delete,
+    /// undone back to DELETED_WITH_SNAPSHOTS if the worker refuses it).
+    /// Returns the operation, to drive once `tx` is committed (D12 of
+    /// docs/design.md).
+    pub async fn reclaim_if_released(tx: &mut Tx, vol: &str, now: i64) -> Result<Option<i64>> {
+        let Some(v) = catalog::volumes::get(tx, vol).await? else {
+            return Ok(None);
+        };
+        if v.state != State::DeletedWithSnapshots || catalog::snapshots::count(tx, vol).await? > 0 {
+            return Ok(None);
+        }
+        catalog::volumes::set_state(tx, vol, State::Deleting, &v.error, now).await?;
+        let name = v.name();
+        let args = OpArgs {
+            prior_state: Some(State::DeletedWithSnapshots),
+            deleted: Some(OpResult::Volume(v.clone())),
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            tx,
+            NewOp {
+                kind: OpKind::DeleteVolume,
+                target: &name,
+                source: "",
+                volume_id: vol,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tracing::info!(volume = %name, operation = op, "last snapshot gone: reclaim recorded");
+        Ok(Some(op))
+    }
+
     async fn drive_delete_volume(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
+        if op.args.deferred {
+            return self.drive_retire_volume(op, w).await;
+        }
         match w.delete_volume(&op.target).await {
             Ok(()) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
@@ -351,6 +412,33 @@ impl Operations {
                 catalog::volumes::delete(&mut tx, &volume_of(&op.target)).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
+                self.commit(tx, op).await
+            }
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
+            Err(e) => self.fail_undo(op, e).await,
+        }
+    }
+
+    /// A deferred delete: the worker retires the volume (closes its
+    /// export); it settles DELETED_WITH_SNAPSHOTS, or has its reclaim
+    /// recorded at once if its snapshots went meanwhile.
+    async fn drive_retire_volume(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
+        match w.retire_volume(&op.target).await {
+            // NOT_FOUND: the worker lost it; nothing is exported either.
+            Ok(_) | Err(ControlError::NotFound(_)) => {
+                self.crash_at(op, CrashPoint::AfterWorker)?;
+                let id = volume_of(&op.target);
+                let now = now_ms();
+                let mut tx = self.catalog.write().await?;
+                let error = catalog::volumes::get(&mut tx, &id)
+                    .await?
+                    .map(|v| v.error)
+                    .unwrap_or_default();
+                catalog::volumes::set_state(&mut tx, &id, State::DeletedWithSnapshots, &error, now)
+                    .await?;
+                let r = self.volume_result(&mut tx, &id).await?;
+                Self::reclaim_if_released(&mut tx, &id, now).await?;
+                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
@@ -406,6 +494,7 @@ impl Operations {
                 let (vol, snap) = snapshot_of(&op.target)?;
                 let mut tx = self.catalog.write().await?;
                 catalog::snapshots::delete(&mut tx, &vol, &snap).await?;
+                Self::reclaim_if_released(&mut tx, &vol, now_ms()).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
                 self.commit(tx, op).await

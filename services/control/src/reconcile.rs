@@ -16,7 +16,13 @@
 //!    the catalog does not (made outside this control service, or a catalog
 //!    restored from an old backup) is adopted into the catalog with the
 //!    label `cowsnap.io/adopted=true`, visible and deletable, never
-//!    silently destroyed.
+//!    silently destroyed. A DELETED_WITH_SNAPSHOTS volume stays so even
+//!    when its worker lost it (its snapshots still need deleting), is
+//!    retired again if its worker exports it, and has its reclaim recorded
+//!    if it has no snapshot left and none was.
+//!
+//! Driving an operation may record another (the reclaim of a volume whose
+//! last snapshot a delete removed): the pass drives those too.
 //!
 //! Every repair takes the volume's lock and looks again before acting, so
 //! it never races a call in flight.
@@ -29,7 +35,7 @@ use cowsnap_proto::names;
 use crate::catalog::{self, Catalog};
 use crate::error::{ControlError, Result};
 use crate::metrics::Metrics;
-use crate::model::{Snapshot, State, Volume, now_ms};
+use crate::model::{Operation, Snapshot, State, Volume, now_ms};
 use crate::operations::Operations;
 use crate::workers::{WorkerSnapshot, WorkerVolume, Workers};
 
@@ -129,10 +135,26 @@ impl Reconciler {
     }
 
     async fn operations(&self, report: &mut Report) -> Result<()> {
-        let active = {
-            let mut c = self.catalog.conn().await?;
-            catalog::operations::active(&mut c).await?
-        };
+        // Operations recorded by the ones driven (reclaims) are driven in a
+        // further round; those still pending after a round are not retried
+        // in this pass.
+        let mut tried = std::collections::HashSet::new();
+        loop {
+            let active: Vec<_> = {
+                let mut c = self.catalog.conn().await?;
+                catalog::operations::active(&mut c).await?
+            }
+            .into_iter()
+            .filter(|o| tried.insert(o.id))
+            .collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            self.drive_all(active, report).await?;
+        }
+    }
+
+    async fn drive_all(&self, active: Vec<Operation>, report: &mut Report) -> Result<()> {
         for op in active {
             if self.ops.is_owned(op.id) {
                 continue;
@@ -243,10 +265,17 @@ impl Reconciler {
         } else {
             wv
         };
+        if v.state == State::DeletedWithSnapshots
+            && self
+                .deleted_with_snapshots(&v, snaps.is_empty(), wv)
+                .await?
+        {
+            return Ok(());
+        }
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         let Some(wv) = wv else {
-            if v.state != State::Failed {
+            if !matches!(v.state, State::Failed | State::DeletedWithSnapshots) {
                 tracing::error!(volume = %v.name(), "its worker no longer has it: marked FAILED");
                 catalog::volumes::set_state(
                     &mut tx,
@@ -338,6 +367,41 @@ impl Reconciler {
         Ok(())
     }
 
+    /// A DELETED_WITH_SNAPSHOTS volume: retired again if its worker exports
+    /// it (a worker state restored from before the retire), reclaimed if it
+    /// has no snapshot left and no reclaim was recorded. Returns whether a
+    /// reclaim was recorded.
+    async fn deleted_with_snapshots(
+        &self,
+        v: &Volume,
+        no_snapshots: bool,
+        wv: Option<&WorkerVolume>,
+    ) -> Result<bool> {
+        if let Some(wv) = wv
+            && !wv.retired
+        {
+            tracing::warn!(volume = %v.name(), "deleted but exported by its worker: retiring it again");
+            let client = self.workers.client(&v.worker_id).await?;
+            if let Err(e) = client.retire_volume(&v.name()).await {
+                tracing::warn!(volume = %v.name(), "cannot retire it: {e}");
+            }
+        }
+        if no_snapshots {
+            let mut tx = self.catalog.write().await?;
+            let op = Operations::reclaim_if_released(&mut tx, &v.id, now_ms()).await?;
+            tx.commit().await?;
+            if let Some(op) = op {
+                self.ops.notify();
+                self.metrics.repaired("reclaim_recorded");
+                if let Err(e) = self.ops.drive(op).await {
+                    tracing::warn!(volume = %v.name(), "reclaim still pending: {e}");
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Takes a volume the worker has and the catalog lacks into the
     /// catalog, after looking again under its lock.
     async fn adopt(&self, worker_id: &str, wv: &WorkerVolume, report: &mut Report) -> Result<()> {
@@ -366,6 +430,7 @@ impl Reconciler {
             chunk_sectors: wv.chunk_sectors,
             labels,
             state: match wv.state {
+                _ if wv.retired => State::DeletedWithSnapshots,
                 State::Ready | State::Merging => State::Ready,
                 s => s,
             },
@@ -407,6 +472,9 @@ fn differs(v: &Volume, snaps: &[Snapshot], wv: Option<&WorkerVolume>) -> bool {
     let Some(wv) = wv else {
         return v.state != State::Failed;
     };
+    if v.state == State::DeletedWithSnapshots && !wv.retired {
+        return true;
+    }
     let settled =
         |s: &&Snapshot| !matches!(s.state, State::Creating | State::Deleting | State::Merging);
     snaps

@@ -87,6 +87,11 @@ impl Control {
             return Ok(s);
         }
         drop(c);
+        if v.state == State::DeletedWithSnapshots {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{parent} is deleted (kept only for its snapshots); no snapshot can be taken of it"
+            )));
+        }
         if v.state != State::Ready {
             return Err(ControlError::FailedPrecondition(format!(
                 "{parent} is {}; snapshots are taken of READY volumes",
@@ -220,7 +225,9 @@ impl Control {
         let s = self.snapshot(vol, snap).await?;
         if let (State::Deleting, Some(op)) = (s.state, s.operation) {
             let op = self.ops.drive(op).await?;
-            return failure(&op).map_or(Ok(()), Err);
+            failure(&op).map_or(Ok(()), Err)?;
+            self.drive_reclaim(vol).await;
+            return Ok(());
         }
         match s.state {
             State::Merging => {
@@ -274,7 +281,10 @@ impl Control {
         tx.commit().await?;
         self.ops.notify();
         let op = self.ops.drive(op).await?;
-        failure(&op).map_or(Ok(()), Err)
+        failure(&op).map_or(Ok(()), Err)?;
+        // The last snapshot of a DELETED_WITH_SNAPSHOTS volume: reclaim it.
+        self.drive_reclaim(vol).await;
+        Ok(())
     }
 
     /// Starts rolling the volume back to the snapshot.

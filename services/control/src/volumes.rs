@@ -1,6 +1,7 @@
 //! Volume calls: create (placed on the worker with the most room), get,
-//! list, delete, and restore and clone (long-running, on the source's
-//! worker, which copies locally).
+//! list, delete (at once, or deferred while the volume has snapshots:
+//! DELETED_WITH_SNAPSHOTS until the last goes, then reclaimed), and restore
+//! and clone (long-running, on the source's worker, which copies locally).
 
 use cowsnap_proto::names;
 
@@ -77,6 +78,19 @@ impl VolumeFilter {
     }
 }
 
+/// ALREADY_EXISTS for a new volume whose id a deleted volume still holds
+/// (DELETED_WITH_SNAPSHOTS, or being deleted or reclaimed).
+fn id_held(v: &Volume) -> Option<ControlError> {
+    let why = match (v.state, v.operation) {
+        (State::DeletedWithSnapshots, _) => {
+            "was deleted but is kept for its snapshots; its id is free once they are deleted"
+        }
+        (State::Deleting, Some(_)) => "is being deleted; its id is free once that ends",
+        _ => return None,
+    };
+    Some(ControlError::AlreadyExists(format!("{} {why}", v.name())))
+}
+
 impl Control {
     async fn volume(&self, id: &str) -> Result<Volume> {
         let mut c = self.catalog.conn().await?;
@@ -108,6 +122,9 @@ impl Control {
         let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
             drop(c);
+            if let Some(e) = id_held(&v) {
+                return Err(e);
+            }
             if !v.source.is_empty()
                 || v.size_bytes != spec.size_bytes
                 || v.chunk_sectors != chunk
@@ -204,7 +221,12 @@ impl Control {
         Ok((page, next))
     }
 
-    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+    /// Deletes a volume. One with snapshots is refused (FAILED_PRECONDITION)
+    /// unless `defer_while_snapshots`: then it is retired on its worker at
+    /// once (export closed, no more writes) and kept as
+    /// DELETED_WITH_SNAPSHOTS until its last snapshot is deleted, when it is
+    /// reclaimed. Idempotent; this is what CSI DeleteVolume calls.
+    pub async fn delete_volume(&self, name: &str, defer_while_snapshots: bool) -> Result<()> {
         let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
         let _g = self.ops.lock(&[id]).await;
         let v = self.volume(id).await?;
@@ -212,12 +234,27 @@ impl Control {
         if let (State::Deleting, Some(op)) = (v.state, v.operation) {
             drop(c);
             let op = self.ops.drive(op).await?;
-            return failure(&op).map_or(Ok(()), Err);
+            failure(&op).map_or(Ok(()), Err)?;
+            self.drive_reclaim(id).await;
+            if op.args.deferred && !defer_while_snapshots {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{name} is deleted and kept for its snapshots; it is reclaimed when they are deleted"
+                )));
+            }
+            return Ok(());
         }
         let snaps = catalog::snapshots::count(&mut c, id).await?;
-        if snaps > 0 {
+        if v.state == State::DeletedWithSnapshots {
+            if defer_while_snapshots {
+                return Ok(());
+            }
             return Err(ControlError::FailedPrecondition(format!(
-                "{name} has {snaps} snapshot(s); delete them first"
+                "{name} is already deleted and kept for its {snaps} snapshot(s); it is reclaimed when they are deleted"
+            )));
+        }
+        if snaps > 0 && !defer_while_snapshots {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} has {snaps} snapshot(s); delete them first (or defer the delete until they are gone)"
             )));
         }
         if let Some(op) = v.operation {
@@ -230,16 +267,32 @@ impl Control {
                 }
             )));
         }
-        if let Some(op) = catalog::operations::active_on(&mut c, name)
-            .await?
-            .into_iter()
-            .find(|o| o.source == name)
-        {
+        let active = catalog::operations::active(&mut c).await?;
+        if let Some(op) = active.iter().find(|o| o.source == name) {
             return Err(ControlError::FailedPrecondition(format!(
                 "{name} is the source of {} ({}); wait for it to end",
                 op.name(),
                 op.kind.as_str()
             )));
+        }
+        let deferred = snaps > 0;
+        if deferred {
+            if let Some(op) = active
+                .iter()
+                .find(|o| o.kind == OpKind::CreateSnapshot && volume_of(&o.target) == id)
+            {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{} is being created by {}; wait for it to end",
+                    op.target,
+                    op.name()
+                )));
+            }
+            if !matches!(v.state, State::Ready | State::Failed) {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{name} is {}",
+                    v.state.as_str().to_uppercase()
+                )));
+            }
         }
         drop(c);
         self.ensure_reachable(&v.worker_id).await?;
@@ -249,6 +302,7 @@ impl Control {
         let args = OpArgs {
             prior_state: Some(v.state),
             deleted: Some(OpResult::Volume(v.clone())),
+            deferred,
             ..Default::default()
         };
         let op = catalog::operations::insert(
@@ -267,7 +321,32 @@ impl Control {
         tx.commit().await?;
         self.ops.notify();
         let op = self.ops.drive(op).await?;
-        failure(&op).map_or(Ok(()), Err)
+        failure(&op).map_or(Ok(()), Err)?;
+        self.drive_reclaim(id).await;
+        Ok(())
+    }
+
+    /// Drives the reclaim of volume `id` if one is recorded (its last
+    /// snapshot just went). The caller holds the volume's lock. A reclaim
+    /// that cannot finish now stays recorded for reconciliation: the call
+    /// that released the volume has succeeded either way.
+    pub(crate) async fn drive_reclaim(&self, id: &str) {
+        let op = match self.volume(id).await {
+            Ok(v) if v.state == State::Deleting => v.operation,
+            _ => None,
+        };
+        if let Some(op) = op {
+            match self.ops.drive(op).await {
+                Ok(op) => {
+                    if let Some(e) = failure(&op) {
+                        tracing::warn!(volume = %names::volume(id), "reclaim refused: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %names::volume(id), "reclaim left to reconciliation: {e}")
+                }
+            }
+        }
     }
 
     /// Starts a restore of `source_snapshot` into a new volume.
@@ -345,6 +424,9 @@ impl Control {
         let name = names::volume(volume_id);
         let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
+            if let Some(e) = id_held(&v) {
+                return Err(e);
+            }
             let same = v.source == source && v.chunk_sectors == chunk && v.labels == spec.labels;
             let op = match same {
                 true => catalog::operations::latest(&mut c, kind, &name).await?,

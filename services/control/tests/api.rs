@@ -193,7 +193,10 @@ async fn volumes_and_snapshots_happy_paths_and_idempotency() {
     }
     for v in ["volumes/v1", "volumes/v2"] {
         c.volumes
-            .delete_volume(pb::DeleteVolumeRequest { name: v.into() })
+            .delete_volume(pb::DeleteVolumeRequest {
+                name: v.into(),
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
@@ -356,6 +359,7 @@ async fn error_codes() {
         c.volumes
             .delete_volume(pb::DeleteVolumeRequest {
                 name: "volumes/nope".into(),
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -482,6 +486,7 @@ async fn error_codes() {
         c.volumes
             .delete_volume(pb::DeleteVolumeRequest {
                 name: "volumes/v1".into(),
+                ..Default::default()
             })
             .await,
     );
@@ -810,6 +815,7 @@ async fn workers_are_registered_checked_and_placed_by_room() {
         c.volumes
             .delete_volume(pb::DeleteVolumeRequest {
                 name: "volumes/vb".into(),
+                ..Default::default()
             })
             .await,
     );

@@ -162,6 +162,7 @@ async fn crashes_around_the_worker_call_are_reconciled_at_start() {
             c.volumes
                 .delete_volume(pb::DeleteVolumeRequest {
                     name: format!("volumes/{v}"),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())
@@ -470,6 +471,7 @@ async fn reconciliation_marks_lost_resources_and_adopts_unknown_ones() {
     c.volumes
         .delete_volume(pb::DeleteVolumeRequest {
             name: "volumes/lost".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -170,6 +170,7 @@ async fn storm_client(api_addr: String, seed: u64, stop: Arc<AtomicBool>, tally:
                     .volumes
                     .delete_volume(pb::DeleteVolumeRequest {
                         name: vols[i].clone(),
+                        ..Default::default()
                     })
                     .await;
                 if tally.record("delete volume", r).is_some() {
@@ -194,7 +195,10 @@ async fn delete_all(up: &Up) {
     for (name, _) in states.iter().filter(|(n, _)| !n.contains("/snapshots/")) {
         // A volume still being restored or cloned from waits for that.
         api.volumes
-            .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+            .delete_volume(pb::DeleteVolumeRequest {
+                name: name.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("delete {name}: {e}"));
     }
@@ -307,7 +311,10 @@ async fn sixty_four_clients_create_and_delete_without_error() {
                         .await
                         .unwrap_or_else(|e| panic!("client {c}: delete {}: {e}", s.name));
                     api.volumes
-                        .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                        .delete_volume(pb::DeleteVolumeRequest {
+                            name: name.clone(),
+                            ..Default::default()
+                        })
                         .await
                         .unwrap_or_else(|e| panic!("client {c}: delete {name}: {e}"));
                     calls.fetch_add(5, Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use cowsnap_store::{Origin, Target};
+use tokio_util::sync::CancellationToken;
 
 /// One export: an engine target and whether clients may write to it.
 pub struct Export {
@@ -17,6 +18,9 @@ pub struct Export {
     pub writable: bool,
     /// Preferred I/O size to advertise (the chunk size).
     pub preferred_block_size: u32,
+    /// Cancelled when the export is closed for good ([`Exports::close`]):
+    /// the connections using it end.
+    pub closed: CancellationToken,
 }
 
 impl Export {
@@ -55,6 +59,15 @@ impl Exports {
     /// snapshot).
     pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
         self.map.write().expect("exports").remove(name)
+    }
+
+    /// Removes an export and ends the connections using it (their requests
+    /// in flight are answered first): for a volume retired while its
+    /// snapshots live on, whose engine stays up.
+    pub fn close(&self, name: &str) {
+        if let Some(e) = self.remove(name) {
+            e.closed.cancel();
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {

@@ -81,7 +81,12 @@ pub fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
 
 pub fn volume_pb(v: VolumeInfo) -> pb::Volume {
     pb::Volume {
-        nbd_export: v.name.clone(),
+        nbd_export: if v.retired {
+            String::new()
+        } else {
+            v.name.clone()
+        },
+        retired: v.retired,
         name: v.name,
         size_bytes: v.size_bytes,
         chunk_sectors: v.chunk_sectors,
@@ -200,6 +205,11 @@ impl WorkerService for WorkerGrpc {
     ) -> Rpc<pb::DeleteVolumeResponse> {
         self.worker.delete_volume(&r.into_inner().name).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn retire_volume(&self, r: Request<pb::RetireVolumeRequest>) -> Rpc<pb::Volume> {
+        let v = self.worker.retire_volume(&r.into_inner().name).await?;
+        Ok(Response::new(volume_pb(v)))
     }
 
     async fn create_snapshot(&self, r: Request<pb::CreateSnapshotRequest>) -> Rpc<pb::Snapshot> {

@@ -59,6 +59,10 @@ pub struct VolumeRec {
     /// The snapshot merging into this volume.
     pub merging: Option<String>,
     pub create_time: u64,
+    /// Retired (deleted while it had snapshots): not exported, never
+    /// written again; its devices stay until its last snapshot goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +230,7 @@ mod tests {
                 phase: Phase::Ready,
                 snapshots: vec![],
                 merging: None,
+                retired: false,
                 create_time: 1,
             },
         );

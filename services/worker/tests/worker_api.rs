@@ -1227,3 +1227,97 @@ async fn the_allow_list_cannot_be_escaped() {
     outside_intact("the end");
     w.stop().await;
 }
+
+/// qemu-io `cmd` on `uri`; whether it succeeded, and its output.
+fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw", uri, "-c", cmd])
+        .output()
+        .expect("qemu-io (apt install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_volume_is_not_exported_and_its_snapshot_still_reads() {
+    let dir = scratch();
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    create_volume(&mut c, "v1", 4 * MIB, 8).await;
+    let mut n = nbd(w.nbd, "volumes/v1");
+    n.write_ok(0, &pattern(MIB as usize, 7));
+    create_snapshot(&mut c, "v1", "s1", 0).await;
+    n.write_ok(0, &pattern(MIB as usize, 8));
+
+    let retire = pb::RetireVolumeRequest {
+        name: "volumes/v1".into(),
+    };
+    let v = c.retire_volume(retire.clone()).await.unwrap().into_inner();
+    assert!(v.retired);
+    assert_eq!(v.nbd_export, "");
+    // The connection that was open is ended by the server.
+    assert!(n.closed(), "the open connection to the volume is closed");
+    // New ones are refused the export; the snapshot reads what it kept.
+    let (ok, text) = qemu_io(&w.nbd_uri("volumes/v1"), "read 0 4k");
+    assert!(!ok, "{text}");
+    let img = export_image(
+        &w.nbd_uri("volumes/v1/snapshots/s1"),
+        &dir.path().join("s1.raw"),
+    );
+    assert_eq!(&img[..MIB as usize], &pattern(MIB as usize, 7)[..]);
+    // Idempotent; nothing new of it; not deleted while its snapshot lives.
+    assert!(
+        c.retire_volume(retire.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .retired
+    );
+    let e = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/v1".into(),
+            snapshot_id: "s2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = c
+        .merge_snapshot(pb::MergeSnapshotRequest {
+            name: "volumes/v1/snapshots/s1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = c
+        .delete_volume(pb::DeleteVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+
+    // A restart keeps it retired: the snapshot is exported, the volume not.
+    w.stop().await;
+    let w = Worker::start(dir.path(), &[]).await;
+    let mut c = w.client().await;
+    let (ok, text) = qemu_io(&w.nbd_uri("volumes/v1"), "read 0 4k");
+    assert!(!ok, "not exported after a restart: {text}");
+    let (ok, text) = qemu_io(&w.nbd_uri("volumes/v1/snapshots/s1"), "read 0 4k");
+    assert!(ok, "{text}");
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        name: "volumes/v1/snapshots/s1".into(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(pb::DeleteVolumeRequest {
+        name: "volumes/v1".into(),
+    })
+    .await
+    .unwrap();
+    w.stop().await;
+}

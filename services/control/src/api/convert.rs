@@ -47,6 +47,7 @@ pub fn state(s: State) -> i32 {
         State::Deleting => pb::State::Deleting,
         State::Invalid => pb::State::Invalid,
         State::Failed => pb::State::Failed,
+        State::DeletedWithSnapshots => pb::State::DeletedWithSnapshots,
     }) as i32
 }
 

@@ -45,7 +45,10 @@ impl VolumeService for Api {
     }
 
     async fn delete_volume(&self, r: Request<pb::DeleteVolumeRequest>) -> Rpc<()> {
-        self.control.delete_volume(&r.into_inner().name).await?;
+        let r = r.into_inner();
+        self.control
+            .delete_volume(&r.name, r.defer_while_snapshots)
+            .await?;
         Ok(Response::new(()))
     }
 

@@ -43,6 +43,8 @@ pub struct WorkerVolume {
     pub chunk_sectors: u32,
     pub state: State,
     pub snapshots: Vec<WorkerSnapshot>,
+    /// Retired (deleted while it has snapshots): not exported.
+    pub retired: bool,
 }
 
 /// A snapshot as its worker reports it.
@@ -115,6 +117,7 @@ fn volume(v: wpb::Volume) -> Result<WorkerVolume> {
         size_bytes: v.size_bytes,
         chunk_sectors: v.chunk_sectors,
         state: state(v.state),
+        retired: v.retired,
         snapshots: v
             .snapshots
             .into_iter()
@@ -216,6 +219,11 @@ impl WorkerClient {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let r = wpb::DeleteVolumeRequest { name: name.into() };
         self.call(self.api().delete_volume(r)).await.map(drop)
+    }
+
+    pub async fn retire_volume(&self, name: &str) -> Result<WorkerVolume> {
+        let r = wpb::RetireVolumeRequest { name: name.into() };
+        volume(self.call(self.api().retire_volume(r)).await?)
     }
 
     pub async fn create_snapshot(

@@ -39,8 +39,15 @@ enum Cmd {
         #[arg(long, default_value = "")]
         filter: String,
     },
-    /// Delete a volume (it must have no snapshots).
-    Delete { name: String },
+    /// Delete a volume (refused while it has snapshots, unless
+    /// --defer-while-snapshots).
+    Delete {
+        name: String,
+        /// If it has snapshots: close its export now and keep it as
+        /// DELETED_WITH_SNAPSHOTS until the last is deleted, then reclaim it.
+        #[arg(long)]
+        defer_while_snapshots: bool,
+    },
     /// Create a new volume with a snapshot's content, and wait for it.
     Restore {
         /// The new volume's id.
@@ -125,10 +132,16 @@ pub fn run_command(c: VolumeCommand) -> anyhow::Result<u8> {
                 }
                 output::volumes(api.json, &all)?;
             }
-            Cmd::Delete { name } => {
+            Cmd::Delete {
+                name,
+                defer_while_snapshots,
+            } => {
                 let name = volume_name(&name);
                 api.volumes
-                    .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                    .delete_volume(pb::DeleteVolumeRequest {
+                        name: name.clone(),
+                        defer_while_snapshots,
+                    })
                     .await?;
                 output::deleted(api.json, &name)?;
             }

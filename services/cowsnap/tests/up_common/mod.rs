@@ -173,6 +173,20 @@ impl Up {
         c.wait().unwrap();
     }
 
+    /// Waits for it to exit by itself (e.g. killed by its
+    /// `COWSNAP_TEST_KILL_AT` hook); returns its exit status.
+    pub fn exited(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
+    /// The environment of its next starts, in place of the one it had.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     /// SIGTERM; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");

@@ -17,9 +17,9 @@
 //! The connection ends on `NBD_CMD_DISC`, end of file, a protocol error (bad
 //! request magic), a failed reply write, the idle timeout (no request in
 //! flight and none received for that long, or a reply left untaken for that
-//! long), or the shutdown token; in every case the requests already in
-//! flight finish and are answered, writes not yet flushed are flushed, then
-//! the socket closes.
+//! long), the export being closed (its volume retired), or the shutdown
+//! token; in every case the requests already in flight finish and are
+//! answered, writes not yet flushed are flushed, then the socket closes.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -103,6 +103,8 @@ enum End {
     Shutdown,
     WriterGone,
     Idle,
+    /// The export was closed for good (its volume retired).
+    Closed,
 }
 
 impl End {
@@ -113,6 +115,7 @@ impl End {
             End::Shutdown => "the server is shutting down",
             End::WriterGone => "replies could not be written",
             End::Idle => "the connection was idle too long",
+            End::Closed => "the export was closed",
         }
     }
 }
@@ -233,6 +236,7 @@ where
                     biased;
                     _ = shutdown.cancelled() => return Ok(End::Shutdown),
                     _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+                    _ = conn.export.closed.cancelled() => return Ok(End::Closed),
                     r = &mut header => break r?,
                     _ = sleep_or_never(idle) => {
                         // Idle: nothing received for that long, and nothing
@@ -267,6 +271,7 @@ where
             biased;
             _ = shutdown.cancelled() => return Ok(End::Shutdown),
             _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+            _ = conn.export.closed.cancelled() => return Ok(End::Closed),
             h = admit(&slots, &shares, quotas, bytes) => h,
         };
         let mut early = None;
@@ -501,6 +506,9 @@ impl Conn {
         );
         if writes && !self.export.writable {
             return Err(self.error(req, proto::EPERM, "the export is read-only"));
+        }
+        if writes && self.export.closed.is_cancelled() {
+            return Err(self.error(req, proto::ESHUTDOWN, "the export is closed"));
         }
         if req.kind == proto::CMD_FLUSH {
             return Ok(());

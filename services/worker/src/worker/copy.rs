@@ -84,9 +84,9 @@ impl Worker {
         names::check_id(&new.volume_id).map_err(|e| WorkerError::invalid("volume_id", e))?;
         let mut inner = self.inner.lock().await;
         let v = inner.volume(source_volume)?;
-        if v.phase != Phase::Ready || v.merging.is_some() {
+        if v.phase != Phase::Ready || v.merging.is_some() || v.retired {
             return Err(WorkerError::FailedPrecondition(format!(
-                "{source_volume} is not ready (merging, or being created or deleted)"
+                "{source_volume} is not ready (merging, being created or deleted, or retired)"
             )));
         }
         let source = Source {
@@ -159,6 +159,7 @@ impl Worker {
                 phase: Phase::Creating,
                 snapshots: Vec::new(),
                 merging: None,
+                retired: false,
                 create_time: now(),
             },
         );

@@ -50,6 +50,8 @@ pub struct VolumeInfo {
     pub error: Option<String>,
     pub snapshots: Vec<SnapshotInfo>,
     pub create_time: u64,
+    /// Retired: not exported, read only through its snapshots.
+    pub retired: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +150,7 @@ impl Worker {
             error,
             snapshots,
             create_time: v.create_time,
+            retired: v.retired,
         }
     }
 }

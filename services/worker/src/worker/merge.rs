@@ -21,6 +21,12 @@ impl Worker {
                 "{name} is not ready"
             )));
         }
+        if v.retired {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{} is retired (deleted while it has snapshots); nothing merges into it",
+                names::volume(&vol)
+            )));
+        }
         if let Some(t) = self.tasks.running_for(name)
             && t.get().kind == TaskKind::Merge
         {

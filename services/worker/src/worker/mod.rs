@@ -232,19 +232,22 @@ impl Worker {
         saved
     }
 
-    /// Registers the exports of a ready volume that is up, and of its ready
-    /// snapshots.
+    /// Registers the exports of a ready volume that is up (unless it is
+    /// retired), and of its ready snapshots.
     fn export_volume(&self, v: &VolumeRec, live: &Live) {
         let Live::Up { origin, snaps } = live else {
             return;
         };
-        self.exports.insert(Export {
-            name: names::volume(&v.id),
-            origin: origin.clone(),
-            target: Target::Origin,
-            writable: true,
-            preferred_block_size: v.chunk_sectors * 512,
-        });
+        if !v.retired {
+            self.exports.insert(Export {
+                name: names::volume(&v.id),
+                origin: origin.clone(),
+                target: Target::Origin,
+                writable: true,
+                preferred_block_size: v.chunk_sectors * 512,
+                closed: Default::default(),
+            });
+        }
         for s in &v.snapshots {
             if s.phase != Phase::Ready
                 || v.merging.as_deref() == Some(s.id.as_str())
@@ -265,6 +268,7 @@ impl Worker {
             target: Target::Snapshot(id),
             writable: s.writable,
             preferred_block_size: s.chunk_sectors * 512,
+            closed: Default::default(),
         });
     }
 

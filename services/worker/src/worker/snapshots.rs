@@ -74,6 +74,11 @@ impl Worker {
                 "{parent} is not ready"
             )));
         }
+        if v.retired {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{parent} is retired (deleted while it has snapshots); no snapshot can be taken of it"
+            )));
+        }
         if let Some(m) = &v.merging {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{parent} is merging {}; no snapshot can be taken until the merge ends",

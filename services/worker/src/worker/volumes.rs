@@ -1,5 +1,6 @@
 //! Volume calls: create (idempotent: the same arguments return the existing
-//! volume), get, list and delete.
+//! volume), get, list, retire (deleted while it has snapshots: export
+//! closed, devices kept for them) and delete.
 
 use std::sync::Arc;
 
@@ -78,6 +79,7 @@ impl Worker {
             phase: Phase::Creating,
             snapshots: Vec::new(),
             merging: None,
+            retired: false,
             create_time: now(),
         };
         inner.st.volumes.insert(volume_id.to_string(), rec);
@@ -125,6 +127,38 @@ impl Worker {
             .collect()
     }
 
+    /// Retires a volume (idempotent): records it (D8), then closes its
+    /// export and ends the connections using it. Its engine stays up so its
+    /// snapshots read through it; a restart exports only the snapshots.
+    pub async fn retire_volume(&self, name: &str) -> Result<VolumeInfo> {
+        let mut inner = self.inner.lock().await;
+        let v = inner.volume(name)?.clone();
+        if !v.retired {
+            if v.phase != Phase::Ready || v.merging.is_some() {
+                return Err(WorkerError::FailedPrecondition(format!(
+                    "{name} is not ready (merging, or being created or deleted)"
+                )));
+            }
+            if let Some(t) = self.tasks.running_for(name) {
+                let t = t.get();
+                return Err(WorkerError::FailedPrecondition(format!(
+                    "{name} is used by task tasks/{} ({} of {})",
+                    t.id,
+                    t.kind.as_str(),
+                    t.target
+                )));
+            }
+            inner.volume_mut(&v.id).retired = true;
+            self.save(&mut inner)?;
+            tracing::info!(volume = %name, "volume retired: export closed, kept for its snapshots");
+        }
+        // Also after a crash between the save and here (the export of a
+        // retired volume is never registered again at start).
+        self.exports.close(name);
+        let v = inner.volume(name)?;
+        Ok(self.volume_info(&inner, v))
+    }
+
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let v = inner.volume(name)?.clone();
@@ -154,6 +188,7 @@ impl Worker {
         }
         inner.volume_mut(&v.id).phase = Phase::Deleting;
         self.save(&mut inner)?;
+        cowsnap_proto::kill_point::reached("worker:delete_volume:recorded");
         self.exports.remove(name);
         if let Some(Live::Up { origin, .. }) = inner.live.remove(&v.id) {
             self.retired_io
@@ -163,6 +198,7 @@ impl Worker {
             origin.shutdown().await?;
         }
         self.devices.release(&v.device, v.file_backed)?;
+        cowsnap_proto::kill_point::reached("worker:delete_volume:released");
         inner.st.volumes.remove(&v.id);
         self.save(&mut inner)?;
         tracing::info!(volume = %name, "volume deleted");

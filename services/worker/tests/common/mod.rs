@@ -139,6 +139,7 @@ impl Harness {
                 target: Target::Origin,
                 writable: true,
                 preferred_block_size: CHUNK,
+                closed: Default::default(),
             });
             exports.insert(Export {
                 name: SNAPSHOT.into(),
@@ -146,6 +147,7 @@ impl Harness {
                 target: Target::Snapshot(added.id),
                 writable: false,
                 preferred_block_size: CHUNK,
+                closed: Default::default(),
             });
             let tcp_server = NbdServer::bind(&"127.0.0.1:0".parse::<Listen>().unwrap())
                 .await
