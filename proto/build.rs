@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "cowsnap/v1/volume.proto",
     "cowsnap/v1/snapshot.proto",
     "cowsnap/v1/worker_admin.proto",
+    "csi/v1/csi.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

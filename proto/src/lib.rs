@@ -2,6 +2,8 @@
 //! - [`cowsnap::v1`]: `cowsnap.v1`, the public API of the control service
 //!   (volumes, snapshots, operations, workers);
 //! - [`worker::v1`]: `cowsnap.worker.v1`, the control service <-> worker API;
+//! - [`csi::v1`]: `csi.v1`, the Container Storage Interface (spec v1.12) that
+//!   the CSI driver (`services/csi`) serves to Kubernetes;
 //!
 //! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
 //! [`names`], the resource names every side parses the same way, and
@@ -24,5 +26,11 @@ pub mod cowsnap {
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("cowsnap.worker.v1");
+    }
+}
+
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
     }
 }

@@ -131,6 +131,13 @@ impl Control {
         }
     }
 
+    /// Whether the catalog answers a query now.
+    pub async fn catalog_ready(&self) -> Result<()> {
+        let mut c = self.catalog.conn().await?;
+        sqlx::query("SELECT 1").execute(&mut *c).await?;
+        Ok(())
+    }
+
     // ---- operations -----------------------------------------------------
 
     pub async fn get_operation(&self, name: &str) -> Result<Operation> {

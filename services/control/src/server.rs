@@ -91,6 +91,8 @@ pub struct RunningControl {
     pub grpc: Listen,
     /// Where its metrics are served.
     pub metrics: Option<SocketAddr>,
+    /// The domain services, for other front ends (the CSI controller).
+    pub control: Arc<Control>,
     reconciler: Arc<Reconciler>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -187,7 +189,7 @@ pub async fn start(
         "cowsnap.v1.OperationService",
         "cowsnap.v1.WorkerService",
     ])?;
-    let api = Api::new(control);
+    let api = Api::new(control.clone());
     reporter.set_serving::<VolumeServiceServer<Api>>().await;
     reporter.set_serving::<SnapshotServiceServer<Api>>().await;
     reporter.set_serving::<OperationServiceServer<Api>>().await;
@@ -266,6 +268,7 @@ pub async fn start(
     Ok(RunningControl {
         grpc: grpc_local,
         metrics: metrics_addr,
+        control,
         reconciler,
         task,
     })

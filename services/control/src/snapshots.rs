@@ -189,6 +189,18 @@ impl Control {
         self.snapshot(vol, snap).await
     }
 
+    /// Every snapshot whose id is `snapshot_id`, whatever its volume
+    /// (snapshot ids are unique per volume only).
+    pub async fn find_snapshots(&self, snapshot_id: &str) -> Result<Vec<Snapshot>> {
+        let mut c = self.catalog.conn().await?;
+        Ok(catalog::snapshots::list(&mut c, None, ("", 0))
+            .await?
+            .into_iter()
+            .map(|(s, _)| s)
+            .filter(|s| s.id == snapshot_id)
+            .collect())
+    }
+
     /// A page of snapshots (oldest first) of `parent`, or of every volume
     /// for `volumes/-`.
     pub async fn list_snapshots(

@@ -21,6 +21,9 @@ pub struct NewVolume {
     /// 0: the default (32).
     pub chunk_sectors: u32,
     pub labels: Labels,
+    /// The worker ids it may be placed on, preferred first (empty: any;
+    /// see [`crate::workers::Workers::place_among`]).
+    pub workers: Vec<String>,
 }
 
 /// What a restored or cloned volume asks for (its size is the source's).
@@ -141,6 +144,12 @@ impl Control {
                     }
                 )));
             }
+            if !spec.workers.is_empty() && !spec.workers.contains(&v.worker_id) {
+                return Err(ControlError::AlreadyExists(format!(
+                    "{name} already exists on workers/{}, which is not one of those allowed",
+                    v.worker_id
+                )));
+            }
             if let (State::Creating, Some(op)) = (v.state, v.operation) {
                 // The same create, interrupted: carry it on.
                 let op = self.ops.drive(op).await?;
@@ -149,7 +158,10 @@ impl Control {
             return Ok(v);
         }
         drop(c);
-        let worker = self.workers.place(spec.size_bytes).await?;
+        let worker = self
+            .workers
+            .place_among(spec.size_bytes, &spec.workers)
+            .await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         let v = Volume {

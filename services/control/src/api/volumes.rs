@@ -19,6 +19,7 @@ impl VolumeService for Api {
             size_bytes: v.size_bytes,
             chunk_sectors: v.chunk_sectors,
             labels: v.labels.into_iter().collect(),
+            workers: Vec::new(),
         };
         let v = self.control.create_volume(&r.volume_id, spec).await?;
         Ok(Response::new(volume(v)))

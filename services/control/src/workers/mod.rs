@@ -287,8 +287,40 @@ impl Workers {
     /// `size` bytes (room taken by volumes still being created counts as
     /// used).
     pub async fn place(&self, size: u64) -> Result<Worker> {
+        self.place_among(size, &[]).await
+    }
+
+    /// Where a new volume of `size` bytes goes: with no `candidates`, as
+    /// [`Workers::place`]; else the first of the candidate worker ids, in
+    /// their order of preference, that is healthy and has room.
+    pub async fn place_among(&self, size: u64, candidates: &[String]) -> Result<Worker> {
         let mut c = self.catalog.conn().await?;
         let all = catalog::workers::list(&mut c).await?;
+        if !candidates.is_empty() {
+            let mut why = Vec::new();
+            for id in candidates {
+                let Some(w) = all.iter().find(|w| &w.id == id) else {
+                    why.push(format!("workers/{id} is not registered"));
+                    continue;
+                };
+                if !w.healthy {
+                    why.push(format!("{} does not answer", w.name()));
+                    continue;
+                }
+                let room = w
+                    .free_bytes
+                    .saturating_sub(catalog::volumes::creating_bytes(&mut c, &w.id).await?);
+                if room < size {
+                    why.push(format!("{} has room for {room} bytes", w.name()));
+                    continue;
+                }
+                return Ok(w.clone());
+            }
+            return Err(ControlError::ResourceExhausted(format!(
+                "no allowed worker can hold {size} bytes: {}",
+                why.join("; ")
+            )));
+        }
         if all.is_empty() {
             return Err(ControlError::FailedPrecondition(
                 "no worker is registered (WorkerService.RegisterWorker)".into(),

@@ -219,7 +219,10 @@ pub async fn client(env: Arc<Env>, me: usize, seed: u64) {
                 }
                 let name = vols.swap_remove(i);
                 let r = volumes
-                    .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                    .delete_volume(pb::DeleteVolumeRequest {
+                        name: name.clone(),
+                        ..Default::default()
+                    })
                     .await;
                 if !matches!(call(t, "delete volume", r), Outcome::Ok(_) | Outcome::Gone) {
                     unsure.push(name);
@@ -233,7 +236,10 @@ pub async fn client(env: Arc<Env>, me: usize, seed: u64) {
                         .await
                 } else {
                     volumes
-                        .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                        .delete_volume(pb::DeleteVolumeRequest {
+                        name: name.clone(),
+                        ..Default::default()
+                    })
                         .await
                 };
                 if !matches!(

@@ -1,0 +1,75 @@
+//! The CSI Identity service: the plugin's name and version, what it offers
+//! (the controller service when this endpoint serves it, and topology
+//! constraints: a volume is reachable from its worker's node), and whether
+//! it is ready (the catalog answers).
+
+use std::sync::Arc;
+
+use cowsnap_control::control::Control;
+use cowsnap_proto::csi::v1 as csi;
+use csi::identity_server::Identity as IdentityService;
+use csi::plugin_capability::service::Type as ServiceType;
+use tonic::{Request, Response, Status};
+
+use crate::PLUGIN_NAME;
+
+/// The CSI Identity service of one endpoint.
+#[derive(Clone)]
+pub struct Identity {
+    /// The control service's domain, when this endpoint serves the
+    /// Controller service.
+    control: Option<Arc<Control>>,
+}
+
+impl Identity {
+    pub fn new(control: Option<Arc<Control>>) -> Identity {
+        Identity { control }
+    }
+}
+
+fn service(t: ServiceType) -> csi::PluginCapability {
+    csi::PluginCapability {
+        r#type: Some(csi::plugin_capability::Type::Service(
+            csi::plugin_capability::Service { r#type: t as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityService for Identity {
+    async fn get_plugin_info(
+        &self,
+        _: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: PLUGIN_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
+        if self.control.is_some() {
+            capabilities.insert(0, service(ServiceType::ControllerService));
+        }
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        if let Some(c) = &self.control {
+            c.catalog_ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("the catalog does not answer: {e}")))?;
+        }
+        Ok(Response::new(csi::ProbeResponse { ready: Some(true) }))
+    }
+}

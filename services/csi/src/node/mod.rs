@@ -1,0 +1,2 @@
+//! The CSI Node service (stage, publish, stats, expansion on the node that
+//! uses a volume) lives here.
