@@ -58,6 +58,7 @@ impl Worker {
             nbd_listen: format!("unix:{}", nbd_socket.display()).parse().unwrap(),
             nbd_advertise: None,
             nbd_tls: None,
+            nbd_limits: Default::default(),
             tls: None,
         };
         let token = CancellationToken::new();

@@ -237,9 +237,9 @@ pub async fn client(env: Arc<Env>, me: usize, seed: u64) {
                 } else {
                     volumes
                         .delete_volume(pb::DeleteVolumeRequest {
-                        name: name.clone(),
-                        ..Default::default()
-                    })
+                            name: name.clone(),
+                            ..Default::default()
+                        })
                         .await
                 };
                 if !matches!(
