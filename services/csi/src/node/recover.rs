@@ -1,0 +1,92 @@
+//! Start-up: bring every staged volume back after the plugin (and the
+//! worker's NBD server it shares a process with) restarted.
+//!
+//! The NBD connection of every attachment died with the old process, so
+//! each staged volume is attached again: its targets are unmounted, its
+//! staging mount too, the old loop device and FUSE mount are released
+//! (nbdfuse exits when unmounted, or is killed if it survived), a new
+//! attachment is made (on the same loop device when it is free, so the
+//! device node kubelet knows stays right), and the staging mount and the
+//! targets are made again. Attachments under the plugin's directory that
+//! no record owns (a stage a crash cut short) are released.
+//!
+//! Must run while the worker's NBD server serves (nbdfuse connects to it).
+
+use super::Node;
+use super::attach;
+use super::error::Result;
+use super::mounts;
+use super::publish::{bind_target, unbind_target};
+use super::stage::release_leftovers;
+use super::state::Access;
+
+impl Node {
+    /// Re-attaches every staged volume and releases leftovers; a volume
+    /// that cannot be brought back stays recorded (unstage releases it)
+    /// and is logged.
+    pub fn recover(&self) -> Result<()> {
+        let mut st = self.lock();
+        let ids: Vec<String> = st.volumes.keys().cloned().collect();
+        for id in &ids {
+            let s = st.volumes[id].clone();
+            for t in s.published.keys() {
+                if let Err(e) = mounts::unmount(t) {
+                    tracing::error!(volume = %id, target = %t.display(), "recovery: {e}");
+                }
+            }
+            if matches!(s.access, Access::Mount { .. })
+                && let Err(e) = mounts::unmount(&s.staging_path)
+            {
+                tracing::error!(volume = %id, "recovery: {e}");
+            }
+            if let Err(e) = attach::detach(&s.attachment) {
+                tracing::error!(volume = %id, "recovery: releasing the old attachment: {e}");
+                continue;
+            }
+            let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(id));
+            let att = match attach::attach(
+                &uri,
+                &s.attachment.fuse_dir,
+                Some(&s.attachment.loop_device),
+            ) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(volume = %id, "recovery: cannot attach again: {e}");
+                    continue;
+                }
+            };
+            let v = st.volumes.get_mut(id).expect("listed above");
+            v.attachment = att;
+            let v = v.clone();
+            self.file.save(&st)?;
+            if let Err(e) = self.mount_staging(&v) {
+                tracing::error!(volume = %id, "recovery: staging mount: {e}");
+                continue;
+            }
+            for (t, p) in &v.published {
+                let _ = unbind_target(t);
+                if let Err(e) = bind_target(&v, t, p) {
+                    tracing::error!(volume = %id, target = %t.display(), "recovery: publish: {e}");
+                }
+            }
+            tracing::info!(volume = %id, device = %v.attachment.loop_device.display(), "recovered a staged volume");
+        }
+        let root = self.cfg.attach_root();
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".pid") {
+                    let _ = std::fs::remove_file(e.path());
+                    continue;
+                }
+                if st.volumes.contains_key(&name) {
+                    continue;
+                }
+                if let Err(err) = release_leftovers(&e.path()) {
+                    tracing::error!(dir = %e.path().display(), "recovery: {err}");
+                }
+            }
+        }
+        Ok(())
+    }
+}

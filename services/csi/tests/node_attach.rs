@@ -1,0 +1,210 @@
+//! The node plugin's operations on a real worker in this process: volumes
+//! attached through nbdfuse and a loop device, file systems made and
+//! mounted, bind mounts published; data checked over NBD with qemu-io.
+//! Needs root, /dev/fuse, loop devices, nbdfuse, qemu-io, mkfs.ext4.
+
+mod node_common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use cowsnap_csi::node::error::NodeError;
+use cowsnap_csi::node::publish::PublishReq;
+use cowsnap_csi::node::stage::Stage;
+use cowsnap_csi::node::state::Access;
+use node_common::{Fixture, qemu_io};
+
+fn ext4() -> Access {
+    Access::Mount {
+        fs_type: "ext4".into(),
+        flags: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn block_volume_data_written_through_the_published_device_reads_back_over_nbd() {
+    let f = Fixture::start().await;
+    f.create_volume("blk1", 64 << 20).await;
+    let node = f.node();
+    let stage = Stage {
+        volume: "blk1".into(),
+        staging_path: f.kubelet("staging/blk1"),
+        access: Access::Block,
+    };
+    let publish = PublishReq {
+        volume: "blk1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/blk1"),
+        access: Access::Block,
+        readonly: false,
+    };
+    let (n, s, p) = (node.clone(), stage.clone(), publish.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        n.stage(&s).unwrap(); // idempotent
+        n.publish(&p).unwrap();
+        n.publish(&p).unwrap(); // idempotent
+        let mut dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p.target_path)
+            .unwrap();
+        let buf = node_common::Aligned::filled(1 << 20, 0xab);
+        dev.seek(SeekFrom::Start(3 << 20)).unwrap();
+        dev.write_all(buf.as_slice()).unwrap();
+        dev.sync_all().unwrap();
+        // Published the other way at the same target: refused.
+        let ro = PublishReq {
+            readonly: true,
+            ..p.clone()
+        };
+        assert!(matches!(n.publish(&ro), Err(NodeError::AlreadyExists(_))));
+        // Staged as something else: refused.
+        let other = Stage {
+            access: ext4(),
+            ..s.clone()
+        };
+        assert!(matches!(n.stage(&other), Err(NodeError::AlreadyExists(_))));
+        // Unstage while published: the spec's precondition.
+        assert!(matches!(
+            n.unstage(&s.volume, &s.staging_path),
+            Err(NodeError::FailedPrecondition(_))
+        ));
+        drop(dev);
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        assert!(!p.target_path.exists(), "the target file is removed");
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+    let out = qemu_io(
+        &f.nbd_uri("volumes/blk1"),
+        &["read -P 0xab 3M 1M", "read -P 0 0 3M"],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_system_is_made_once_and_its_files_outlive_unstage() {
+    let f = Fixture::start().await;
+    f.create_volume("fs1", 64 << 20).await;
+    let node = f.node();
+    let stage = Stage {
+        volume: "fs1".into(),
+        staging_path: f.kubelet("staging/fs1"),
+        access: ext4(),
+    };
+    let publish = PublishReq {
+        volume: "fs1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/fs1"),
+        access: ext4(),
+        readonly: false,
+    };
+    let (n, s, p) = (node.clone(), stage.clone(), publish.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        n.publish(&p).unwrap();
+        std::fs::write(p.target_path.join("hello.txt"), b"kept across stages").unwrap();
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+        // Staged again: blkid finds the ext4, nothing is formatted.
+        n.stage(&s).unwrap();
+        let ro = PublishReq {
+            readonly: true,
+            target_path: p.target_path.with_file_name("fs1-ro"),
+            ..p.clone()
+        };
+        n.publish(&ro).unwrap();
+        let mut text = String::new();
+        std::fs::File::open(ro.target_path.join("hello.txt"))
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "kept across stages");
+        let e = std::fs::write(ro.target_path.join("new.txt"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        n.unpublish(&ro.volume, &ro.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_holding_another_file_system_is_never_formatted_over() {
+    let f = Fixture::start().await;
+    f.create_volume("fs2", 64 << 20).await;
+    let node = f.node();
+    let ext = Stage {
+        volume: "fs2".into(),
+        staging_path: f.kubelet("staging/fs2"),
+        access: ext4(),
+    };
+    let (n, s) = (node.clone(), ext.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+        let xfs = Stage {
+            access: Access::Mount {
+                fs_type: "xfs".into(),
+                flags: vec![],
+            },
+            ..s.clone()
+        };
+        let e = n.stage(&xfs).unwrap_err();
+        assert!(matches!(e, NodeError::FailedPrecondition(_)), "{e}");
+        assert!(e.to_string().contains("ext4"), "{e}");
+        // Nothing of the failed stage is left attached.
+        assert!(!n.is_staged("fs2"));
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reopened_node_finds_its_staged_volume_and_attaches_it_again() {
+    let f = Fixture::start().await;
+    f.create_volume("rs1", 64 << 20).await;
+    let stage = Stage {
+        volume: "rs1".into(),
+        staging_path: f.kubelet("staging/rs1"),
+        access: ext4(),
+    };
+    let publish = PublishReq {
+        volume: "rs1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/rs1"),
+        access: ext4(),
+        readonly: false,
+    };
+    let first = f.node();
+    let s = stage.clone();
+    tokio::task::spawn_blocking(move || {
+        first.stage(&s).unwrap();
+        std::fs::write(s.staging_path.join("before"), b"1").unwrap();
+    })
+    .await
+    .unwrap();
+    // A second plugin on the same data dir (as after a restart) attaches
+    // the volume again and publishes it.
+    let second = f.node();
+    let (n, s, p) = (second.clone(), stage.clone(), publish.clone());
+    tokio::task::spawn_blocking(move || {
+        n.recover().unwrap();
+        assert!(n.is_staged("rs1"));
+        n.publish(&p).unwrap();
+        assert_eq!(std::fs::read(p.target_path.join("before")).unwrap(), b"1");
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+}
