@@ -22,7 +22,7 @@ pub struct ControlArgs {
     /// TOML file with any of the settings below (keys: data_dir, listen,
     /// workers, auth_token_file, tls_cert, tls_key, tls_ca, metrics_listen,
     /// request_timeout, worker_timeout, max_concurrent_calls,
-    /// health_interval, reconcile_interval).
+    /// health_interval, reconcile_interval, csi_endpoint).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
     /// The catalog lives at DATA_DIR/catalog.db [default: /var/lib/cowsnap/control].
@@ -68,6 +68,10 @@ pub struct ControlArgs {
     /// How often the catalog is reconciled with the workers [default: 30s].
     #[arg(long, env = "COWSNAP_RECONCILE_INTERVAL")]
     reconcile_interval: Option<String>,
+    /// Serve the Kubernetes CSI driver (Identity and Controller) on this
+    /// unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
+    #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
+    csi_endpoint: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -86,6 +90,7 @@ struct FileConfig {
     max_concurrent_calls: Option<usize>,
     health_interval: Option<String>,
     reconcile_interval: Option<String>,
+    csi_endpoint: Option<String>,
 }
 
 /// A duration: `500ms`, `60s`, `2m`, `1h`, or plain seconds.
@@ -107,9 +112,11 @@ fn duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
     })
 }
 
-/// The settings resolved from flags, environment, config file and defaults.
-pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
+/// The settings resolved from flags, environment, config file and
+/// defaults, and the CSI endpoint if one is asked for.
+pub fn resolve(args: ControlArgs) -> anyhow::Result<(ControlConfig, Option<String>)> {
     let file: FileConfig = config_file(args.config.as_deref())?;
+    let csi_endpoint = args.csi_endpoint.or(file.csi_endpoint);
     let listen = parse_flag(
         "--listen",
         &args
@@ -158,14 +165,36 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<ControlConfig> {
     ] {
         anyhow::ensure!(!d.is_zero(), "{flag} must be positive");
     }
-    Ok(cfg)
+    Ok((cfg, csi_endpoint))
 }
 
 pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
-    let cfg = resolve(args)?;
+    let (cfg, csi_endpoint) = resolve(args)?;
     run_until_signal(async |shutdown| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap-control")?;
-        start(cfg, shutdown).await?.wait().await
+        // Bound before the service starts: a live socket fails the start.
+        let csi = csi_endpoint
+            .as_deref()
+            .map(cowsnap_csi::endpoint::bind)
+            .transpose()?;
+        let control = start(cfg, shutdown.clone()).await?;
+        let csi = match csi {
+            None => None,
+            Some(bound) => {
+                let router = cowsnap_csi::endpoint::router(
+                    cowsnap_csi::identity::Identity::new(Some(control.control.clone())),
+                    Some(cowsnap_csi::controller::Controller::new(
+                        control.control.clone(),
+                    )),
+                );
+                Some(bound.serve(router, shutdown.child_token())?)
+            }
+        };
+        let csi_served = match csi {
+            Some(c) => c.wait().await,
+            None => Ok(()),
+        };
+        csi_served.and(control.wait().await)
     })
 }
 

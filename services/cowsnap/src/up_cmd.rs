@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The public API listens on `--listen`, NBD on `--nbd-listen` (over TLS
-//! with `--nbd-tls-cert`, as on `cowsnap worker`). SIGTERM or
+//! with `--nbd-tls-cert`, as on `cowsnap worker`), and the CSI driver on
+//! `--csi-endpoint` when given. SIGTERM or
 //! SIGINT stops the control service first (no new calls reach the worker),
 //! then the worker (in-flight I/O finishes, engines are flushed).
 
@@ -48,6 +49,10 @@ pub struct UpArgs {
     /// I/O backend: auto, uring or portable.
     #[arg(long, env = "COWSNAP_IO", default_value = "auto")]
     io: String,
+    /// Serve the Kubernetes CSI driver (Identity and Controller) on this
+    /// unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
+    #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
+    csi_endpoint: Option<String>,
     #[command(flatten)]
     nbd_tls: NbdTlsArgs,
 }
@@ -85,6 +90,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
 
     run_until_signal(async |stop| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap")?;
+        // Bound before anything starts: a live socket fails the start.
+        let csi = args
+            .csi_endpoint
+            .as_deref()
+            .map(cowsnap_csi::endpoint::bind)
+            .transpose()?;
         let worker_stop = CancellationToken::new();
         let worker = cowsnap_worker::server::start(worker_cfg, serve, worker_stop.clone())
             .await
@@ -97,15 +108,31 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
                 return Err(e.context("cannot start the control service"));
             }
         };
+        let csi = match csi {
+            None => None,
+            Some(bound) => {
+                let router = cowsnap_csi::endpoint::router(
+                    cowsnap_csi::identity::Identity::new(Some(control.control.clone())),
+                    Some(cowsnap_csi::controller::Controller::new(
+                        control.control.clone(),
+                    )),
+                );
+                Some(bound.serve(router, stop.child_token())?)
+            }
+        };
         tracing::info!(
             "cowsnap up: API on {}, NBD on {}, data in {}",
             control.grpc,
             worker.nbd,
             dir.display()
         );
+        let csi_served = match csi {
+            Some(c) => c.wait().await,
+            None => Ok(()),
+        };
         let served = control.wait().await;
         worker_stop.cancel();
         let flushed = worker.wait().await;
-        served.and(flushed)
+        csi_served.and(served).and(flushed)
     })
 }
