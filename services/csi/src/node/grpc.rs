@@ -15,7 +15,7 @@ use cowsnap_worker::error::WorkerError;
 use cowsnap_worker::worker::Worker;
 use tonic::{Request, Response, Status};
 
-use super::Node;
+use super::{Node, NodeConfig};
 use super::error::NodeError;
 use super::publish::PublishReq;
 use super::stage::Stage;
@@ -36,6 +36,21 @@ pub struct NodeGrpc {
 impl NodeGrpc {
     pub fn new(node: Arc<Node>, worker: Arc<Worker>) -> Self {
         NodeGrpc { node, worker }
+    }
+
+    /// Opens the node plugin of a started worker and brings its staged
+    /// volumes back ([`Node::recover`]) before returning, so no call sees
+    /// them half attached. The worker's NBD server must be serving.
+    pub async fn start(cfg: NodeConfig, worker: Arc<Worker>) -> anyhow::Result<NodeGrpc> {
+        let node = Arc::new(Node::open(cfg)?);
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || n.recover()).await??;
+        Ok(NodeGrpc { node, worker })
+    }
+
+    /// The tonic service, for an endpoint's router.
+    pub fn server(self) -> csi::node_server::NodeServer<NodeGrpc> {
+        csi::node_server::NodeServer::new(self)
     }
 
     /// The cowsnap volume of CSI volume `id`, which must exist on this
@@ -204,6 +219,7 @@ impl NodeApi for NodeGrpc {
         }
         let cfg = self.node.config();
         let target_path = cfg.check_path("target_path", &r.target_path)?;
+        let access = access(r.volume_capability.as_ref())?;
         if r.staging_target_path.is_empty() {
             // STAGE_UNSTAGE_VOLUME is advertised: the spec's precondition.
             return Err(Status::failed_precondition(
@@ -211,7 +227,6 @@ impl NodeApi for NodeGrpc {
             ));
         }
         let staging_path = cfg.check_path("staging_target_path", &r.staging_target_path)?;
-        let access = access(r.volume_capability.as_ref())?;
         let volume = self.volume(&r.volume_id).await?;
         let p = PublishReq {
             volume,
