@@ -146,9 +146,7 @@ fn tls_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsMode>, D
 
 /// The settings resolved from flags, environment, config file and
 /// defaults, and the CSI node plugin if one is asked for.
-pub fn resolve(
-    args: WorkerArgs,
-) -> anyhow::Result<(WorkerConfig, ServeOptions, Option<CsiNode>)> {
+pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions, Option<CsiNode>)> {
     let file: FileConfig = config_file(args.config.as_deref())?;
     let csi = args
         .csi_endpoint

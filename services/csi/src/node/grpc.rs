@@ -15,12 +15,12 @@ use cowsnap_worker::error::WorkerError;
 use cowsnap_worker::worker::Worker;
 use tonic::{Request, Response, Status};
 
-use super::{Node, NodeConfig};
 use super::error::NodeError;
 use super::publish::PublishReq;
 use super::stage::Stage;
 use super::state::Access;
 use super::stats::VolumeStats;
+use super::{Node, NodeConfig};
 use crate::TOPOLOGY_NODE_KEY;
 
 /// The file system made when a mount capability names none.
