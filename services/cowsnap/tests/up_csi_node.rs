@@ -57,14 +57,20 @@ impl Rig {
         rig
     }
 
+    /// Waits until the CSI endpoint answers NodeGetInfo: it serves only
+    /// once the node plugin has brought its staged volumes back.
     async fn wait_for_csi(&self) {
         for _ in 0..600 {
-            if self.socket.exists() {
-                return;
+            if let Ok(s) = tokio::net::UnixStream::connect(&self.socket).await {
+                drop(s);
+                let mut n = self.node().await;
+                if n.node_get_info(csi::NodeGetInfoRequest {}).await.is_ok() {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no CSI socket:\n{}", self.up.log_text());
+        panic!("no CSI endpoint:\n{}", self.up.log_text());
     }
 
     async fn restart(&mut self) {
@@ -225,20 +231,7 @@ async fn a_block_volume_written_through_its_published_device_reads_back_over_nbd
     n.node_publish_volume(publish(&vol, &staging, &target, None))
         .await
         .unwrap();
-    let t = target.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut dev = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&t)
-            .unwrap();
-        let buf = aligned(MIB as usize, 0x5a);
-        dev.seek(SeekFrom::Start(5 * MIB)).unwrap();
-        dev.write_all(&buf.0[buf.1..buf.1 + MIB as usize]).unwrap();
-        dev.sync_all().unwrap();
-    })
-    .await
-    .unwrap();
+    write_device(&target, 5 * MIB, 0x5a).await;
     // Read over NBD while it is still published, then again after.
     qemu_io(
         &rig.nbd_uri(&format!("volumes/{vol}")),
@@ -333,9 +326,15 @@ async fn a_publish_after_kill9_between_stage_and_publish_finds_the_staged_volume
 
     let mut n = rig.node().await;
     // The repeated stage (kubelet's retry) is idempotent, then publish.
+    // The endpoint serves only once the plugin has recovered.
     n.node_stage_volume(stage(&vol, &staging, Some("ext4")))
         .await
         .unwrap();
+    assert!(
+        rig.up.log_text().contains("recovered a staged volume"),
+        "{}",
+        rig.up.log_text()
+    );
     n.node_publish_volume(publish(&vol, &staging, &target, Some("ext4")))
         .await
         .unwrap();
@@ -351,6 +350,58 @@ async fn a_publish_after_kill9_between_stage_and_publish_finds_the_staged_volume
     assert_eq!(nbdfuse_under(rig.dir.path()).len(), 1);
     unpublish_unstage(&mut n, &vol, &staging, &target).await;
     rig.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_block_volume_works_again_after_kill9() {
+    let mut rig = Rig::start().await;
+    let vol = rig.create_volume(create("pvc-pub", None)).await.volume_id;
+    let (staging, target) = (rig.path("staging/pub"), rig.path("pods/p/pub"));
+    {
+        let mut n = rig.node().await;
+        n.node_stage_volume(stage(&vol, &staging, None))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish(&vol, &staging, &target, None))
+            .await
+            .unwrap();
+    }
+    write_device(&target, 2 * MIB, 0x11).await;
+    rig.up.kill9();
+    rig.restart().await;
+    // The target kubelet knows works again without a new publish: the
+    // restarted plugin attached the volume again and bound it there.
+    write_device(&target, 3 * MIB, 0x22).await;
+    qemu_io(
+        &rig.nbd_uri(&format!("volumes/{vol}")),
+        "read -P 0x11 2M 1M",
+    );
+    qemu_io(
+        &rig.nbd_uri(&format!("volumes/{vol}")),
+        "read -P 0x22 3M 1M",
+    );
+    assert_eq!(loops_under(rig.dir.path()).len(), 1);
+    let mut n = rig.node().await;
+    unpublish_unstage(&mut n, &vol, &staging, &target).await;
+    rig.assert_nothing_left();
+}
+
+/// Writes 1 MiB of `byte` at `offset` of a block device (O_DIRECT, synced).
+async fn write_device(path: &str, offset: u64, byte: u8) {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let buf = aligned(MIB as usize, byte);
+        dev.seek(SeekFrom::Start(offset)).unwrap();
+        dev.write_all(&buf.0[buf.1..buf.1 + MIB as usize]).unwrap();
+        dev.sync_all().unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 fn write_synced(path: &Path, data: &[u8]) {
@@ -415,15 +466,20 @@ fn nbdfuse_under(root: &Path) -> Vec<u32> {
 }
 
 /// Releases whatever is left under its dir when dropped (a failed test):
-/// lazy unmounts, innermost first; loop detaches; nbdfuse killed.
+/// lazy unmounts, innermost first; loop detaches (a loop device whose file
+/// system is still mounted somewhere is freed when that goes); nbdfuse
+/// killed.
 struct Release(PathBuf);
 
 impl Drop for Release {
     fn drop(&mut self) {
+        // The loop devices are found by their backing files' paths, which
+        // a lazy unmount of their FUSE mount would hide: list them first.
+        let loops = loops_under(&self.0);
         for m in mounts_under(&self.0).iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
-        for l in loops_under(&self.0) {
+        for l in loops {
             let _ = Command::new("losetup").arg("-d").arg(&l).status();
         }
         for pid in nbdfuse_under(&self.0) {

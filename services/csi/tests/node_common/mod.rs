@@ -22,9 +22,12 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn start() -> Fixture {
+        // On disk, not tmpfs: the engine uses O_DIRECT.
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(&base).unwrap();
         let dir = tempfile::Builder::new()
-            .prefix("cowsnap-csi-node-")
-            .tempdir()
+            .prefix("node-")
+            .tempdir_in(base)
             .unwrap();
         std::fs::create_dir_all(dir.path().join("kubelet")).unwrap();
         let io = std::env::var("COWSNAP_IO").unwrap_or_else(|_| "auto".into());
@@ -158,10 +161,13 @@ pub fn nbdfuse_under(root: &Path) -> Vec<u32> {
 /// Best-effort release of whatever a failed test left under `root`: lazy
 /// unmounts (innermost first), loop detaches, nbdfuse killed.
 pub fn release_everything_under(root: &Path) {
+    // Listed first: a lazy unmount of a FUSE mount hides its loop device's
+    // backing path.
+    let loops = loops_under(root);
     for m in mounts_under(root).iter().rev() {
         let _ = Command::new("umount").arg("-l").arg(m).status();
     }
-    for l in loops_under(root) {
+    for l in loops {
         let _ = Command::new("losetup").arg("-d").arg(&l).status();
     }
     for pid in nbdfuse_under(root) {
