@@ -34,7 +34,8 @@ const NBDFUSE_READY: Duration = Duration::from_secs(30);
 pub struct Attachment {
     /// The FUSE mount point nbdfuse serves the export in.
     pub fuse_dir: PathBuf,
-    /// The nbdfuse process.
+    /// The nbdfuse process when attached, for the record: a detach finds
+    /// nbdfuse by its command line (a pid may be reused after a restart).
     pub nbdfuse_pid: u32,
     /// The loop device over the FUSE file.
     pub loop_device: PathBuf,
@@ -177,23 +178,47 @@ fn fusermount_u(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `pid` is an nbdfuse serving `fuse_dir` (a pid recorded before
-/// a restart may have been reused by something else).
-fn is_our_nbdfuse(pid: u32, fuse_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+/// The nbdfuse processes serving `fuse_dir` (found by their command line:
+/// a pid recorded before a restart may have been reused by something else;
+/// an exited child waiting to be reaped has none and is not listed).
+fn nbdfuse_serving(fuse_dir: &Path) -> Vec<i32> {
     let mine = fuse_dir.join(FUSE_FILE);
-    args.first().is_some_and(|a| a.ends_with(b"nbdfuse"))
-        && args
-            .iter()
-            .any(|a| *a == mine.as_os_str().as_encoded_bytes())
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let ours = args.first().is_some_and(|a| a.ends_with(b"nbdfuse"))
+                && args
+                    .iter()
+                    .any(|a| *a == mine.as_os_str().as_encoded_bytes());
+            ours.then_some(pid)
+        })
+        .collect()
 }
+
+/// Polls `done` every 20 ms for at most `DETACH_WAIT`.
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > DETACH_WAIT {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// How long a detach waits for a loop device to be released by a
+/// transient opener (a probe), and for nbdfuse to exit once unmounted.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
 
 /// Detaches what `attach` made, whatever is left of it: the loop device
 /// (if it is still over this attachment's file), the FUSE mount, the
-/// nbdfuse process. Fails if the loop device is still in use (mounted).
+/// nbdfuse process. Fails if the loop device stays in use (mounted).
 pub fn detach(att: &Attachment) -> Result<()> {
     let file = att.fuse_file();
     let mut loops = loops_under(&att.fuse_dir);
@@ -205,9 +230,10 @@ pub fn detach(att: &Attachment) -> Result<()> {
     }
     for l in &loops {
         run(Command::new("losetup").arg("-d").arg(l))?;
-        // A device still open (mounted) is only marked to detach on its
-        // last close: that is a failure here, the FUSE mount is still used.
-        if loop_backing_file(l).as_deref() == Some(file.as_path()) {
+        // A device still open is only marked to detach on its last close:
+        // wait for a transient opener; one that stays (a mount) is an error,
+        // the FUSE mount under it is still used.
+        if !wait_until(|| loop_backing_file(l).as_deref() != Some(file.as_path())) {
             return Err(NodeError::FailedPrecondition(format!(
                 "{} is still in use; unmount it first",
                 l.display()
@@ -222,9 +248,14 @@ pub fn detach(att: &Attachment) -> Result<()> {
             .arg("-z")
             .arg(&att.fuse_dir))?;
     }
-    if is_our_nbdfuse(att.nbdfuse_pid, &att.fuse_dir) {
-        // SAFETY: kill has no memory effects; the pid was checked above.
-        unsafe { libc::kill(att.nbdfuse_pid as i32, libc::SIGTERM) };
+    // nbdfuse exits once unmounted; one that does not (or survived a
+    // lazy unmount) is made to.
+    if !wait_until(|| nbdfuse_serving(&att.fuse_dir).is_empty()) {
+        for pid in nbdfuse_serving(&att.fuse_dir) {
+            tracing::warn!(pid, dir = %att.fuse_dir.display(), "nbdfuse did not exit; killing it");
+            // SAFETY: kill has no memory effects; the pid serves our dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
     let _ = std::fs::remove_dir(&att.fuse_dir);
     Ok(())
