@@ -1,5 +1,6 @@
-//! The CSI node path for real, through `cowsnap up --csi-endpoint` as a
-//! child process: volumes made by the CSI Controller, staged and published
+//! The CSI node path for real, through `cowsnap up --csi-endpoint` (and
+//! once `cowsnap worker --csi-endpoint`) as a child process: volumes made
+//! by the CSI Controller, staged and published
 //! by the CSI Node service (nbdfuse + loop device + bind mounts), data
 //! checked over NBD with qemu-io and through the file system; a kill -9
 //! between stage and publish; and at the end nothing of the test left
@@ -402,6 +403,156 @@ async fn write_device(path: &str, offset: u64, byte: u8) {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cowsnap_worker_serves_identity_and_node_on_its_csi_endpoint() {
+    let dir = scratch();
+    let _release = Release(dir.path().to_path_buf());
+    let kubelet = dir.path().join("kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    let (grpc, nbd, socket) = (
+        dir.path().join("grpc.sock"),
+        dir.path().join("nbd.sock"),
+        dir.path().join("csi.sock"),
+    );
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
+        .arg("worker")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--grpc-listen")
+        .arg(format!("unix:{}", grpc.display()))
+        .arg("--nbd-listen")
+        .arg(format!("unix:{}", nbd.display()))
+        .args(["--node", "Node_7.example"])
+        .arg("--csi-endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--kubelet-dir")
+        .arg(&kubelet)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child);
+    let rig_socket = socket.clone();
+    let channel = || async {
+        let path = rig_socket.clone();
+        tonic::transport::Endpoint::from_static("http://csi.test")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+    };
+    let mut ch = None;
+    for _ in 0..600 {
+        if let Ok(c) = channel().await {
+            ch = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = ch.expect("the worker's CSI endpoint answers");
+    let mut id = csi::identity_client::IdentityClient::new(ch.clone());
+    let caps = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let controller = csi::plugin_capability::Type::Service(csi::plugin_capability::Service {
+        r#type: csi::plugin_capability::service::Type::ControllerService as i32,
+    });
+    assert!(
+        !caps.iter().any(|c| c.r#type.as_ref() == Some(&controller)),
+        "a worker serves no Controller: {caps:?}"
+    );
+    let mut n = csi::node_client::NodeClient::new(ch);
+    let info = n
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // The id the control service registers this worker by.
+    assert_eq!(info.node_id, "node-7-example");
+
+    // A volume made on the worker's own API, staged and published by CSI.
+    let mut w = cowsnap_proto::worker::v1::worker_service_client::WorkerServiceClient::new(
+        tonic::transport::Endpoint::from_static("http://worker.test")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = grpc.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap(),
+    );
+    w.create_volume(cowsnap_proto::worker::v1::CreateVolumeRequest {
+        volume_id: "wv1".into(),
+        size_bytes: 32 * MIB,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let staging = kubelet.join("staging/wv1").display().to_string();
+    let target = kubelet.join("pods/p/wv1").display().to_string();
+    let outside = dir.path().join("elsewhere").display().to_string();
+    let e = n
+        .node_stage_volume(stage("wv1", &outside, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = n
+        .node_stage_volume(stage("nope", &staging, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = n
+        .node_publish_volume(publish("wv1", &staging, &target, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "not staged: {e}");
+    n.node_stage_volume(stage("wv1", &staging, None))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish("wv1", &staging, &target, None))
+        .await
+        .unwrap();
+    write_device(&target, MIB, 0x77).await;
+    let uri = format!("nbd+unix:///volumes/wv1?socket={}", nbd.display());
+    qemu_io(&uri, "read -P 0x77 1M 1M");
+    let stats = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "wv1".into(),
+            volume_path: target.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, (32 * MIB) as i64);
+    unpublish_unstage(&mut n, "wv1", &staging, &target).await;
+    let root = dir.path();
+    assert_eq!(mounts_under(root), Vec::<PathBuf>::new(), "left mounted");
+    assert_eq!(loops_under(root), Vec::<String>::new(), "left attached");
+    assert_eq!(nbdfuse_under(root), Vec::<u32>::new(), "nbdfuse left");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn write_synced(path: &Path, data: &[u8]) {
