@@ -618,6 +618,30 @@ async fn topology_places_volumes_and_lists_page() {
         ..Default::default()
     };
     assert!(list(&mut c, missing).await.is_empty());
+    let got = c
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: "v2/s3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(
+        (got.source_volume_id.as_str(), got.ready_to_use),
+        ("v2", true)
+    );
+    for id in ["v2/nope", "no-slash"] {
+        let (k, _) = code(
+            c.get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            })
+            .await,
+        );
+        assert_eq!(k, Code::NotFound, "{id}");
+    }
     let paged = c
         .list_snapshots(csi::ListSnapshotsRequest {
             max_entries: 2,

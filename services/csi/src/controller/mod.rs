@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 type Rpc<T> = Result<Response<T>, Status>;
 
 /// The capabilities ControllerGetCapabilities reports.
-pub const CAPABILITIES: [Cap; 7] = [
+pub const CAPABILITIES: [Cap; 8] = [
     Cap::CreateDeleteVolume,
     Cap::ListVolumes,
     Cap::GetCapacity,
@@ -41,6 +41,7 @@ pub const CAPABILITIES: [Cap; 7] = [
     Cap::ListSnapshots,
     Cap::CloneVolume,
     Cap::GetVolume,
+    Cap::GetSnapshot,
 ];
 
 /// The CSI Controller service over the control service's domain.
