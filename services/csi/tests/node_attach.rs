@@ -208,3 +208,49 @@ async fn a_reopened_node_finds_its_staged_volume_and_attaches_it_again() {
     .unwrap();
     f.assert_nothing_attached();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_stage_attaches_again_when_nbdfuse_was_killed() {
+    let f = Fixture::start().await;
+    f.create_volume("kl1", 64 << 20).await;
+    let node = f.node();
+    let stage = Stage {
+        volume: "kl1".into(),
+        staging_path: f.kubelet("staging/kl1"),
+        access: ext4(),
+    };
+    let publish = PublishReq {
+        volume: "kl1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/kl1"),
+        access: ext4(),
+        readonly: false,
+    };
+    let root = f.dir.path().to_path_buf();
+    let (n, s, p) = (node.clone(), stage.clone(), publish.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        std::fs::write(s.staging_path.join("kept"), b"on the volume").unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+        n.stage(&s).unwrap();
+        let killed = node_common::nbdfuse_under(&root);
+        assert_eq!(killed.len(), 1, "{killed:?}");
+        // SAFETY: kill has no memory effects; the pid is this test's nbdfuse.
+        unsafe { libc::kill(killed[0] as i32, libc::SIGKILL) };
+        // kubelet's repeated stage finds the attachment gone and remakes it.
+        n.stage(&s).unwrap();
+        let now = node_common::nbdfuse_under(&root);
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_ne!(now, killed);
+        n.publish(&p).unwrap();
+        assert_eq!(
+            std::fs::read(p.target_path.join("kept")).unwrap(),
+            b"on the volume"
+        );
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+}

@@ -140,6 +140,13 @@ pub fn attach(uri: &str, fuse_dir: &Path, loop_hint: Option<&Path>) -> Result<At
     }
 }
 
+/// Whether an attachment is whole: its loop device is over its FUSE file
+/// and an nbdfuse serves that file.
+pub fn is_attached(att: &Attachment) -> bool {
+    loop_backing_file(&att.loop_device).as_deref() == Some(att.fuse_file().as_path())
+        && !nbdfuse_serving(&att.fuse_dir).is_empty()
+}
+
 /// Whether `dev` is a loop device with no backing file.
 fn loop_is_free(dev: &Path) -> bool {
     let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {

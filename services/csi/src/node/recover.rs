@@ -11,6 +11,8 @@
 //! no record owns (a stage a crash cut short) are released.
 //!
 //! Must run while the worker's NBD server serves (nbdfuse connects to it).
+//! A repeated NodeStage uses the same re-attach for a volume whose
+//! attachment is gone (nbdfuse killed, loop device detached by hand).
 
 use super::Node;
 use super::attach;
@@ -18,7 +20,7 @@ use super::error::Result;
 use super::mounts;
 use super::publish::{bind_target, unbind_target};
 use super::stage::release_leftovers;
-use super::state::Access;
+use super::state::{Access, NodeState};
 
 impl Node {
     /// Re-attaches every staged volume and releases leftovers; a volume
@@ -28,48 +30,9 @@ impl Node {
         let mut st = self.lock();
         let ids: Vec<String> = st.volumes.keys().cloned().collect();
         for id in &ids {
-            let s = st.volumes[id].clone();
-            for t in s.published.keys() {
-                if let Err(e) = mounts::unmount(t) {
-                    tracing::error!(volume = %id, target = %t.display(), "recovery: {e}");
-                }
-            }
-            if matches!(s.access, Access::Mount { .. })
-                && let Err(e) = mounts::unmount(&s.staging_path)
-            {
+            if let Err(e) = self.reattach(&mut st, id) {
                 tracing::error!(volume = %id, "recovery: {e}");
             }
-            if let Err(e) = attach::detach(&s.attachment) {
-                tracing::error!(volume = %id, "recovery: releasing the old attachment: {e}");
-                continue;
-            }
-            let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(id));
-            let att = match attach::attach(
-                &uri,
-                &s.attachment.fuse_dir,
-                Some(&s.attachment.loop_device),
-            ) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(volume = %id, "recovery: cannot attach again: {e}");
-                    continue;
-                }
-            };
-            let v = st.volumes.get_mut(id).expect("listed above");
-            v.attachment = att;
-            let v = v.clone();
-            self.file.save(&st)?;
-            if let Err(e) = self.mount_staging(&v) {
-                tracing::error!(volume = %id, "recovery: staging mount: {e}");
-                continue;
-            }
-            for (t, p) in &v.published {
-                let _ = unbind_target(t);
-                if let Err(e) = bind_target(&v, t, p) {
-                    tracing::error!(volume = %id, target = %t.display(), "recovery: publish: {e}");
-                }
-            }
-            tracing::info!(volume = %id, device = %v.attachment.loop_device.display(), "recovered a staged volume");
         }
         let root = self.cfg.attach_root();
         if let Ok(rd) = std::fs::read_dir(&root) {
@@ -87,6 +50,44 @@ impl Node {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Attaches staged volume `id` again: its targets and staging mount
+    /// are unmounted, the old attachment released, a new one made (on the
+    /// same loop device when it is free), saved, and the staging mount and
+    /// targets made again.
+    pub(super) fn reattach(&self, st: &mut NodeState, id: &str) -> Result<()> {
+        let s = st.volumes[id].clone();
+        for t in s.published.keys() {
+            if let Err(e) = mounts::unmount(t) {
+                tracing::error!(volume = %id, target = %t.display(), "re-attach: {e}");
+            }
+        }
+        if matches!(s.access, Access::Mount { .. })
+            && let Err(e) = mounts::unmount(&s.staging_path)
+        {
+            tracing::error!(volume = %id, "re-attach: {e}");
+        }
+        attach::detach(&s.attachment)?;
+        let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(id));
+        let att = attach::attach(
+            &uri,
+            &s.attachment.fuse_dir,
+            Some(&s.attachment.loop_device),
+        )?;
+        let v = st.volumes.get_mut(id).expect("staged");
+        v.attachment = att;
+        let v = v.clone();
+        self.file.save(st)?;
+        self.mount_staging(&v)?;
+        for (t, p) in &v.published {
+            let _ = unbind_target(t);
+            if let Err(e) = bind_target(&v, t, p) {
+                tracing::error!(volume = %id, target = %t.display(), "re-attach: publish: {e}");
+            }
+        }
+        tracing::info!(volume = %id, device = %v.attachment.loop_device.display(), "recovered a staged volume");
         Ok(())
     }
 }

@@ -36,8 +36,13 @@ impl Node {
                     req.access
                 )));
             }
-            // Staged as asked; a mount lost since (someone unmounted it) is
-            // put back.
+            // Staged as asked. An attachment lost since (nbdfuse killed,
+            // loop device detached by hand) is made again; a staging mount
+            // lost since is put back.
+            if !attach::is_attached(&s.attachment) {
+                tracing::warn!(volume = %req.volume, "the attachment is gone; attaching again");
+                return self.reattach(&mut st, &req.volume);
+            }
             return self.mount_staging(s);
         }
         let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(&req.volume));
