@@ -83,6 +83,10 @@ async fn identity_reports_the_plugin_and_its_readiness() {
         !rpcs.contains(&(Cap::ExpandVolume as i32)),
         "expansion is not built: it must not be advertised"
     );
+    assert!(
+        rpcs.iter().all(|&r| r <= Cap::ModifyVolume as i32),
+        "only capabilities csi-sanity (spec v1.10) knows: {rpcs:?}"
+    );
     w.stop().await;
 }
 
