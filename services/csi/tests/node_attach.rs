@@ -254,3 +254,50 @@ async fn a_repeated_stage_attaches_again_when_nbdfuse_was_killed() {
     .unwrap();
     f.assert_nothing_attached();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_block_publish_refuses_writes_and_reads_the_volume() {
+    let f = Fixture::start().await;
+    f.create_volume("ro1", 64 << 20).await;
+    qemu_io(&f.nbd_uri("volumes/ro1"), &["write -P 0x3c 0 1M"]);
+    let node = f.node();
+    let stage = Stage {
+        volume: "ro1".into(),
+        staging_path: f.kubelet("staging/ro1"),
+        access: Access::Block,
+    };
+    let ro = PublishReq {
+        volume: "ro1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/ro1"),
+        access: Access::Block,
+        readonly: true,
+    };
+    let (n, s, p) = (node.clone(), stage.clone(), ro.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        n.publish(&p).unwrap();
+        n.publish(&p).unwrap(); // idempotent
+        // The kernel opens a read-only block device for writing, and
+        // fails every write to it.
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.target_path)
+            .unwrap();
+        let e = dev.write_all(&[0u8; 4096]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        drop(dev);
+        let mut buf = vec![0u8; 4096];
+        std::fs::File::open(&p.target_path)
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 0x3c));
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+    qemu_io(&f.nbd_uri("volumes/ro1"), &["read -P 0x3c 0 1M"]);
+}

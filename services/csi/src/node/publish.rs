@@ -3,8 +3,10 @@
 //! a block volume, the staging mount onto a directory for a file system.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use super::Node;
+use super::attach;
 use super::error::{NodeError, Result};
 use super::mounts;
 use super::state::{Access, Publish, Staged};
@@ -52,9 +54,10 @@ impl Node {
         let want = Publish {
             readonly: req.readonly,
             flags,
+            read_only_loop: None,
         };
         if let Some(p) = s.published.get(&req.target_path) {
-            if *p != want {
+            if !p.same_as(&want) {
                 return Err(NodeError::AlreadyExists(format!(
                     "volume {} is already published at {} as {p:?}; asked {want:?}",
                     req.volume,
@@ -78,12 +81,27 @@ impl Node {
         s.published.insert(req.target_path.clone(), want.clone());
         let s = s.clone();
         self.file.save(&st)?;
-        if let Err(e) = bind_target(&s, &req.target_path, &want) {
-            if let Some(v) = st.volumes.get_mut(&req.volume) {
-                v.published.remove(&req.target_path);
+        match bind_target(&s, &req.target_path, &want) {
+            Ok(read_only_loop) => {
+                if read_only_loop.is_some() {
+                    let v = st.volumes.get_mut(&req.volume).expect("checked above");
+                    v.published.insert(
+                        req.target_path.clone(),
+                        Publish {
+                            read_only_loop,
+                            ..want
+                        },
+                    );
+                    self.file.save(&st)?;
+                }
             }
-            self.file.save(&st)?;
-            return Err(e);
+            Err(e) => {
+                if let Some(v) = st.volumes.get_mut(&req.volume) {
+                    v.published.remove(&req.target_path);
+                }
+                self.file.save(&st)?;
+                return Err(e);
+            }
         }
         tracing::info!(volume = %req.volume, target = %req.target_path.display(), readonly = req.readonly, "published");
         Ok(())
@@ -96,9 +114,9 @@ impl Node {
         let owned = st
             .volumes
             .get(volume)
-            .is_some_and(|s| s.published.contains_key(target));
-        if owned {
-            unbind_target(target)?;
+            .and_then(|s| Some((s, s.published.get(target)?)));
+        if let Some((s, p)) = owned {
+            unbind_target(target, s, p)?;
             if let Some(s) = st.volumes.get_mut(volume) {
                 s.published.remove(target);
             }
@@ -111,14 +129,16 @@ impl Node {
 
 /// Bind-mounts a staged volume onto `target`, creating the target (a file
 /// for a block volume, a directory for a file system) if it is missing.
-pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<()> {
+/// A read-only block publish gets a read-only loop device of its own over
+/// the attachment's file, returned.
+pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<Option<PathBuf>> {
     let create = |r: std::io::Result<()>| {
         r.map_err(|e| NodeError::internal(format!("{}: cannot create: {e}", target.display())))
     };
     if let Some(parent) = target.parent() {
         create(std::fs::create_dir_all(parent))?;
     }
-    let source = match &s.access {
+    match &s.access {
         Access::Block => {
             if !target.exists() {
                 create(
@@ -130,18 +150,36 @@ pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<()> 
                         .map(drop),
                 )?;
             }
-            &s.attachment.loop_device
+            if !p.readonly {
+                mounts::bind(&s.attachment.loop_device, target, false, &p.flags)?;
+                return Ok(None);
+            }
+            let ro = mounts::run(
+                Command::new("losetup")
+                    .args(["--show", "-f", "-r", "--direct-io=on"])
+                    .arg(s.attachment.fuse_file()),
+            )
+            .map(|out| PathBuf::from(out.trim()))?;
+            match mounts::bind(&ro, target, true, &p.flags) {
+                Ok(()) => Ok(Some(ro)),
+                Err(e) => {
+                    let _ = mounts::run(Command::new("losetup").arg("-d").arg(&ro));
+                    Err(e)
+                }
+            }
         }
         Access::Mount { .. } => {
             create(std::fs::create_dir_all(target))?;
-            &s.staging_path
+            mounts::bind(&s.staging_path, target, p.readonly, &p.flags)?;
+            Ok(None)
         }
-    };
-    mounts::bind(source, target, p.readonly, &p.flags)
+    }
 }
 
-/// Unmounts `target` and removes it (the plugin made it).
-pub(super) fn unbind_target(target: &Path) -> Result<()> {
+/// Unmounts `target` and removes it (the plugin made it), and detaches the
+/// publish's own read-only loop device if it has one (and it is still over
+/// the volume's file).
+pub(super) fn unbind_target(target: &Path, s: &Staged, p: &Publish) -> Result<()> {
     mounts::unmount(target)?;
     let removed = match std::fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => std::fs::remove_dir(target),
@@ -149,5 +187,13 @@ pub(super) fn unbind_target(target: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     };
-    removed.map_err(|e| NodeError::internal(format!("{}: cannot remove: {e}", target.display())))
+    removed
+        .map_err(|e| NodeError::internal(format!("{}: cannot remove: {e}", target.display())))?;
+    if let Some(l) = &p.read_only_loop
+        && *l != s.attachment.loop_device
+        && attach::loop_backing_file(l).as_deref() == Some(s.attachment.fuse_file().as_path())
+    {
+        mounts::run(Command::new("losetup").arg("-d").arg(l))?;
+    }
+    Ok(())
 }

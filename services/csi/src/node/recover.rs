@@ -20,7 +20,7 @@ use super::error::Result;
 use super::mounts;
 use super::publish::{bind_target, unbind_target};
 use super::stage::release_leftovers;
-use super::state::{Access, NodeState};
+use super::state::{Access, NodeState, Publish};
 
 impl Node {
     /// Re-attaches every staged volume and releases leftovers; a volume
@@ -81,12 +81,27 @@ impl Node {
         let v = v.clone();
         self.file.save(st)?;
         self.mount_staging(&v)?;
+        // The old attachment's read-only loop devices went with it.
         for (t, p) in &v.published {
-            let _ = unbind_target(t);
-            if let Err(e) = bind_target(&v, t, p) {
-                tracing::error!(volume = %id, target = %t.display(), "re-attach: publish: {e}");
+            // Its old read-only loop device number may be the new main
+            // one's now: the target alone is undone.
+            let bound = Publish {
+                read_only_loop: None,
+                ..p.clone()
+            };
+            let _ = unbind_target(t, &v, &bound);
+            let read_only_loop = match bind_target(&v, t, p) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(volume = %id, target = %t.display(), "re-attach: publish: {e}");
+                    None
+                }
+            };
+            if let Some(rec) = st.volumes.get_mut(id).and_then(|s| s.published.get_mut(t)) {
+                rec.read_only_loop = read_only_loop;
             }
         }
+        self.file.save(st)?;
         tracing::info!(volume = %id, device = %v.attachment.loop_device.display(), "recovered a staged volume");
         Ok(())
     }

@@ -36,6 +36,18 @@ pub struct Publish {
     pub readonly: bool,
     /// Mount flags of the publish's capability.
     pub flags: Vec<String>,
+    /// A read-only publish of a block volume binds a read-only loop device
+    /// of its own (a read-only bind of a writable device node does not stop
+    /// writes to the device).
+    #[serde(default)]
+    pub read_only_loop: Option<PathBuf>,
+}
+
+impl Publish {
+    /// Whether `other` asks for the same publish (its devices aside).
+    pub fn same_as(&self, other: &Publish) -> bool {
+        self.readonly == other.readonly && self.flags == other.flags
+    }
 }
 
 /// A volume staged on this node.
@@ -132,6 +144,7 @@ mod tests {
                     Publish {
                         readonly: true,
                         flags: vec![],
+                        read_only_loop: None,
                     },
                 )]),
             },
