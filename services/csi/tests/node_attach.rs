@@ -301,3 +301,44 @@ async fn a_read_only_block_publish_refuses_writes_and_reads_the_volume() {
     f.assert_nothing_attached();
     qemu_io(&f.nbd_uri("volumes/ro1"), &["read -P 0x3c 0 1M"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_xfs_volume_is_made_mounted_and_published() {
+    let f = Fixture::start().await;
+    // mkfs.xfs wants at least 300 MB; the device file is sparse.
+    f.create_volume("xfs1", 512 << 20).await;
+    let node = f.node();
+    let xfs = Access::Mount {
+        fs_type: "xfs".into(),
+        flags: vec!["noatime".into()],
+    };
+    let stage = Stage {
+        volume: "xfs1".into(),
+        staging_path: f.kubelet("staging/xfs1"),
+        access: xfs.clone(),
+    };
+    let publish = PublishReq {
+        volume: "xfs1".into(),
+        staging_path: stage.staging_path.clone(),
+        target_path: f.kubelet("pods/p1/xfs1"),
+        access: xfs,
+        readonly: false,
+    };
+    let (n, s, p) = (node.clone(), stage.clone(), publish.clone());
+    tokio::task::spawn_blocking(move || {
+        n.stage(&s).unwrap();
+        let m = cowsnap_csi::node::mounts::mounted_at(&s.staging_path)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.fs_type, "xfs");
+        assert!(m.options.iter().any(|o| o == "noatime"), "{m:?}");
+        n.publish(&p).unwrap();
+        std::fs::write(p.target_path.join("x"), b"on xfs").unwrap();
+        assert_eq!(std::fs::read(s.staging_path.join("x")).unwrap(), b"on xfs");
+        n.unpublish(&p.volume, &p.target_path).unwrap();
+        n.unstage(&s.volume, &s.staging_path).unwrap();
+    })
+    .await
+    .unwrap();
+    f.assert_nothing_attached();
+}
