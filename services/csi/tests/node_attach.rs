@@ -237,6 +237,13 @@ async fn a_repeated_stage_attaches_again_when_nbdfuse_was_killed() {
         assert_eq!(killed.len(), 1, "{killed:?}");
         // SAFETY: kill has no memory effects; the pid is this test's nbdfuse.
         unsafe { libc::kill(killed[0] as i32, libc::SIGKILL) };
+        // Gone once it has exited (a zombie has no command line).
+        for _ in 0..500 {
+            if node_common::nbdfuse_under(&root).is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         // kubelet's repeated stage finds the attachment gone and remakes it.
         n.stage(&s).unwrap();
         let now = node_common::nbdfuse_under(&root);
