@@ -17,6 +17,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cowsnap_control::server::ControlConfig;
+use cowsnap_csi::node::NodeConfig;
+use cowsnap_csi::node::grpc::NodeGrpc;
 use cowsnap_worker::server::{ServeOptions, hostname};
 use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -49,10 +51,13 @@ pub struct UpArgs {
     /// I/O backend: auto, uring or portable.
     #[arg(long, env = "COWSNAP_IO", default_value = "auto")]
     io: String,
-    /// Serve the Kubernetes CSI driver (Identity and Controller) on this
-    /// unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
+    /// Serve the Kubernetes CSI driver (Identity, Controller and Node) on
+    /// this unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
     #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
     csi_endpoint: Option<String>,
+    /// The CSI Node service stages and publishes only under this directory.
+    #[arg(long, env = "COWSNAP_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
@@ -72,9 +77,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
     let worker_sock = dir.join("worker.sock");
     let worker_addr = format!("unix:{}", worker_sock.display());
 
+    let node = hostname().unwrap_or_else(|| "localhost".into());
+    // The CSI node id: the id the control service registers the worker by.
+    let node_id = cowsnap_control::model::worker_id_from_node(&node);
+    let kubelet_dir = args.kubelet_dir;
     let worker_cfg = WorkerConfig {
         data_dir: dir.join("worker"),
-        node: hostname().unwrap_or_else(|| "localhost".into()),
+        node,
         nbd_uri: String::new(),
         device_allow: Vec::new(),
         io,
@@ -115,12 +124,22 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         let csi = match csi {
             None => None,
             Some(bound) => {
+                let node_cfg = NodeConfig {
+                    node: node_id,
+                    data_dir: dir.join("worker"),
+                    kubelet_dir,
+                    nbd: worker.nbd.clone(),
+                };
+                let node = NodeGrpc::start(node_cfg, worker.worker.clone())
+                    .await
+                    .context("cannot start the CSI node plugin")?;
                 let router = cowsnap_csi::endpoint::router(
                     cowsnap_csi::identity::Identity::new(Some(control.control.clone())),
                     Some(cowsnap_csi::controller::Controller::new(
                         control.control.clone(),
                     )),
-                );
+                )
+                .add_service(node.server());
                 Some(bound.serve(router, stop.child_token())?)
             }
         };

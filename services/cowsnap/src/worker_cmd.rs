@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
+use cowsnap_csi::node::NodeConfig;
+use cowsnap_csi::node::grpc::NodeGrpc;
 use cowsnap_worker::nbd::{NbdLimits, NbdTlsConfig, TlsMode};
 use cowsnap_worker::server::{ServeOptions, hostname, start};
 use cowsnap_worker::worker::WorkerConfig;
@@ -15,6 +18,7 @@ use crate::service::{config_file, parse_flag, run_until_signal, tls_files};
 const DEFAULT_DATA_DIR: &str = "/var/lib/cowsnap";
 const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50052";
 const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
@@ -22,7 +26,7 @@ pub struct WorkerArgs {
     /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io,
     /// tls_cert, tls_key, tls_ca, nbd_tls_cert, nbd_tls_key, nbd_tls_ca,
     /// nbd_tls_mode, nbd_max_connections, nbd_idle_timeout,
-    /// nbd_buffer_budget).
+    /// nbd_buffer_budget, csi_endpoint, kubelet_dir).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
     /// The worker's state and, on the embedded default, its devices
@@ -61,6 +65,14 @@ pub struct WorkerArgs {
     /// signed (mTLS with the control service).
     #[arg(long, env = "COWSNAP_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Serve the Kubernetes CSI driver's Identity and Node services on this
+    /// unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
+    #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
+    csi_endpoint: Option<String>,
+    /// The CSI Node service stages and publishes only under this directory
+    /// [default: /var/lib/kubelet].
+    #[arg(long, env = "COWSNAP_KUBELET_DIR")]
+    kubelet_dir: Option<PathBuf>,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
@@ -134,6 +146,13 @@ impl NbdLimitArgs {
     }
 }
 
+/// The CSI node plugin a worker serves, when asked.
+#[derive(Debug)]
+pub struct CsiNode {
+    pub endpoint: String,
+    pub kubelet_dir: PathBuf,
+}
+
 /// TLS on NBD, shared by `cowsnap worker` and `cowsnap up`.
 #[derive(clap::Args, Debug, Default)]
 pub struct NbdTlsArgs {
@@ -189,6 +208,8 @@ struct FileConfig {
     nbd_tls_ca: Option<PathBuf>,
     #[serde(default, deserialize_with = "tls_mode")]
     nbd_tls_mode: Option<TlsMode>,
+    csi_endpoint: Option<String>,
+    kubelet_dir: Option<PathBuf>,
 }
 
 /// `nbd_tls_mode = "require"` in the config file.
@@ -197,9 +218,20 @@ fn tls_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsMode>, D
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
-/// The settings resolved from flags, environment, config file and defaults.
-pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)> {
+/// The settings resolved from flags, environment, config file and
+/// defaults, and the CSI node plugin if one is asked for.
+pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions, Option<CsiNode>)> {
     let file: FileConfig = config_file(args.config.as_deref())?;
+    let csi = args
+        .csi_endpoint
+        .or(file.csi_endpoint)
+        .map(|endpoint| CsiNode {
+            endpoint,
+            kubelet_dir: args
+                .kubelet_dir
+                .or(file.kubelet_dir)
+                .unwrap_or_else(|| DEFAULT_KUBELET_DIR.into()),
+        });
     let io = parse_flag("--io", &args.io.or(file.io).unwrap_or_default())?;
     let grpc_listen = args
         .grpc_listen
@@ -251,12 +283,46 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions)>
         nbd_tls,
         nbd_limits,
     };
-    Ok((cfg, opts))
+    Ok((cfg, opts, csi))
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
-    let (cfg, opts) = resolve(args)?;
-    run_until_signal(async |shutdown| start(cfg, opts, shutdown).await?.wait().await)
+    let (cfg, opts, csi) = resolve(args)?;
+    // The CSI node id: the id the control service registers this worker by
+    // (unless it is registered under another one).
+    let node_id = cowsnap_control::model::worker_id_from_node(&cfg.node);
+    let data_dir = cfg.data_dir.clone();
+    run_until_signal(async |shutdown| {
+        // Bound before the worker starts: a live socket fails the start.
+        let bound = match &csi {
+            Some(c) => Some(cowsnap_csi::endpoint::bind(&c.endpoint)?),
+            None => None,
+        };
+        let worker = start(cfg, opts, shutdown.clone()).await?;
+        let served = match (bound, csi) {
+            (Some(bound), Some(c)) => {
+                let node_cfg = NodeConfig {
+                    node: node_id,
+                    data_dir,
+                    kubelet_dir: c.kubelet_dir,
+                    nbd: worker.nbd.clone(),
+                };
+                let node = NodeGrpc::start(node_cfg, worker.worker.clone())
+                    .await
+                    .context("cannot start the CSI node plugin")?;
+                let router =
+                    cowsnap_csi::endpoint::router(cowsnap_csi::identity::Identity::new(None), None)
+                        .add_service(node.server());
+                Some(bound.serve(router, shutdown.child_token())?)
+            }
+            _ => None,
+        };
+        let csi_stopped = match served {
+            Some(c) => c.wait().await,
+            None => Ok(()),
+        };
+        csi_stopped.and(worker.wait().await)
+    })
 }
 
 #[cfg(test)]
@@ -341,7 +407,7 @@ mod tests {
         let mut argv = vec!["worker", "--config", path.to_str().unwrap()];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).unwrap();
-        resolve(cli.args).map(|(_, opts)| opts.nbd_limits)
+        resolve(cli.args).map(|(_, opts, _)| opts.nbd_limits)
     }
 
     #[test]

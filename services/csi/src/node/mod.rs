@@ -1,2 +1,178 @@
-//! The CSI Node service (stage, publish, stats, expansion on the node that
-//! uses a volume) lives here.
+//! The CSI node plugin: attaches a volume's NBD export on this node,
+//! stages it (file system made on first use, then mounted), publishes it
+//! (bind mounts) and keeps what it did in a state file so a restarted
+//! plugin finds it again.
+//!
+//! - [`attach`]: NBD export → block device (nbdfuse + loop device);
+//! - [`mounts`]: mountinfo, mount/umount/mkfs/blkid;
+//! - [`state`]: the saved state; [`stage`], [`publish`], [`stats`] and
+//!   [`recover`]: the node's operations on it;
+//! - [`grpc`]: the `csi.v1.Node` service over them.
+//!
+//! Every operation runs under one lock (the state's), blocking: callers
+//! run them on a blocking thread.
+
+pub mod attach;
+pub mod error;
+pub mod grpc;
+pub mod mounts;
+pub mod publish;
+pub mod recover;
+pub mod stage;
+pub mod state;
+pub mod stats;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use cowsnap_worker::nbd::LocalAddr;
+use error::{NodeError, Result};
+use state::{NodeState, StateFile};
+
+/// How the node plugin is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The CSI node id: the id of this node's worker in the catalog (by
+    /// default made from the worker's node name), also its topology value.
+    pub node: String,
+    /// Where the plugin keeps its state and attachments (the worker's
+    /// data dir).
+    pub data_dir: PathBuf,
+    /// Staging and target paths must lie under this directory.
+    pub kubelet_dir: PathBuf,
+    /// Where the worker's NBD server listens (this node's own worker).
+    pub nbd: LocalAddr,
+}
+
+impl NodeConfig {
+    /// The NBD URI nbdfuse connects to for `export`; a server on every
+    /// address is reached on the loopback one.
+    fn nbd_uri(&self, export: &str) -> String {
+        match &self.nbd {
+            LocalAddr::Tcp(a) if a.ip().is_unspecified() => {
+                let lo = if a.is_ipv4() {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    IpAddr::V6(Ipv6Addr::LOCALHOST)
+                };
+                LocalAddr::Tcp(SocketAddr::new(lo, a.port())).uri(export)
+            }
+            a => a.uri(export),
+        }
+    }
+
+    /// Where the attachment of volume `id` lives.
+    fn fuse_dir(&self, id: &str) -> PathBuf {
+        self.attach_root().join(id)
+    }
+
+    fn attach_root(&self) -> PathBuf {
+        self.data_dir.join("csi-node")
+    }
+
+    /// `path` as given, if it is absolute, plain (no `.` or `..`) and under
+    /// the kubelet dir; `field` names it in the error.
+    pub fn check_path(&self, field: &str, path: &str) -> Result<PathBuf> {
+        if path.is_empty() {
+            return Err(NodeError::invalid(format!("{field} is required")));
+        }
+        let p = Path::new(path);
+        let plain = p
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !p.is_absolute() || !plain {
+            return Err(NodeError::invalid(format!(
+                "{field} {path:?} must be an absolute path without . or .."
+            )));
+        }
+        if !p.starts_with(&self.kubelet_dir) || p == self.kubelet_dir {
+            return Err(NodeError::invalid(format!(
+                "{field} {path:?} is not under the kubelet dir {}",
+                self.kubelet_dir.display()
+            )));
+        }
+        Ok(p.to_path_buf())
+    }
+}
+
+/// The node plugin.
+pub struct Node {
+    cfg: NodeConfig,
+    file: StateFile,
+    state: Mutex<NodeState>,
+}
+
+impl Node {
+    /// Opens the plugin's state (creating the data dir if needed). Call
+    /// [`Node::recover`] once the worker's NBD server serves.
+    pub fn open(cfg: NodeConfig) -> Result<Node> {
+        cowsnap_proto::server::private_dir(&cfg.attach_root())
+            .map_err(|e| NodeError::internal(format!("{e:#}")))?;
+        let file = StateFile::new(&cfg.data_dir);
+        let st = file.load()?;
+        Ok(Node {
+            cfg,
+            file,
+            state: Mutex::new(st),
+        })
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        // A panic under the lock leaves the state as saved last; go on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The volumes staged here, by id (for tests and the admin).
+    pub fn staged(&self) -> Vec<String> {
+        self.lock().volumes.keys().cloned().collect()
+    }
+
+    /// Whether volume `id` is staged here.
+    pub fn is_staged(&self, id: &str) -> bool {
+        self.lock().volumes.contains_key(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> NodeConfig {
+        NodeConfig {
+            node: "n1".into(),
+            data_dir: "/d".into(),
+            kubelet_dir: "/var/lib/kubelet".into(),
+            nbd: LocalAddr::Tcp("0.0.0.0:1".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn paths_outside_the_kubelet_dir_are_refused() {
+        let c = cfg();
+        assert!(
+            c.check_path("target_path", "/var/lib/kubelet/pods/x")
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "relative/x",
+            "/var/lib/kubelet",
+            "/var/lib/kubeletx/y",
+            "/var/lib/kubelet/../../../etc",
+            "/etc/passwd",
+        ] {
+            let e = c.check_path("target_path", bad).unwrap_err();
+            assert!(matches!(e, NodeError::InvalidArgument(_)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_nbd_uri_names_the_export() {
+        assert_eq!(cfg().nbd_uri("volumes/v1"), "nbd://127.0.0.1:1/volumes/v1");
+    }
+}
