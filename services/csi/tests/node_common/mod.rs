@@ -47,6 +47,7 @@ impl Fixture {
                 .unwrap(),
             nbd_advertise: None,
             nbd_tls: None,
+            nbd_limits: Default::default(),
             tls: None,
         };
         let shutdown = CancellationToken::new();
