@@ -9,7 +9,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use cowsnap_control::model::OpKind;
+use cowsnap_control::error::ControlError;
+use cowsnap_control::model::{OpKind, State};
 use cowsnap_control::operations::{CrashAt, CrashPoint};
 use cowsnap_csi::TOPOLOGY_NODE_KEY;
 use cowsnap_proto::csi::v1 as csi;
@@ -210,15 +211,43 @@ async fn names_map_to_visible_ids_and_repeats_are_idempotent() {
     let (code_, msg) = code(c.create_snapshot(snap_req("snap-1", &v2.volume_id)).await);
     assert_eq!(code_, Code::AlreadyExists, "{msg}");
 
-    // Deletes are idempotent; a volume with snapshots is refused for now.
-    let (code_, msg) = code(
+    // A volume with snapshots goes at once for CSI (repeats succeed too)
+    // and keeps its data until its last snapshot goes.
+    for _ in 0..2 {
         c.delete_volume(csi::DeleteVolumeRequest {
             volume_id: pvc.into(),
             ..Default::default()
         })
-        .await,
+        .await
+        .unwrap();
+    }
+    let listed = c
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == pvc)),
+        "{listed:?}"
     );
-    assert_eq!(code_, Code::FailedPrecondition, "{msg}");
+    let kept = stack
+        .control()
+        .get_volume(&format!("volumes/{pvc}"))
+        .await
+        .unwrap();
+    assert_eq!(kept.state, State::DeletedWithSnapshots);
+    let snaps = c
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.entries.len(), 1, "{snaps:?}");
     for _ in 0..2 {
         c.delete_snapshot(csi::DeleteSnapshotRequest {
             snapshot_id: s.snapshot_id.clone(),
@@ -227,7 +256,7 @@ async fn names_map_to_visible_ids_and_repeats_are_idempotent() {
         .await
         .unwrap();
     }
-    for id in [pvc, pvc, "no-such-volume", "Not An Id!"] {
+    for id in [pvc, "no-such-volume", "Not An Id!"] {
         c.delete_volume(csi::DeleteVolumeRequest {
             volume_id: id.into(),
             ..Default::default()
@@ -235,13 +264,20 @@ async fn names_map_to_visible_ids_and_repeats_are_idempotent() {
         .await
         .unwrap();
     }
-    assert!(
-        stack
-            .control()
-            .get_volume(&format!("volumes/{pvc}"))
-            .await
-            .is_err()
-    );
+    // Its last snapshot gone, the volume is reclaimed.
+    let mut reclaimed = false;
+    for _ in 0..200 {
+        match stack.control().get_volume(&format!("volumes/{pvc}")).await {
+            Err(ControlError::NotFound(_)) => {
+                reclaimed = true;
+                break;
+            }
+            Ok(v) => assert_eq!(v.state, State::Deleting, "{v:?}"),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reclaimed, "volumes/{pvc} outlived its last snapshot");
     w.stop().await;
 }
 

@@ -12,7 +12,7 @@ use tonic::Status;
 
 use super::Controller;
 use super::params::{self, COW_SIZE_LABEL};
-use super::volumes::{labels_for, status};
+use super::volumes::{labels_for, status, visible as visible_volume};
 use crate::ids;
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -111,14 +111,16 @@ impl Controller {
     }
 
     /// The snapshots CSI sees of one volume (none if it does not exist).
+    /// A volume CSI deleted while it had snapshots is hidden, but its
+    /// snapshots are not.
     async fn snapshots_of(&self, volume_id: &str) -> Result<Vec<csi::Snapshot>, Status> {
         let Some(id) = ids::parse_volume_id(volume_id) else {
             return Ok(Vec::new());
         };
-        let v = match self.visible_volume(id).await {
-            Ok(v) => v,
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(Vec::new()),
-            Err(s) => return Err(s),
+        let v = match self.control.get_volume(&names::volume(id)).await {
+            Ok(v) if visible_volume(&v) || v.state == State::DeletedWithSnapshots => v,
+            Ok(_) | Err(ControlError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(status(e)),
         };
         let mut out = Vec::new();
         let mut token = String::new();

@@ -180,6 +180,9 @@ impl Controller {
                 }
                 e => status(e),
             })?;
+        if matches!(src, Type::Volume(_)) && !visible(&sv) {
+            return Err(Status::not_found(format!("source {source_name} not found")));
+        }
         params::copy_size(range.as_ref(), sv.size_bytes)?;
         if !candidates.is_empty() && !candidates.contains(&sv.worker_id) {
             return Err(Status::resource_exhausted(format!(
