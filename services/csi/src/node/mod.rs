@@ -86,13 +86,36 @@ impl NodeConfig {
                 "{field} {path:?} must be an absolute path without . or .."
             )));
         }
+        // Symlinks resolved: the kernel's mount table names real paths, and
+        // a link must not lead out of the kubelet dir.
+        let p = resolve(p);
         if !p.starts_with(&self.kubelet_dir) || p == self.kubelet_dir {
             return Err(NodeError::invalid(format!(
                 "{field} {path:?} is not under the kubelet dir {}",
                 self.kubelet_dir.display()
             )));
         }
-        Ok(p.to_path_buf())
+        Ok(p)
+    }
+}
+
+/// `path` with the symlinks of its longest existing prefix resolved, the
+/// rest (not created yet) as given.
+fn resolve(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut cur = path;
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(cur) {
+            real.extend(missing.iter().rev());
+            return real;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name);
+                cur = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
     }
 }
 
@@ -106,9 +129,11 @@ pub struct Node {
 impl Node {
     /// Opens the plugin's state (creating the data dir if needed). Call
     /// [`Node::recover`] once the worker's NBD server serves.
-    pub fn open(cfg: NodeConfig) -> Result<Node> {
+    pub fn open(mut cfg: NodeConfig) -> Result<Node> {
         cowsnap_proto::server::private_dir(&cfg.attach_root())
             .map_err(|e| NodeError::internal(format!("{e:#}")))?;
+        cfg.data_dir = resolve(&cfg.data_dir);
+        cfg.kubelet_dir = resolve(&cfg.kubelet_dir);
         let file = StateFile::new(&cfg.data_dir);
         let st = file.load()?;
         Ok(Node {
@@ -169,6 +194,35 @@ mod tests {
             let e = c.check_path("target_path", bad).unwrap_err();
             assert!(matches!(e, NodeError::InvalidArgument(_)), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn symlinks_are_resolved_before_the_kubelet_dir_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real-kubelet");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(real.join("pods")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let link = tmp.path().join("kubelet");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        std::os::unix::fs::symlink(&outside, real.join("pods/escape")).unwrap();
+        // Given through a link, the dir and the paths under it are real ones.
+        let c = NodeConfig {
+            kubelet_dir: resolve(&link),
+            ..cfg()
+        };
+        let p = c
+            .check_path("target_path", &format!("{}/pods/new/mount", link.display()))
+            .unwrap();
+        assert_eq!(
+            p,
+            std::fs::canonicalize(&real).unwrap().join("pods/new/mount")
+        );
+        // A link under it that leads out is refused.
+        let e = c
+            .check_path("target_path", &format!("{}/pods/escape/x", link.display()))
+            .unwrap_err();
+        assert!(matches!(e, NodeError::InvalidArgument(_)), "{e}");
     }
 
     #[test]
