@@ -101,7 +101,7 @@ impl NodeConfig {
 
 /// `path` with the symlinks of its longest existing prefix resolved, the
 /// rest (not created yet) as given.
-fn resolve(path: &Path) -> PathBuf {
+pub(crate) fn resolve(path: &Path) -> PathBuf {
     let mut missing = Vec::new();
     let mut cur = path;
     loop {

@@ -28,6 +28,8 @@ impl Node {
     /// published at): NOT_FOUND for a volume not staged here, or a path
     /// that is neither or does not exist.
     pub fn stats(&self, volume: &str, path: &Path) -> Result<VolumeStats> {
+        let path = super::resolve(path);
+        let path = path.as_path();
         let st = self.lock();
         let s = st.volumes.get(volume).ok_or_else(|| {
             NodeError::NotFound(format!("volume {volume} is not staged on this node"))
