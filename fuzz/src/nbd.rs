@@ -66,6 +66,7 @@ pub async fn exports() -> Arc<Exports> {
             target,
             writable,
             preferred_block_size: CHUNK_SECTORS * 512,
+            closed: Default::default(),
         });
     }
     exports
