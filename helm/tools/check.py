@@ -174,6 +174,8 @@ def check_set(name, files, outdir):
             fail(f"{name}: ServiceMonitor not validated ({out}): set NODE_MODULES_DIR")
         elif not ok:
             fail(f"{name}: {out}")
+        else:
+            print(f"    {out} (npm @kubernetes-models/prometheus-operator)")
     print(f"--- {name}: {len(objs)} objects, lint and validation done")
     for o in objs:
         print(f"    {name_of(o)}")
