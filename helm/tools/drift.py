@@ -178,7 +178,7 @@ class PodRun:
         env = {}
         for e in container.get("env", []):
             if "value" in e:
-                env[e["name"]] = self.rewrite(container, e["value"])
+                env[e["name"]] = self.expand(self.rewrite(container, e["value"]), env)
             elif "fieldRef" in e.get("valueFrom", {}):
                 fp = e["valueFrom"]["fieldRef"]["fieldPath"]
                 env[e["name"]] = FIELDS.get(fp, f"drift-{fp}")
@@ -324,11 +324,28 @@ def check_pod(pod, objs, driver):
 
             if wait_for(serving, f"{pod.name}: gRPC health on port {port['name']} ({target})", [pod]):
                 ok(f"{pod.name}: port {port['name']} answers gRPC health")
+    # Exec probes of the cowsnap containers run as rendered.
+    for c, p, log in pod.procs:
+        env = dict(os.environ)
+        env.update(pod.env_of(c))
+        for kind in ("readinessProbe", "livenessProbe"):
+            cmd = ((c.get(kind) or {}).get("exec") or {}).get("command")
+            if not cmd:
+                continue
+            cmd = [pod.expand(pod.rewrite(c, a), env) for a in cmd]
+            if cmd[0] == "cowsnap":
+                cmd[0] = COWSNAP
+
+            def probe_passes():
+                return subprocess.run(cmd, env=env, capture_output=True, text=True).returncode == 0
+
+            if wait_for(probe_passes, f"{pod.name}/{c['name']}: {kind} {' '.join(cmd[1:])}", [pod]):
+                ok(f"{pod.name}/{c['name']}: {kind} (exec) passes")
     # Probes name declared ports.
     for c in pod.spec["containers"]:
         for kind in ("readinessProbe", "livenessProbe"):
             probe = c.get(kind)
-            if not probe:
+            if not probe or "exec" in probe:
                 continue
             port = (probe.get("httpGet") or probe.get("grpc") or {}).get("port")
             names = {n for n in declared} | {cp for _, cp in declared.values()}

@@ -94,7 +94,7 @@ struct FileConfig {
 }
 
 /// A duration: `500ms`, `60s`, `2m`, `1h`, or plain seconds.
-fn duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
+pub(crate) fn duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),

@@ -10,12 +10,14 @@
 //! - `up`: the embedded default, control service and one worker in one
 //!   process;
 //! - `volume ...`, `snapshot ...`, `operation ...`: the admin CLI over the
-//!   public API.
+//!   public API;
+//! - `health`: a service's gRPC health, for probes.
 
 mod admin;
 mod bench;
 mod control_cmd;
 mod cow;
+mod health_cmd;
 mod io_cmd;
 mod service;
 mod up_cmd;
@@ -63,6 +65,9 @@ enum Command {
     Snapshot(admin::SnapshotCommand),
     /// Long-running operations: get, list, wait.
     Operation(admin::OperationCommand),
+    /// Ask a cowsnap service's gRPC health whether it serves (exit 0), over
+    /// TCP with TLS and a client certificate if given, or a unix socket.
+    Health(health_cmd::HealthArgs),
 }
 
 /// Logs go to stderr; `COWSNAP_LOG` (e.g. `debug`, `cowsnap_worker=debug`)
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
         Command::Volume(c) => admin::volume::run_command(c),
         Command::Snapshot(c) => admin::snapshot::run_command(c),
         Command::Operation(c) => admin::operation::run_command(c),
+        Command::Health(a) => health_cmd::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
