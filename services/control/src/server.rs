@@ -49,6 +49,9 @@ pub struct ControlConfig {
     /// A file holding the bearer token callers must send; none: no auth.
     pub auth_token_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
+    /// The name every worker's certificate is checked against (one
+    /// certificate for all nodes); none: the host of each worker's address.
+    pub worker_tls_server_name: Option<String>,
     /// Prometheus metrics over HTTP (`host:port`).
     pub metrics_listen: Option<String>,
     /// Longest a call may take (callers may ask for less with
@@ -74,6 +77,7 @@ impl ControlConfig {
             workers: Vec::new(),
             auth_token_file: None,
             tls: None,
+            worker_tls_server_name: None,
             metrics_listen: None,
             request_timeout: Duration::from_secs(60),
             worker_timeout: Duration::from_secs(60),
@@ -131,7 +135,13 @@ pub async fn start(
     let token = cfg.auth_token_file.as_deref().map(read_token).transpose()?;
     let (server_tls, client_tls) = match &cfg.tls {
         // Callers may present a client certificate; workers' are checked.
-        Some(t) => (Some(t.server(false)?), Some(t.client()?)),
+        Some(t) => {
+            let mut client = t.client()?;
+            if let Some(name) = &cfg.worker_tls_server_name {
+                client = client.domain_name(name.clone());
+            }
+            (Some(t.server(false)?), Some(client))
+        }
         None => (None, None),
     };
     let metrics = Metrics::new();

@@ -40,8 +40,18 @@ impl Ca {
 
     /// Writes `NAME.pem` and `NAME.key` (server and client use) under `dir`.
     fn issue(&self, dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-        let mut p =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        self.issue_for(dir, name, &["localhost", "127.0.0.1"])
+    }
+
+    /// As [`Ca::issue`], naming only `sans`.
+    fn issue_for(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: &[&str],
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let sans = sans.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut p = CertificateParams::new(sans).unwrap();
         p.distinguished_name.push(DnType::CommonName, name);
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -194,6 +204,88 @@ async fn mtls_between_control_and_worker_and_tls_on_the_public_api() {
 
     let mut control = control;
     control.stop().await;
+    token.cancel();
+    w.wait().await.unwrap();
+}
+
+/// One worker certificate for every node: it names `cowsnap-worker` only,
+/// not the address the worker is reached at (127.0.0.1). The control
+/// service accepts it when told to check workers' certificates against that
+/// name (`--worker-tls-server-name`), and refuses it without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_tls_server_name_lets_one_certificate_serve_any_address() {
+    init_logs();
+    let dir = scratch();
+    let d = dir.path();
+    let ca = Ca::new("cowsnap test CA");
+    let ca_pem = ca.write(d, "ca");
+    let (worker_cert, worker_key) = ca.issue_for(d, "worker", &["cowsnap-worker"]);
+    let (control_cert, control_key) = ca.issue(d, "control");
+
+    let token = CancellationToken::new();
+    let w = cowsnap_worker::server::start(
+        worker_config(d.join("worker"), "node-any"),
+        ServeOptions {
+            grpc_listen: "127.0.0.1:0".parse().unwrap(),
+            nbd_listen: "127.0.0.1:0".parse().unwrap(),
+            nbd_advertise: None,
+            nbd_tls: None,
+            tls: Some(TlsFiles {
+                cert: worker_cert,
+                key: worker_key,
+                ca: Some(ca_pem.clone()),
+            }),
+            nbd_limits: Default::default(),
+        },
+        token.clone(),
+    )
+    .await
+    .unwrap();
+    let cowsnap_proto::server::Listen::Tcp(worker_addr) = w.grpc.clone() else {
+        panic!("TCP")
+    };
+    let ca_cert = Certificate::from_pem(std::fs::read(&ca_pem).unwrap());
+
+    for server_name in [None, Some("cowsnap-worker")] {
+        let sub = d.join(server_name.unwrap_or("by-address"));
+        let mut cfg = Control::config(&sub, &[]);
+        cfg.tls = Some(TlsFiles {
+            cert: control_cert.clone(),
+            key: control_key.clone(),
+            ca: Some(ca_pem.clone()),
+        });
+        cfg.worker_tls_server_name = server_name.map(str::to_string);
+        let mut control = Control::start(cfg).await;
+        let cowsnap_proto::server::Listen::Tcp(api_addr) = control.running().grpc.clone() else {
+            panic!("TCP")
+        };
+        let ch = Endpoint::from_shared(format!("https://{api_addr}"))
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(ca_cert.clone()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = pb::worker_service_client::WorkerServiceClient::new(ch)
+            .register_worker(pb::RegisterWorkerRequest {
+                address: worker_addr.clone(),
+                worker_id: String::new(),
+            })
+            .await;
+        match server_name {
+            None => {
+                let s = r.expect_err("a certificate not naming 127.0.0.1 was accepted");
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                assert!(s.message().contains(&worker_addr), "{s:?}");
+            }
+            Some(_) => {
+                let wk = r.expect("the certificate names the configured name").into_inner();
+                assert_eq!(wk.name, "workers/node-any");
+                assert_eq!(wk.health(), pb::WorkerHealth::Healthy);
+            }
+        }
+        control.stop().await;
+    }
     token.cancel();
     w.wait().await.unwrap();
 }

@@ -20,7 +20,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 #[derive(clap::Args, Debug)]
 pub struct ControlArgs {
     /// TOML file with any of the settings below (keys: data_dir, listen,
-    /// workers, auth_token_file, tls_cert, tls_key, tls_ca, metrics_listen,
+    /// workers, auth_token_file, tls_cert, tls_key, tls_ca,
+    /// worker_tls_server_name, metrics_listen,
     /// request_timeout, worker_timeout, max_concurrent_calls,
     /// health_interval, reconcile_interval, csi_endpoint).
     #[arg(long, env = "COWSNAP_CONFIG")]
@@ -50,6 +51,11 @@ pub struct ControlArgs {
     /// are checked against.
     #[arg(long, env = "COWSNAP_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// The name (DNS SAN) every worker's certificate must carry, e.g.
+    /// cowsnap-worker: one certificate then serves workers at any address
+    /// [default: the host of each worker's address].
+    #[arg(long, env = "COWSNAP_WORKER_TLS_SERVER_NAME")]
+    worker_tls_server_name: Option<String>,
     /// Prometheus metrics over HTTP at host:port/metrics [default: off].
     #[arg(long, env = "COWSNAP_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -84,6 +90,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    worker_tls_server_name: Option<String>,
     metrics_listen: Option<String>,
     request_timeout: Option<String>,
     worker_timeout: Option<String>,
@@ -140,6 +147,19 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<(ControlConfig, Option<Strin
         args.tls_key.or(file.tls_key),
         args.tls_ca.or(file.tls_ca),
     )?;
+    cfg.worker_tls_server_name = args
+        .worker_tls_server_name
+        .or(file.worker_tls_server_name);
+    if let Some(n) = &cfg.worker_tls_server_name {
+        anyhow::ensure!(
+            cfg.tls.is_some(),
+            "--worker-tls-server-name {n:?} needs TLS (--tls-cert, --tls-key)"
+        );
+        anyhow::ensure!(
+            !n.is_empty() && !n.contains(|c: char| c.is_whitespace() || c == '/' || c == ':'),
+            "--worker-tls-server-name {n:?} is not a DNS name"
+        );
+    }
     cfg.metrics_listen = args.metrics_listen.or(file.metrics_listen);
     if let Some(d) = args.request_timeout.or(file.request_timeout) {
         cfg.request_timeout = duration("--request-timeout", &d)?;
