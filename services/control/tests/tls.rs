@@ -279,7 +279,9 @@ async fn worker_tls_server_name_lets_one_certificate_serve_any_address() {
                 assert!(s.message().contains(&worker_addr), "{s:?}");
             }
             Some(_) => {
-                let wk = r.expect("the certificate names the configured name").into_inner();
+                let wk = r
+                    .expect("the certificate names the configured name")
+                    .into_inner();
                 assert_eq!(wk.name, "workers/node-any");
                 assert_eq!(wk.health(), pb::WorkerHealth::Healthy);
             }

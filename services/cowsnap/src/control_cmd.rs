@@ -147,9 +147,7 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<(ControlConfig, Option<Strin
         args.tls_key.or(file.tls_key),
         args.tls_ca.or(file.tls_ca),
     )?;
-    cfg.worker_tls_server_name = args
-        .worker_tls_server_name
-        .or(file.worker_tls_server_name);
+    cfg.worker_tls_server_name = args.worker_tls_server_name.or(file.worker_tls_server_name);
     if let Some(n) = &cfg.worker_tls_server_name {
         anyhow::ensure!(
             cfg.tls.is_some(),

@@ -19,6 +19,7 @@ mod control_cmd;
 mod cow;
 mod health_cmd;
 mod io_cmd;
+mod register;
 mod service;
 mod up_cmd;
 mod worker_cmd;

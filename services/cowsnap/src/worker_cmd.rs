@@ -26,7 +26,8 @@ pub struct WorkerArgs {
     /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io,
     /// tls_cert, tls_key, tls_ca, nbd_tls_cert, nbd_tls_key, nbd_tls_ca,
     /// nbd_tls_mode, nbd_max_connections, nbd_idle_timeout,
-    /// nbd_buffer_budget, csi_endpoint, kubelet_dir).
+    /// nbd_buffer_budget, csi_endpoint, kubelet_dir, register_with,
+    /// advertise, register_token_file, register_interval).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
     /// The worker's state and, on the embedded default, its devices
@@ -73,10 +74,69 @@ pub struct WorkerArgs {
     /// [default: /var/lib/kubelet].
     #[arg(long, env = "COWSNAP_KUBELET_DIR")]
     kubelet_dir: Option<PathBuf>,
+    /// Register with this control service at start and then every
+    /// --register-interval (RegisterWorker, as id worker_id(--node), the
+    /// CSI node id): host:port, http://host:port, https://host:port (its
+    /// certificate checked against --tls-ca) or unix:PATH [default: off;
+    /// the control service's --worker list or an admin registers it].
+    #[arg(long, env = "COWSNAP_REGISTER_WITH")]
+    register_with: Option<String>,
+    /// The gRPC address the control service reaches this worker at,
+    /// host:port or unix:PATH, e.g. the node's IP and port [default:
+    /// --grpc-listen, unless it listens on 0.0.0.0 or [::]].
+    #[arg(long, env = "COWSNAP_ADVERTISE")]
+    advertise: Option<String>,
+    /// A file holding the control service's API token, sent when
+    /// registering (read at each attempt).
+    #[arg(long, env = "COWSNAP_REGISTER_TOKEN_FILE")]
+    register_token_file: Option<PathBuf>,
+    /// How often the worker registers again, e.g. 30s, 5m; after a failure
+    /// it retries sooner (1s, 2s, 4s ... up to this) [default: 30s].
+    #[arg(long, env = "COWSNAP_REGISTER_INTERVAL")]
+    register_interval: Option<String>,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
     nbd_tls: NbdTlsArgs,
+}
+
+/// Self-registration settings, before the worker id is known.
+#[derive(Debug)]
+pub struct RegisterArgs {
+    pub control: String,
+    /// None: from --grpc-listen.
+    pub advertise: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub interval: Duration,
+}
+
+/// The advertised address: `advertise`, else `grpc_listen` when a control
+/// service can dial it.
+fn advertised(advertise: Option<&str>, grpc_listen: &str) -> anyhow::Result<String> {
+    if let Some(a) = advertise {
+        let _: cowsnap_proto::server::Listen = parse_flag("--advertise", a)?;
+        anyhow::ensure!(
+            !unspecified(a),
+            "--advertise {a}: the control service cannot dial an unspecified address"
+        );
+        return Ok(a.to_string());
+    }
+    anyhow::ensure!(
+        !unspecified(grpc_listen),
+        "--register-with needs --advertise HOST:PORT: --grpc-listen {grpc_listen} is no \
+         address the control service can dial"
+    );
+    Ok(grpc_listen.to_string())
+}
+
+/// `0.0.0.0:P`, `[::]:P` or `:P`: every local address, none to dial.
+fn unspecified(addr: &str) -> bool {
+    if addr.starts_with("unix:") {
+        return false;
+    }
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    matches!(host, "" | "0.0.0.0" | "[::]" | "::")
 }
 
 /// The NBD server's limits, on `cowsnap worker` and `cowsnap up`.
@@ -210,6 +270,10 @@ struct FileConfig {
     nbd_tls_mode: Option<TlsMode>,
     csi_endpoint: Option<String>,
     kubelet_dir: Option<PathBuf>,
+    register_with: Option<String>,
+    advertise: Option<String>,
+    register_token_file: Option<PathBuf>,
+    register_interval: Option<String>,
 }
 
 /// `nbd_tls_mode = "require"` in the config file.
@@ -218,9 +282,18 @@ fn tls_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<TlsMode>, D
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
+/// What `cowsnap worker` runs: the worker, its serving options, and the
+/// CSI node plugin and self-registration when asked for.
+pub struct Resolved {
+    pub cfg: WorkerConfig,
+    pub opts: ServeOptions,
+    pub csi: Option<CsiNode>,
+    pub register: Option<RegisterArgs>,
+}
+
 /// The settings resolved from flags, environment, config file and
-/// defaults, and the CSI node plugin if one is asked for.
-pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions, Option<CsiNode>)> {
+/// defaults.
+pub fn resolve(args: WorkerArgs) -> anyhow::Result<Resolved> {
     let file: FileConfig = config_file(args.config.as_deref())?;
     let csi = args
         .csi_endpoint
@@ -241,6 +314,26 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions, 
         .nbd_listen
         .or(file.nbd_listen)
         .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+    let tls_ca = args.tls_ca.or(file.tls_ca);
+    let register = match args.register_with.or(file.register_with) {
+        None => None,
+        Some(control) => {
+            let interval = match args.register_interval.or(file.register_interval) {
+                None => Duration::from_secs(30),
+                Some(d) => crate::control_cmd::duration("--register-interval", &d)?,
+            };
+            anyhow::ensure!(!interval.is_zero(), "--register-interval must be positive");
+            let advertise = args.advertise.or(file.advertise);
+            advertised(advertise.as_deref(), &grpc_listen)?;
+            Some(RegisterArgs {
+                control,
+                advertise,
+                token_file: args.register_token_file.or(file.register_token_file),
+                tls_ca: tls_ca.clone(),
+                interval,
+            })
+        }
+    };
     let device_allow = if args.device_allow.is_empty() {
         file.device_allow.unwrap_or_default()
     } else {
@@ -278,18 +371,29 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<(WorkerConfig, ServeOptions, 
         tls: tls_files(
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),
-            args.tls_ca.or(file.tls_ca),
+            tls_ca,
         )?,
         nbd_tls,
         nbd_limits,
     };
-    Ok((cfg, opts, csi))
+    Ok(Resolved {
+        cfg,
+        opts,
+        csi,
+        register,
+    })
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
-    let (cfg, opts, csi) = resolve(args)?;
+    let Resolved {
+        cfg,
+        opts,
+        csi,
+        register,
+    } = resolve(args)?;
     // The CSI node id: the id the control service registers this worker by
-    // (unless it is registered under another one).
+    // (unless it is registered under another one); self-registration
+    // registers it by this id.
     let node_id = cowsnap_control::model::worker_id_from_node(&cfg.node);
     let data_dir = cfg.data_dir.clone();
     run_until_signal(async |shutdown| {
@@ -299,6 +403,17 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
             None => None,
         };
         let worker = start(cfg, opts, shutdown.clone()).await?;
+        if let Some(r) = register {
+            let advertise = advertised(r.advertise.as_deref(), &worker.grpc.to_string())?;
+            let registration = crate::register::Registration {
+                control: crate::admin::Conn::new(r.control.clone(), r.token_file, r.tls_ca),
+                control_addr: r.control,
+                advertise,
+                worker_id: node_id.clone(),
+                interval: r.interval,
+            };
+            tokio::spawn(crate::register::run(registration, shutdown.child_token()));
+        }
         let served = match (bound, csi) {
             (Some(bound), Some(c)) => {
                 let node_cfg = NodeConfig {
@@ -341,7 +456,7 @@ mod tests {
 
     fn resolve_args(argv: &[&str]) -> anyhow::Result<ServeOptions> {
         let cli = Cli::try_parse_from(std::iter::once("worker").chain(argv.iter().copied()))?;
-        Ok(resolve(cli.args)?.1)
+        Ok(resolve(cli.args)?.opts)
     }
 
     #[test]
@@ -407,7 +522,7 @@ mod tests {
         let mut argv = vec!["worker", "--config", path.to_str().unwrap()];
         argv.extend_from_slice(args);
         let cli = Cli::try_parse_from(argv).unwrap();
-        resolve(cli.args).map(|(_, opts, _)| opts.nbd_limits)
+        resolve(cli.args).map(|r| r.opts.nbd_limits)
     }
 
     #[test]
@@ -452,6 +567,46 @@ mod tests {
                 .buffer_budget_bytes,
             64 << 20
         );
+    }
+
+    #[test]
+    fn the_advertised_address_is_one_the_control_service_can_dial() {
+        assert_eq!(
+            advertised(None, "10.0.0.5:50052").unwrap(),
+            "10.0.0.5:50052"
+        );
+        assert_eq!(
+            advertised(None, "unix:/run/w.sock").unwrap(),
+            "unix:/run/w.sock"
+        );
+        assert_eq!(
+            advertised(Some("10.0.0.5:50052"), "0.0.0.0:50052").unwrap(),
+            "10.0.0.5:50052"
+        );
+        for listen in ["0.0.0.0:50052", "[::]:50052", ":50052"] {
+            let e = advertised(None, listen).unwrap_err().to_string();
+            assert!(e.contains("--advertise"), "{listen}: {e}");
+        }
+        let e = advertised(Some("0.0.0.0:1"), "x:1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unspecified"), "{e}");
+        let e = advertised(Some("nowhere"), "x:1").unwrap_err().to_string();
+        assert!(e.contains("--advertise"), "{e}");
+    }
+
+    #[test]
+    fn register_with_a_wildcard_listen_and_no_advertise_is_refused_at_start() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--grpc-listen",
+            "0.0.0.0:50052",
+            "--register-with",
+            "127.0.0.1:50051",
+        ])
+        .unwrap();
+        let e = resolve(cli.args).err().expect("refused").to_string();
+        assert!(e.contains("--advertise"), "{e}");
     }
 
     #[test]

@@ -185,11 +185,20 @@ impl Workers {
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         let existing = catalog::workers::list(&mut tx).await?;
+        // The address of another worker: refused, even when the worker
+        // answering there now is on another node (the other one moved away
+        // and its pod's address was reused). The catalog keeps the other
+        // worker and its volumes as they are; once it registers at its new
+        // address (workers re-register periodically) or is deregistered,
+        // this one's next attempt succeeds.
         if let Some(other) = existing.iter().find(|w| w.address == address && w.id != id) {
             return Err(ControlError::AlreadyExists(format!(
-                "{address} is already registered as {} (node {})",
+                "{address} is already registered as {} (node {}); the worker answering there \
+                 is on node {}: {} must register at its new address, or be deregistered, first",
                 other.name(),
-                other.node
+                other.node,
+                info.node,
+                other.name()
             )));
         }
         let old = existing.iter().find(|w| w.id == id);
@@ -220,8 +229,9 @@ impl Workers {
         };
         catalog::workers::upsert(&mut tx, &w).await?;
         tx.commit().await?;
-        if old.is_some_and(|o| o.address != address) {
-            tracing::info!(worker = %w.name(), address, "worker moved");
+        if let Some(o) = old.filter(|o| o.address != address) {
+            self.channels.lock().expect("channels").remove(&o.address);
+            tracing::info!(worker = %w.name(), address, from = %o.address, "worker moved");
         } else if old.is_none() {
             tracing::info!(worker = %w.name(), address, node = %w.node, "worker registered");
         }

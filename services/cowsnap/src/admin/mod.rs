@@ -76,7 +76,21 @@ pub(crate) struct Api {
 }
 
 impl Conn {
-    async fn channel(&self) -> anyhow::Result<Channel> {
+    /// A connection to the control service at `server` (as `--server`).
+    pub(crate) fn new(
+        server: String,
+        token_file: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
+    ) -> Conn {
+        Conn {
+            server,
+            token_file,
+            tls_ca,
+            json: false,
+        }
+    }
+
+    pub(crate) async fn channel(&self) -> anyhow::Result<Channel> {
         let s = self.server.trim();
         if let Some(path) = s.strip_prefix("unix:") {
             let path = PathBuf::from(path);
@@ -115,7 +129,7 @@ impl Conn {
             .with_context(|| format!("cannot connect to the control service at {s}"))
     }
 
-    fn bearer(&self) -> anyhow::Result<Bearer> {
+    pub(crate) fn bearer(&self) -> anyhow::Result<Bearer> {
         let Some(p) = &self.token_file else {
             return Ok(Bearer(None));
         };
