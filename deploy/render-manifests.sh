@@ -15,7 +15,8 @@ rendered=$(python3 "$ROOT/helm/tools/helm.py" template cowsnap "$ROOT/helm/cowsn
 # deploy/render-manifests.sh; do not edit.
 #
 # Before applying: the namespace, and the two Secrets the chart would
-# generate. With openssl and kubectl, for workers registered by node IP:
+# generate. With openssl and kubectl (one worker certificate for every node:
+# the control service checks it against the name cowsnap-worker):
 #   kubectl create namespace cowsnap
 #   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=cowsnap-ca \
 #     -keyout ca.key -out ca.crt
@@ -25,7 +26,7 @@ rendered=$(python3 "$ROOT/helm/tools/helm.py" template cowsnap "$ROOT/helm/cowsn
 #   openssl x509 -req -in control.csr -CA ca.crt -CAkey ca.key -days 3650 -out control.crt \
 #     -extfile <(printf 'subjectAltName=DNS:cowsnap-control,DNS:cowsnap-control.cowsnap.svc,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth')
 #   openssl x509 -req -in worker.csr -CA ca.crt -CAkey ca.key -days 3650 -out worker.crt \
-#     -extfile <(printf 'subjectAltName=IP:NODE_IP_1,IP:NODE_IP_2\nextendedKeyUsage=serverAuth,clientAuth')
+#     -extfile <(printf 'subjectAltName=DNS:cowsnap-worker\nextendedKeyUsage=serverAuth,clientAuth')
 #   kubectl -n cowsnap create secret generic cowsnap-tls --from-file=ca.crt \
 #     --from-file=control.crt --from-file=control.key --from-file=worker.crt --from-file=worker.key
 #   kubectl -n cowsnap create secret generic cowsnap-token --from-literal=token=$(openssl rand -hex 24)

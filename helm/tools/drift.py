@@ -9,8 +9,12 @@ and environment, with these remappings only:
   agree; /dev stays /dev); Secret volumes hold the rendered Secret's data,
   or, for Secrets named in values and made outside the chart, test
   certificates and a token made here with openssl;
-- fieldRef environment: spec.nodeName "drift-node", status.hostIP
-  127.0.0.1; `$(VAR)` expanded as kubelet does;
+- fieldRef environment: spec.nodeName "drift-node", status.hostIP and
+  status.podIP 127.0.0.1; `$(VAR)` expanded as kubelet does;
+- a rendered Service's cluster DNS name and port (NAME.NAMESPACE.svc:PORT)
+  become localhost and the local port of the container port it targets
+  (the control certificate is checked to name the Service's DNS name, as a
+  cluster's clients would reach it);
 - TCP ports are replaced by free ones (the same map for the whole set, so a
   worker address in the control's environment follows its worker), 0.0.0.0
   by 127.0.0.1.
@@ -22,13 +26,17 @@ is served and answers CSI Probe and GetPluginInfo naming the chart's
 CSIDriver; that every declared container port answers gRPC health (TLS
 and client certificate as the chart gives them) or, for metrics,
 /metrics; that probes and Service target ports name served ports; and
-that the control service reports the workers of control.workers HEALTHY
-(mTLS with the chart's certificates end to end).
+that the DaemonSet's worker registered itself with the control service
+through its API Service (token and TLS as rendered) and that the control
+service reports it, and the workers of control.workers, HEALTHY (mTLS with
+the chart's certificates end to end, the worker certificate naming no
+address).
 
 Usage: drift.py RENDER_DIR   (from check.py); env COWSNAP (binary).
 """
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -49,6 +57,7 @@ IMAGE_REPO = "cowsnap/cowsnap"
 FIELDS = {
     "spec.nodeName": "drift-node",
     "status.hostIP": "127.0.0.1",
+    "status.podIP": "127.0.0.1",
     "metadata.namespace": "cowsnap",
 }
 
@@ -77,7 +86,7 @@ def grpcurl(args, timeout=20):
     return r.returncode, r.stdout + r.stderr
 
 
-def openssl_material(d):
+def openssl_material(d, control_hosts):
     """A CA, control and worker certificates and a token, as an admin makes
     them for tls.existingSecret / auth.existingSecret."""
     os.makedirs(d, exist_ok=True)
@@ -87,7 +96,10 @@ def openssl_material(d):
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=drift-ca",
         "-keyout", "ca.key", "-out", "ca.crt")
-    for who, san in (("control", "DNS:localhost,IP:127.0.0.1"), ("worker", "DNS:cowsnap-worker,IP:127.0.0.1")):
+    control_san = ",".join(["DNS:localhost", "IP:127.0.0.1"] + [f"DNS:{h}" for h in control_hosts])
+    # The worker certificate names no address: the control service checks
+    # it against the DaemonSet's name (--worker-tls-server-name).
+    for who, san in (("control", control_san), ("worker", "DNS:cowsnap-worker")):
         run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=drift-{who}",
             "-keyout", f"{who}.key", "-out", f"{who}.csr")
         with open(os.path.join(d, f"{who}.ext"), "w") as f:
@@ -104,13 +116,15 @@ def openssl_material(d):
 class PodRun:
     """One workload's pod, its cowsnap containers run as processes."""
 
-    def __init__(self, obj, secrets, root, ports):
+    def __init__(self, obj, secrets, root, ports, services):
         self.obj = obj
         self.name = f"{obj['kind']}/{obj['metadata']['name']}"
         self.spec = obj["spec"]["template"]["spec"]
         self.secrets = secrets
         self.root = root
         self.ports = ports
+        # "NAME.NAMESPACE.svc:PORT" -> the container port it targets.
+        self.services = services
         self.volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
         for t in obj["spec"].get("volumeClaimTemplates", []):
             self.volumes[t["metadata"]["name"]] = {"name": t["metadata"]["name"], "pvc": True}
@@ -167,12 +181,22 @@ class PodRun:
             s = re.sub(rf"(?<![A-Za-z0-9_.-])({alt})(?=/|$|,)", lambda m: local[m.group(1)], s)
         s = s.replace("0.0.0.0:", "127.0.0.1:")
 
+        def service(m):
+            cp = self.services.get(f"{m.group(1)}:{m.group(2)}")
+            if cp is None:
+                return m.group(0)
+            self.ports.setdefault(cp, free_port())
+            return f"localhost:{self.ports[cp]}"
+
+
         def port(m):
             p = int(m.group(2))
             self.ports.setdefault(p, free_port())
             return f"{m.group(1)}:{self.ports[p]}"
 
-        return re.sub(r"(127\.0\.0\.1|\$\(NODE_IP\)|localhost):([0-9]{2,5})\b", port, s)
+        s = re.sub(r"(127\.0\.0\.1|\$\(NODE_IP\)|\$\(POD_IP\)|localhost):([0-9]{2,5})\b", port, s)
+        # After the ports: the local port it gives is not mapped again.
+        return re.sub(r"\b([a-z0-9-]+\.[a-z0-9-]+\.svc(?:\.cluster\.local)?):([0-9]{1,5})\b", service, s)
 
     def env_of(self, container):
         env = {}
@@ -363,25 +387,90 @@ def check_pod(pod, objs, driver):
                     fail(f"Service/{s['metadata']['name']}: targetPort {sp['targetPort']} is no port of {pod.name}")
 
 
-def check_workers(control, objs):
+def arg_value(c, flag):
+    return next((a.split("=", 1)[1] for a in c.get("args", []) if a.startswith(f"{flag}=")), None)
+
+
+def check_workers(control, workers_pod, objs):
+    """The DaemonSet's worker registered itself (its log, and ListWorkers
+    on the control service shows it HEALTHY at its advertised address);
+    the workers of control.workers are HEALTHY too."""
     c, _, _ = control.procs[0]
-    workers = next((e["value"] for e in c.get("env", []) if e["name"] == "COWSNAP_WORKERS"), "")
-    if not workers:
+    wc, _, wlog = workers_pod.procs[0]
+    static = next((e["value"] for e in c.get("env", []) if e["name"] == "COWSNAP_WORKERS"), "")
+    register_with = arg_value(wc, "--register-with")
+    if not register_with:
+        fail(f"{workers_pod.name}: the worker is not given --register-with")
         return
+    env = workers_pod.env_of(wc)
+    advertise = workers_pod.expand(workers_pod.rewrite(wc, arg_value(wc, "--advertise") or ""), env)
+    node = workers_pod.expand(arg_value(wc, "--node") or "", env)
     api = control.ports[next(p["containerPort"] for p in c["ports"] if p["name"] == "api")]
     args = tls_args(control, c)
-    token_arg = next((a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--auth-token-file=")), None)
+    token_arg = arg_value(c, "--auth-token-file")
     if token_arg:
         with open(control.local_path(c, token_arg)) as f:
             args += ["-H", f"authorization: Bearer {f.read().strip()}"]
-    want = len(workers.split(","))
+    # Every static address is the same worker here (one node).
+    want = {f"workers/{node}": advertise}
+    seen = {}
 
     def healthy():
         rc, out = grpcurl(args + [f"127.0.0.1:{api}", "cowsnap.v1.WorkerService/ListWorkers"])
-        return rc == 0 and out.count('"health": "HEALTHY"') == want
+        if rc != 0:
+            return False
+        seen.clear()
+        for w in json.loads(out or "{}").get("workers", []):
+            seen[w["name"]] = (w.get("address"), w.get("health"))
+        return all(seen.get(n) == (a, "HEALTHY") for n, a in want.items())
 
-    if wait_for(healthy, f"{control.name}: {want} worker(s) HEALTHY in ListWorkers", [control], secs=60):
-        ok(f"{control.name}: ListWorkers shows the {want} worker(s) of control.workers HEALTHY")
+    how = "and the static control.workers list" if static else "without a static worker list"
+    if wait_for(healthy, f"{control.name}: {want} HEALTHY in ListWorkers (seen {seen})", [control, workers_pod], secs=60):
+        ok(f"{control.name}: ListWorkers shows the worker {list(want)[0]} at {advertise} HEALTHY ({how})")
+    with open(wlog) as f:
+        text = f.read()
+    if "registered with the control service" in text:
+        ok(f"{workers_pod.name}: the worker registered itself with {register_with}")
+    else:
+        fail(f"{workers_pod.name}: the worker did not register itself with {register_with}:\n{text[-3000:]}")
+
+
+def service_hosts(objs, pods):
+    """"NAME.NAMESPACE.svc:PORT" (and .cluster.local) of every Service ->
+    the container port it targets in the pod it selects."""
+    out = {}
+    for s in objs:
+        if s["kind"] != "Service":
+            continue
+        sel = s["spec"].get("selector", {})
+        for pod in pods:
+            labels = pod.obj["spec"]["template"]["metadata"]["labels"]
+            if not sel or not all(labels.get(k) == v for k, v in sel.items()):
+                continue
+            named = {p.get("name"): p["containerPort"] for c in pod.spec["containers"] for p in c.get("ports", [])}
+            for sp in s["spec"]["ports"]:
+                t = sp["targetPort"]
+                cp = named.get(t) if isinstance(t, str) else t
+                if cp is None:
+                    continue
+                base = f"{s['metadata']['name']}.{s['metadata']['namespace']}.svc"
+                for h in (base, base + ".cluster.local"):
+                    out[f"{h}:{sp['port']}"] = cp
+    return out
+
+
+def check_control_names(control, register_with):
+    """The control certificate names the host the workers register with."""
+    m = re.match(r"https://([^:/]+):", register_with or "")
+    if not m:
+        return
+    c, _, _ = control.procs[0]
+    cert = control.local_path(c, arg_value(c, "--tls-cert"))
+    r = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", cert], capture_output=True, text=True)
+    if f"DNS:{m.group(1)}" in r.stdout:
+        ok(f"{control.name}: its certificate names {m.group(1)}, which workers register with")
+    else:
+        fail(f"{control.name}: its certificate does not name {m.group(1)} (workers register with {register_with}): {r.stdout}{r.stderr}")
 
 
 def run_set(name, path, base):
@@ -408,16 +497,21 @@ def run_set(name, path, base):
                 if "secret" in v:
                     wanted.add(v["secret"]["secretName"])
     material = None
+    control_hosts = [f"{o['metadata']['name']}.{o['metadata']['namespace']}.svc" for o in objs if o["kind"] == "Service"]
     for s in sorted(wanted - set(secrets)):
-        material = material or openssl_material(os.path.join(root, "openssl"))
+        material = material or openssl_material(os.path.join(root, "openssl"), control_hosts)
         secrets[s] = dict(material) if "tls" in s else {"token": b"drift-token-0123456789"}
         print(f"    Secret {s} is made outside the chart: test material from openssl")
     ports = {}
-    pods = [PodRun(o, secrets, os.path.join(root, o["kind"][0].lower()), ports)
+    services = {}
+    pods = [PodRun(o, secrets, os.path.join(root, o["kind"][0].lower()), ports, services)
             for o in objs if o["kind"] in ("DaemonSet", "StatefulSet")]
-    # Workers first: the control service registers them at start.
+    services.update(service_hosts(objs, pods))
+    # Workers first: they register themselves once the control service is
+    # up, and it registers control.workers at start.
     pods.sort(key=lambda p: p.obj["kind"] != "DaemonSet")
     control = next(p for p in pods if p.obj["kind"] == "StatefulSet")
+    workers_pod = next(p for p in pods if p.obj["kind"] == "DaemonSet")
     try:
         for p in pods:
             p.start()
@@ -431,7 +525,9 @@ def run_set(name, path, base):
         # The control pod's files exist now for the worker's client certificate.
         for p in pods:
             check_pod(p, objs, driver)
-        check_workers(control, objs)
+        if control.procs and workers_pod.procs:
+            check_control_names(control, arg_value(workers_pod.procs[0][0], "--register-with"))
+            check_workers(control, workers_pod, objs)
     finally:
         for p in pods:
             p.stop()

@@ -55,19 +55,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) (include "cowsnap.driverName" .) -}}
 {{- end -}}
 
-{{/* Hosts of control.workers (HOST:PORT, [V6]:PORT), for certificate names. */}}
-{{- define "cowsnap.workerHosts" -}}
-{{- $hosts := list -}}
-{{- range .Values.control.workers -}}
-{{- $h := regexReplaceAll ":[0-9]+$" . "" | trimPrefix "[" | trimSuffix "]" -}}
-{{- $hosts = append $hosts $h -}}
-{{- end -}}
-{{- range .Values.tls.workerHosts -}}
-{{- $hosts = append $hosts . -}}
-{{- end -}}
-{{- $hosts | uniq | toJson -}}
-{{- end -}}
-
 {{/* The securityContext of every container that needs no privilege. */}}
 {{- define "cowsnap.restricted" -}}
 allowPrivilegeEscalation: false
