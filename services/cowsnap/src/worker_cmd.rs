@@ -63,7 +63,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "COWSNAP_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// PEM CA: callers of the gRPC API must present a client certificate it
-    /// signed (mTLS with the control service).
+    /// signed (mTLS with the control service); with --register-with
+    /// https://, the control service's certificate is checked against it.
     #[arg(long, env = "COWSNAP_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Serve the Kubernetes CSI driver's Identity and Node services on this
@@ -75,10 +76,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "COWSNAP_KUBELET_DIR")]
     kubelet_dir: Option<PathBuf>,
     /// Register with this control service at start and then every
-    /// --register-interval (RegisterWorker, as id worker_id(--node), the
-    /// CSI node id): host:port, http://host:port, https://host:port (its
-    /// certificate checked against --tls-ca) or unix:PATH [default: off;
-    /// the control service's --worker list or an admin registers it].
+    /// --register-interval (RegisterWorker, under the id made from --node,
+    /// which is also the CSI node id): host:port, http://host:port,
+    /// https://host:port (its certificate checked against --tls-ca) or
+    /// unix:PATH [default: off; the control service's --worker list or an
+    /// admin registers it].
     #[arg(long, env = "COWSNAP_REGISTER_WITH")]
     register_with: Option<String>,
     /// The gRPC address the control service reaches this worker at,

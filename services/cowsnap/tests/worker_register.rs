@@ -4,8 +4,9 @@
 //! with the token. A registered worker is listed HEALTHY and serves a
 //! volume over NBD (qemu-io); a second one joins; a control service killed
 //! with `kill -9` and started again on an empty catalog gets the worker
-//! back by itself; a worker with a wrong token logs the refusal, keeps
-//! serving and keeps trying, and joins once its token file is right.
+//! back by itself; a worker back at a new address is moved there with its
+//! volume; a worker with a wrong token logs the refusal, keeps serving and
+//! keeps trying, and joins once its token file is right.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -341,4 +342,63 @@ async fn a_worker_with_a_wrong_token_logs_it_keeps_serving_and_keeps_trying() {
     // The token file is read at each attempt: fixed, the worker joins.
     std::fs::write(&token, TOKEN).unwrap();
     wait_registered(port, "node-a", &a.grpc, &[&c, &a.proc]).await;
+}
+
+/// A worker whose pod is replaced comes back at another address: it
+/// re-registers there under the same id, and the control service moves it,
+/// its volume staying its own and served at the new address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_at_a_new_address_moves_and_keeps_its_volume() {
+    let dir = scratch();
+    let d = dir.path();
+    let port = free_port();
+    let c = control(d, "control", port);
+    let token = d.join("worker-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let mut a = worker(d, "node-a", port, &token);
+    wait_registered(port, "node-a", &a.grpc, &[&c, &a.proc]).await;
+    let ch = channel(port).await;
+    let mut volumes =
+        pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer as Interceptor);
+    let v = volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "v1".into(),
+            volume: Some(pb::Volume {
+                size_bytes: 4 * MIB,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    qemu_io(&v.nbd_uri, "write -P 0x3c 0 128k");
+
+    // The same node's worker (same data dir), on new ports.
+    a.proc.kill9();
+    let old = a.grpc.clone();
+    let moved = worker(d, "node-a", port, &token);
+    assert_ne!(moved.grpc, old);
+    let w = wait_registered(port, "node-a", &moved.grpc, &[&c, &moved.proc]).await;
+    assert_eq!(w.volume_count, 1, "{w:?}");
+    assert_eq!(w.nbd_uri, format!("nbd://127.0.0.1:{}", moved.nbd_port));
+    let all = list(port).await;
+    assert_eq!(all.len(), 1, "one worker, moved, not a second: {all:?}");
+
+    let v = volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.worker, "workers/node-a");
+    assert!(
+        v.nbd_uri.contains(&format!(":{}/", moved.nbd_port)),
+        "{}",
+        v.nbd_uri
+    );
+    let out = qemu_io(&v.nbd_uri, "read -P 0x3c 0 128k");
+    assert!(out.contains("read 131072/131072"), "{out}");
+    let log = c.log_text();
+    assert!(log.contains("worker moved"), "{log}");
 }
