@@ -218,8 +218,38 @@ pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::duration;
+    use super::{ControlArgs, duration, resolve};
+    use clap::Parser;
     use std::time::Duration;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControlArgs,
+    }
+
+    fn resolve_args(argv: &[&str]) -> anyhow::Result<Option<String>> {
+        let cli = Cli::try_parse_from(std::iter::once("control").chain(argv.iter().copied()))?;
+        Ok(resolve(cli.args)?.0.worker_tls_server_name)
+    }
+
+    #[test]
+    fn worker_tls_server_name_needs_tls_and_a_dns_name() {
+        let tls = ["--tls-cert", "/c.pem", "--tls-key", "/c.key"];
+        let mut argv = tls.to_vec();
+        argv.extend(["--worker-tls-server-name", "cowsnap-worker"]);
+        assert_eq!(
+            resolve_args(&argv).unwrap().as_deref(),
+            Some("cowsnap-worker")
+        );
+        assert_eq!(resolve_args(&tls).unwrap(), None);
+        let e = resolve_args(&["--worker-tls-server-name", "cowsnap-worker"]).unwrap_err();
+        assert!(e.to_string().contains("needs TLS"), "{e}");
+        let mut argv = tls.to_vec();
+        argv.extend(["--worker-tls-server-name", "10.0.0.1:50052"]);
+        let e = resolve_args(&argv).unwrap_err();
+        assert!(e.to_string().contains("not a DNS name"), "{e}");
+    }
 
     #[test]
     fn durations() {
