@@ -5,8 +5,9 @@
 //! volume over NBD (qemu-io); a second one joins; a control service killed
 //! with `kill -9` and started again on an empty catalog gets the worker
 //! back by itself; a worker back at a new address is moved there with its
-//! volume; a worker with a wrong token logs the refusal, keeps serving and
-//! keeps trying, and joins once its token file is right.
+//! volume; an address another worker still holds is refused until that
+//! one moves; a worker with a wrong token logs the refusal, keeps serving
+//! and keeps trying, and joins once its token file is right.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -112,7 +113,18 @@ struct WorkerProc {
 }
 
 fn worker(dir: &Path, node: &str, control_port: u16, token_file: &Path) -> WorkerProc {
-    let grpc = format!("127.0.0.1:{}", free_port());
+    worker_at(dir, node, control_port, token_file, free_port())
+}
+
+/// As [`worker`], its gRPC API on `grpc_port`.
+fn worker_at(
+    dir: &Path,
+    node: &str,
+    control_port: u16,
+    token_file: &Path,
+    grpc_port: u16,
+) -> WorkerProc {
+    let grpc = format!("127.0.0.1:{grpc_port}");
     let nbd_port = free_port();
     let proc = Proc::spawn(
         &[
@@ -401,4 +413,87 @@ async fn a_worker_back_at_a_new_address_moves_and_keeps_its_volume() {
     assert!(out.contains("read 131072/131072"), "{out}");
     let log = c.log_text();
     assert!(log.contains("worker moved"), "{log}");
+}
+
+/// A pod address reused by another node's worker while the catalog still
+/// holds it for the first: the newcomer is refused (ALREADY_EXISTS, in its
+/// log) and the first worker's record and volume stay; once the first
+/// worker re-registers at its new address, the newcomer's next attempt
+/// takes the freed address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_still_held_by_another_worker_is_refused_until_it_moves() {
+    let dir = scratch();
+    let d = dir.path();
+    let port = free_port();
+    let c = control(d, "control", port);
+    let token = d.join("worker-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let shared_port = free_port();
+    let mut a = worker_at(d, "node-a", port, &token, shared_port);
+    wait_registered(port, "node-a", &a.grpc, &[&c, &a.proc]).await;
+    let ch = channel(port).await;
+    let mut volumes =
+        pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer as Interceptor);
+    volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "v1".into(),
+            volume: Some(pb::Volume {
+                size_bytes: 4 * MIB,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+
+    // node-a's worker goes; node-b's comes up at the same address.
+    a.proc.kill9();
+    let mut b = worker_at(d, "node-b", port, &token, shared_port);
+    let mut refused = false;
+    for _ in 0..POLLS {
+        refused = b
+            .proc
+            .log_text()
+            .lines()
+            .any(|l| l.contains("cannot register") && l.contains("ALREADY_EXISTS"));
+        if refused {
+            break;
+        }
+        b.proc.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "{}", b.proc.log_text());
+    let all = list(port).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].name, "workers/node-a");
+    assert_eq!(all[0].address, b.grpc);
+    assert_eq!(all[0].volume_count, 1);
+    // Its health checks find another node's worker there: not healthy, and
+    // nothing of node-b's taken for node-a's.
+    let mut stale = None;
+    for _ in 0..POLLS {
+        let all = list(port).await;
+        if all[0].health() == pb::WorkerHealth::Unhealthy && all[0].last_error.contains("node-b") {
+            stale = Some(all[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(stale) = stale else {
+        panic!("{:?}\n{}", list(port).await, c.log_text());
+    };
+    assert_eq!(stale.node, "node-a");
+    assert!(stale.last_error.contains("node-a"), "{stale:?}");
+
+    // node-a's worker back elsewhere: it moves, and node-b gets the address.
+    let a2 = worker(d, "node-a", port, &token);
+    wait_registered(port, "node-a", &a2.grpc, &[&c, &a2.proc]).await;
+    wait_registered(port, "node-b", &b.grpc, &[&c, &b.proc]).await;
+    let v = volumes
+        .get_volume(pb::GetVolumeRequest {
+            name: "volumes/v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.worker, "workers/node-a");
 }

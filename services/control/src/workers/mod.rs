@@ -242,7 +242,27 @@ impl Workers {
     /// and records what it found.
     pub async fn check(&self, w: &Worker) -> Result<Worker> {
         let client = self.client_at(&w.id, &w.address)?;
-        let result = client.check().await;
+        // Whoever answers at a network address must be this worker: after
+        // its pod moved, another node's worker may hold the address now,
+        // and its room or NBD endpoint must not be taken for this one's. A
+        // unix socket is on this machine (`cowsnap up` keeps it in its data
+        // dir), so a renamed host there is still the same worker.
+        let local = w.address.starts_with("unix:");
+        let result = client.check().await.and_then(|info| {
+            if local || info.node == w.node {
+                Ok(info)
+            } else {
+                Err(ControlError::Unavailable(format!(
+                    "the worker at {} is now the one of node {}, not {}'s (node {}); \
+                     {} answers again once it registers at its new address",
+                    w.address,
+                    info.node,
+                    w.name(),
+                    w.node,
+                    w.name()
+                )))
+            }
+        });
         let mut c = self.catalog.conn().await?;
         match result {
             Ok(info) => {
