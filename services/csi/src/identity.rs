@@ -1,5 +1,6 @@
 //! The CSI Identity service: the plugin's name and version, what it offers
-//! (the controller service when this endpoint serves it, and topology
+//! (the controller and snapshot metadata services when this endpoint
+//! serves them, and topology
 //! constraints: a volume is reachable from its worker's node), and whether
 //! it is ready (the catalog answers).
 
@@ -55,6 +56,7 @@ impl IdentityService for Identity {
         let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
         if self.control.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
+            capabilities.push(service(ServiceType::SnapshotMetadataService));
         }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities,
