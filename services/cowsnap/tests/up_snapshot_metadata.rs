@@ -2,7 +2,7 @@
 //! chunks written over NBD with qemu-io between three snapshots of a
 //! volume; the CSI SnapshotMetadata service (GetMetadataDelta,
 //! GetMetadataAllocated over the CSI socket) and `cowsnap snapshot delta`
-//! (the `cowsnap.v1` API) are compared with a model of what was written,
+//! (the `cowsnap.v1` API, also through grpcurl) are compared with a model of what was written,
 //! with paging (`max_results`, `starting_offset`) and the bad requests;
 //! then, with the process stopped, `cowsnap cow delta` on the same device
 //! files must give the same ranges.
@@ -409,6 +409,25 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("not a snapshot of volumes/v"), "{err}");
+
+    // grpcurl finds the call through server reflection and gets the same.
+    let (code, out, err) = sh(
+        &format!(
+            "grpcurl -plaintext -d '{{\"name\":\"volumes/v/snapshots/s2\",\"base_snapshot\":\"volumes/v/snapshots/s1\",\"page_size\":2}}' {server} cowsnap.v1.SnapshotService/GetSnapshotDelta"
+        ),
+        &[],
+    );
+    assert_eq!(code, 0, "grpcurl (installed by .ci/run): {err}");
+    let page: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let num = |v: &serde_json::Value| v.as_str().map_or(0, |s| s.parse::<u64>().unwrap());
+    let first: Vec<(u64, u64)> = page["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (num(&r["offset"]), num(&r["length"])))
+        .collect();
+    assert_eq!(first, whole[..2].to_vec(), "{out}");
+    assert_eq!(num(&page["nextOffset"]), whole[1].0 + whole[1].1, "{out}");
 
     // The offline tool on the same device files, with the process stopped.
     assert!(up.terminate().success());

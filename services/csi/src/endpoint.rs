@@ -1,7 +1,8 @@
 //! The CSI endpoint: a unix socket (`unix:///PATH`) serving Identity and,
-//! when given, the Controller service with SnapshotMetadata beside it. A stale socket file from an earlier
-//! run is replaced; a live one (something accepts a connection on it) is
-//! left alone and the start fails, naming it.
+//! when given, the Controller service with SnapshotMetadata beside it. A
+//! stale socket file from an earlier run is replaced; a live one
+//! (something accepts a connection on it) is left alone and the start
+//! fails, naming it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
