@@ -212,7 +212,13 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
     let sock = tmp.path().join("csi").join("csi.sock");
     let endpoint = format!("unix://{}", sock.display());
     let data = tmp.path().join("data");
-    let mut up = Up::start_with_env(&data, &[("COWSNAP_CSI_ENDPOINT", endpoint.as_str())]);
+    let mut up = Up::start_with_env(
+        &data,
+        &[
+            ("COWSNAP_CSI_ENDPOINT", endpoint.as_str()),
+            ("COWSNAP_CSI_ADVERTISE_SNAPSHOT_METADATA", "true"),
+        ],
+    );
     up.ready().await;
     let mut api = up.clients().await;
     for v in ["v", "w"] {
@@ -275,13 +281,31 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
         }
     }
     snap(&mut api, "w", "other").await;
+    // A writable snapshot taken last: its own exceptions are the chunks
+    // written into it (the volume is not written after it).
+    api.snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/v".into(),
+            snapshot_id: "s4".into(),
+            snapshot: Some(pb::Snapshot {
+                writable: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let s4_uri = format!("nbd://{}/volumes/v/snapshots/s4", up.nbd());
+    qemu_write(&s4_uri, 77 * CHUNK + 1024, 1024, 0x77);
+    qemu_write(&s4_uri, 90 * CHUNK, 2 * CHUNK, 0x78);
+    written.push([77, 90, 91].into_iter().collect());
     let exceptions = |i: usize| written[i].clone();
     let union = |a: usize, b: usize| -> BTreeSet<u64> {
         exceptions(a).union(&exceptions(b)).copied().collect()
     };
     let ch = csi_channel(&sock).await;
 
-    // Identity advertises the service on this (controller) endpoint.
+    // Identity advertises the service on this (controller) endpoint, as
+    // asked.
     let caps = csi::identity_client::IdentityClient::new(ch.clone())
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
         .await
@@ -299,7 +323,7 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
 
     // Deltas between each pair: the union of both exception sets, which
     // covers every chunk written between the two.
-    for (base, target) in [(1, 2), (2, 3), (1, 3), (3, 1)] {
+    for (base, target) in [(1, 2), (2, 3), (1, 3), (3, 1), (3, 4), (1, 4)] {
         let got = delta(&ch, &format!("v/s{base}"), &format!("v/s{target}"), 0, 0).await;
         assert_eq!(got, ranges(&union(base, target)), "s{base} -> s{target}");
         let (lo, hi) = (base.min(target), base.max(target));

@@ -108,7 +108,7 @@ impl RunningCsi {
 
 /// The CSI services of one endpoint: Identity always, the others when
 /// given. SnapshotMetadata goes with the Controller: both sit on the
-/// control service's domain (Identity advertises it then).
+/// control service's domain (Identity advertises it when told to).
 pub fn router(identity: Identity, controller: Option<Controller>) -> Router {
     let metadata = controller.as_ref().map(|c| {
         csi::snapshot_metadata_server::SnapshotMetadataServer::new(SnapshotMetadata::new(

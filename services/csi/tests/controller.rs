@@ -58,8 +58,7 @@ async fn identity_reports_the_plugin_and_its_readiness() {
         services,
         [
             Type::ControllerService as i32,
-            Type::VolumeAccessibilityConstraints as i32,
-            Type::SnapshotMetadataService as i32
+            Type::VolumeAccessibilityConstraints as i32
         ]
     );
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
