@@ -27,8 +27,9 @@
 //! merge), so a delta read while writes go on is still complete for the
 //! moment it was read.
 //!
-//! Ranges are in bytes (two snapshots of one origin may use different chunk
-//! sizes), sorted, and merged where they overlap or touch.
+//! Decision L2 in docs/design.md. Ranges are in bytes (two snapshots of
+//! one origin may use different chunk sizes), sorted, and merged where
+//! they overlap or touch.
 
 use std::sync::Arc;
 
