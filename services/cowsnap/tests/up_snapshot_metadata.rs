@@ -3,7 +3,8 @@
 //! volume; the CSI SnapshotMetadata service (GetMetadataDelta,
 //! GetMetadataAllocated over the CSI socket) and `cowsnap snapshot delta`
 //! (the `cowsnap.v1` API, also through grpcurl) are compared with a model of what was written,
-//! with paging (`max_results`, `starting_offset`) and the bad requests;
+//! with paging (`max_results`, `starting_offset`), a writable snapshot's
+//! own writes, and the bad requests (an overflowed snapshot included);
 //! then, with the process stopped, `cowsnap cow delta` on the same device
 //! files must give the same ranges.
 //!
@@ -404,6 +405,34 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
         .map(drop)
         .expect_err("an offset past the end");
     assert_eq!(e.code(), Code::OutOfRange, "{e}");
+
+    // A snapshot that overflowed (COW room for one data chunk, three
+    // chunks written over it) has lost its content: FAILED_PRECONDITION.
+    api.snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: "volumes/w".into(),
+            snapshot_id: "tiny".into(),
+            snapshot: Some(pb::Snapshot {
+                cow_size_bytes: 3 * CHUNK,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    qemu_write(&format!("nbd://{}/volumes/w", up.nbd()), 0, 3 * CHUNK, 0x55);
+    assert_eq!(
+        delta_error(&ch, "w/other", "w/tiny", 0).await,
+        Code::FailedPrecondition
+    );
+    let e = c
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: "w/tiny".into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+        .expect_err("an invalid snapshot");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
 
     // The admin CLI over cowsnap.v1 says the same.
     let server = up.api();
