@@ -11,8 +11,10 @@
 //! - [`snapshot`] and [`origin`]: the engine (origin with snapshots, their
 //!   I/O paths), [`table`]: a snapshot's exceptions in memory, [`merge`]:
 //!   rolling the origin back to a snapshot;
+//! - [`delta`]: where snapshots may differ, from their exception tables;
 //! - [`status`]: `dmsetup status` lines.
 
+pub mod delta;
 pub mod error;
 pub mod format;
 pub mod io;
@@ -24,6 +26,7 @@ pub mod snapshot;
 pub mod status;
 pub mod table;
 
+pub use delta::{Delta, Span};
 pub use error::{Error, Result};
 pub use format::Layout;
 pub use io::{AlignedBuf, AllocError, Backend, BackendChoice, Device};

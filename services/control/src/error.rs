@@ -13,6 +13,7 @@ pub enum ErrorKind {
     ResourceExhausted,
     Unavailable,
     Aborted,
+    OutOfRange,
     Internal,
 }
 
@@ -26,6 +27,7 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Aborted => "aborted",
+            ErrorKind::OutOfRange => "out_of_range",
             ErrorKind::Internal => "internal",
         }
     }
@@ -39,6 +41,7 @@ impl ErrorKind {
             "resource_exhausted" => ErrorKind::ResourceExhausted,
             "unavailable" => ErrorKind::Unavailable,
             "aborted" => ErrorKind::Aborted,
+            "out_of_range" => ErrorKind::OutOfRange,
             _ => ErrorKind::Internal,
         }
     }
@@ -66,6 +69,9 @@ pub enum ControlError {
     Unavailable(String),
     #[error("{0}")]
     Aborted(String),
+    /// An offset past the end of a volume.
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -89,6 +95,7 @@ impl ControlError {
             }
             ControlError::Unavailable(_) => ErrorKind::Unavailable,
             ControlError::Aborted(_) => ErrorKind::Aborted,
+            ControlError::OutOfRange(_) => ErrorKind::OutOfRange,
             ControlError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -106,6 +113,7 @@ impl ControlError {
             ErrorKind::ResourceExhausted => ControlError::ResourceExhausted(message),
             ErrorKind::Unavailable => ControlError::Unavailable(message),
             ErrorKind::Aborted => ControlError::Aborted(message),
+            ErrorKind::OutOfRange => ControlError::OutOfRange(message),
             ErrorKind::Internal => ControlError::Internal(anyhow::anyhow!(message)),
         }
     }

@@ -7,7 +7,8 @@
 //!   through: [`calls`] (tracing, deadlines, logs, metrics), [`auth`];
 //! - [`api`]: thin gRPC handlers, one module per service;
 //! - [`control`], [`volumes`], [`snapshots`]: what each call does (domain
-//!   code, no gRPC);
+//!   code, no gRPC); [`snapshot_ranges`]: snapshot deltas and allocated
+//!   maps, read from the owning worker;
 //! - [`operations`]: how mutations are recorded, driven and settled so a
 //!   crash at any point is repaired; [`reconcile`]: the repairs, at start
 //!   and periodically;
@@ -29,6 +30,7 @@ pub mod model;
 pub mod operations;
 pub mod reconcile;
 pub mod server;
+pub mod snapshot_ranges;
 pub mod snapshots;
 pub mod telemetry;
 pub mod volumes;

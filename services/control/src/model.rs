@@ -124,6 +124,20 @@ impl Snapshot {
     }
 }
 
+/// One page of a snapshot's byte ranges (a delta or its allocated map),
+/// as its worker computed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangePage {
+    /// The volume's size.
+    pub size_bytes: u64,
+    /// Every range starts on a multiple of it (the smallest chunk size).
+    pub block_bytes: u64,
+    /// (offset, length), sorted, apart from each other.
+    pub ranges: Vec<(u64, u64)>,
+    /// Where the next page starts; 0 when this one is the last.
+    pub next_offset: u64,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Worker {
     pub id: String,

@@ -38,7 +38,7 @@ fn parse(name: &str) -> Result<(&str, &str)> {
 }
 
 impl Control {
-    async fn snapshot(&self, vol: &str, snap: &str) -> Result<Snapshot> {
+    pub(crate) async fn snapshot(&self, vol: &str, snap: &str) -> Result<Snapshot> {
         let mut c = self.catalog.conn().await?;
         catalog::snapshots::get(&mut c, vol, snap)
             .await?
@@ -143,7 +143,7 @@ impl Control {
         self.snapshot(vol, snapshot_id).await
     }
 
-    async fn volume_for(&self, parent: &str, vol: &str) -> Result<model::Volume> {
+    pub(crate) async fn volume_for(&self, parent: &str, vol: &str) -> Result<model::Volume> {
         let mut c = self.catalog.conn().await?;
         catalog::volumes::get(&mut c, vol)
             .await?

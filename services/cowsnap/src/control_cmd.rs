@@ -78,6 +78,12 @@ pub struct ControlArgs {
     /// unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
     #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
     csi_endpoint: Option<String>,
+    /// Advertise the CSI SnapshotMetadata service in GetPluginCapabilities
+    /// (it is served on the CSI endpoint either way): the
+    /// external-snapshot-metadata sidecar requires it; csi-sanity fails a
+    /// driver that reports it [default: off].
+    #[arg(long, env = "COWSNAP_CSI_ADVERTISE_SNAPSHOT_METADATA")]
+    csi_advertise_snapshot_metadata: bool,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -187,6 +193,7 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<(ControlConfig, Option<Strin
 }
 
 pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
+    let advertise_metadata = args.csi_advertise_snapshot_metadata;
     let (cfg, csi_endpoint) = resolve(args)?;
     run_until_signal(async |shutdown| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap-control")?;
@@ -200,7 +207,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
             None => None,
             Some(bound) => {
                 let router = cowsnap_csi::endpoint::router(
-                    cowsnap_csi::identity::Identity::new(Some(control.control.clone())),
+                    cowsnap_csi::identity::Identity::new(Some(control.control.clone()))
+                        .advertise_snapshot_metadata(advertise_metadata),
                     Some(cowsnap_csi::controller::Controller::new(
                         control.control.clone(),
                     )),

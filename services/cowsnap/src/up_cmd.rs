@@ -55,6 +55,12 @@ pub struct UpArgs {
     /// this unix socket, e.g. unix:///run/cowsnap/csi.sock [default: off].
     #[arg(long, env = "COWSNAP_CSI_ENDPOINT")]
     csi_endpoint: Option<String>,
+    /// Advertise the CSI SnapshotMetadata service in GetPluginCapabilities
+    /// (it is served on the CSI endpoint either way): the
+    /// external-snapshot-metadata sidecar requires it; csi-sanity fails a
+    /// driver that reports it [default: off].
+    #[arg(long, env = "COWSNAP_CSI_ADVERTISE_SNAPSHOT_METADATA")]
+    csi_advertise_snapshot_metadata: bool,
     /// The CSI Node service stages and publishes only under this directory.
     #[arg(long, env = "COWSNAP_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
@@ -81,6 +87,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
     // The CSI node id: the id the control service registers the worker by.
     let node_id = cowsnap_control::model::worker_id_from_node(&node);
     let kubelet_dir = args.kubelet_dir;
+    let advertise_metadata = args.csi_advertise_snapshot_metadata;
     let worker_cfg = WorkerConfig {
         data_dir: dir.join("worker"),
         node,
@@ -134,7 +141,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
                     .await
                     .context("cannot start the CSI node plugin")?;
                 let router = cowsnap_csi::endpoint::router(
-                    cowsnap_csi::identity::Identity::new(Some(control.control.clone())),
+                    cowsnap_csi::identity::Identity::new(Some(control.control.clone()))
+                        .advertise_snapshot_metadata(advertise_metadata),
                     Some(cowsnap_csi::controller::Controller::new(
                         control.control.clone(),
                     )),

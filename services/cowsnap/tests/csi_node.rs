@@ -472,6 +472,13 @@ async fn cowsnap_worker_serves_identity_and_node_on_its_csi_endpoint() {
         !caps.iter().any(|c| c.r#type.as_ref() == Some(&controller)),
         "a worker serves no Controller: {caps:?}"
     );
+    let metadata = csi::plugin_capability::Type::Service(csi::plugin_capability::Service {
+        r#type: csi::plugin_capability::service::Type::SnapshotMetadataService as i32,
+    });
+    assert!(
+        !caps.iter().any(|c| c.r#type.as_ref() == Some(&metadata)),
+        "a worker serves no SnapshotMetadata: {caps:?}"
+    );
     let mut n = csi::node_client::NodeClient::new(ch);
     let info = n
         .node_get_info(csi::NodeGetInfoRequest {})

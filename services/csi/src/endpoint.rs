@@ -1,7 +1,8 @@
 //! The CSI endpoint: a unix socket (`unix:///PATH`) serving Identity and,
-//! when given, the Controller service. A stale socket file from an earlier
-//! run is replaced; a live one (something accepts a connection on it) is
-//! left alone and the start fails, naming it.
+//! when given, the Controller service with SnapshotMetadata beside it. A
+//! stale socket file from an earlier run is replaced; a live one
+//! (something accepts a connection on it) is left alone and the start
+//! fails, naming it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use tonic::transport::server::Router;
 
 use crate::controller::Controller;
 use crate::identity::Identity;
+use crate::metadata::SnapshotMetadata;
 
 /// The socket path of an endpoint: `unix:///abs/path`, `unix:/abs/path` or
 /// a plain absolute path.
@@ -105,11 +107,18 @@ impl RunningCsi {
 }
 
 /// The CSI services of one endpoint: Identity always, the others when
-/// given.
+/// given. SnapshotMetadata goes with the Controller: both sit on the
+/// control service's domain (Identity advertises it when told to).
 pub fn router(identity: Identity, controller: Option<Controller>) -> Router {
+    let metadata = controller.as_ref().map(|c| {
+        csi::snapshot_metadata_server::SnapshotMetadataServer::new(SnapshotMetadata::new(
+            c.control(),
+        ))
+    });
     tonic::transport::Server::builder()
         .add_service(csi::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller.map(csi::controller_server::ControllerServer::new))
+        .add_optional_service(metadata)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The CSI Identity service: the plugin's name and version, what it offers
-//! (the controller service when this endpoint serves it, and topology
+//! (the controller service when this endpoint serves it, the snapshot
+//! metadata service beside it when asked to advertise it, and topology
 //! constraints: a volume is reachable from its worker's node), and whether
 //! it is ready (the catalog answers).
 
@@ -19,11 +20,27 @@ pub struct Identity {
     /// The control service's domain, when this endpoint serves the
     /// Controller service.
     control: Option<Arc<Control>>,
+    /// Whether to advertise SNAPSHOT_METADATA_SERVICE (see
+    /// [`Identity::advertise_snapshot_metadata`]).
+    snapshot_metadata: bool,
 }
 
 impl Identity {
     pub fn new(control: Option<Arc<Control>>) -> Identity {
-        Identity { control }
+        Identity {
+            control,
+            snapshot_metadata: false,
+        }
+    }
+
+    /// Advertises SNAPSHOT_METADATA_SERVICE when `on` and this endpoint
+    /// serves the Controller (SnapshotMetadata is served beside it either
+    /// way). Off by default: the external-snapshot-metadata sidecar needs
+    /// it, but csi-sanity (built on spec v1.10) fails a driver that
+    /// reports it ("Unknown service").
+    pub fn advertise_snapshot_metadata(mut self, on: bool) -> Identity {
+        self.snapshot_metadata = on;
+        self
     }
 }
 
@@ -55,6 +72,9 @@ impl IdentityService for Identity {
         let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
         if self.control.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
+            if self.snapshot_metadata {
+                capabilities.push(service(ServiceType::SnapshotMetadataService));
+            }
         }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
             capabilities,

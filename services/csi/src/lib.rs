@@ -3,6 +3,8 @@
 //! - [`identity`]: Identity (plugin name, capabilities, readiness);
 //! - [`controller`]: Controller, on top of the control service's domain code
 //!   (volumes, snapshots, recorded operations), never beside it;
+//! - [`metadata`]: SnapshotMetadata (allocated and changed block ranges of
+//!   snapshots), served beside the Controller;
 //! - [`node`]: Node, on top of the worker (staging and publishing on a node);
 //! - [`ids`]: how CSI names and ids map to cowsnap ids;
 //! - [`endpoint`]: the unix socket the services are served on, and the one
@@ -15,6 +17,7 @@ pub mod controller;
 pub mod endpoint;
 pub mod identity;
 pub mod ids;
+pub mod metadata;
 pub mod node;
 
 /// The CSI plugin name (`GetPluginInfo`), the `provisioner` of a StorageClass.

@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use crate::error::WorkerError;
 use crate::state::TaskRec;
 use crate::worker::{
-    CopiedVolume, NewSnapshot, NewVolume, ResState, SnapshotInfo, VolumeInfo, Worker, WorkerInfo,
+    CopiedVolume, NewSnapshot, NewVolume, RangePage, ResState, SnapshotInfo, VolumeInfo, Worker,
+    WorkerInfo,
 };
 
 /// Longest `WaitTask` wait.
@@ -147,6 +148,22 @@ fn info_pb(i: WorkerInfo) -> pb::WorkerInfo {
     }
 }
 
+fn ranges_pb(p: RangePage) -> pb::SnapshotRanges {
+    pb::SnapshotRanges {
+        size_bytes: p.size_bytes,
+        ranges: p
+            .ranges
+            .into_iter()
+            .map(|(s, e)| pb::ByteRange {
+                offset: s,
+                length: e - s,
+            })
+            .collect(),
+        block_bytes: p.block_bytes,
+        next_offset: p.next_offset,
+    }
+}
+
 /// The gRPC face of a [`Worker`].
 pub struct WorkerGrpc {
     worker: Arc<Worker>,
@@ -239,6 +256,30 @@ impl WorkerService for WorkerGrpc {
     ) -> Rpc<pb::DeleteSnapshotResponse> {
         self.worker.delete_snapshot(&r.into_inner().name).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    async fn get_snapshot_delta(
+        &self,
+        r: Request<pb::GetSnapshotDeltaRequest>,
+    ) -> Rpc<pb::SnapshotRanges> {
+        let r = r.into_inner();
+        let p = self
+            .worker
+            .snapshot_delta(&r.name, &r.base_snapshot, r.starting_offset, r.max_ranges)
+            .await?;
+        Ok(Response::new(ranges_pb(p)))
+    }
+
+    async fn get_snapshot_allocated(
+        &self,
+        r: Request<pb::GetSnapshotAllocatedRequest>,
+    ) -> Rpc<pb::SnapshotRanges> {
+        let r = r.into_inner();
+        let p = self
+            .worker
+            .snapshot_allocated(&r.name, r.starting_offset, r.max_ranges)
+            .await?;
+        Ok(Response::new(ranges_pb(p)))
     }
 
     async fn merge_snapshot(&self, r: Request<pb::MergeSnapshotRequest>) -> Rpc<pb::Task> {

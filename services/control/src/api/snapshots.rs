@@ -6,6 +6,7 @@ use tonic::{Request, Response};
 
 use super::convert::{operation, snapshot};
 use super::{Api, Rpc};
+use crate::error::ControlError;
 use crate::snapshots::NewSnapshot;
 
 #[tonic::async_trait]
@@ -48,6 +49,29 @@ impl SnapshotService for Api {
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> Rpc<()> {
         self.control.delete_snapshot(&r.into_inner().name).await?;
         Ok(Response::new(()))
+    }
+
+    async fn get_snapshot_delta(
+        &self,
+        r: Request<pb::GetSnapshotDeltaRequest>,
+    ) -> Rpc<pb::SnapshotDelta> {
+        let r = r.into_inner();
+        let max = u32::try_from(r.page_size)
+            .map_err(|_| ControlError::invalid("page_size", "must not be negative"))?;
+        let p = self
+            .control
+            .snapshot_delta(&r.name, &r.base_snapshot, r.starting_offset, max)
+            .await?;
+        Ok(Response::new(pb::SnapshotDelta {
+            volume_size_bytes: p.size_bytes,
+            ranges: p
+                .ranges
+                .into_iter()
+                .map(|(offset, length)| pb::ByteRange { offset, length })
+                .collect(),
+            block_bytes: p.block_bytes,
+            next_offset: p.next_offset,
+        }))
     }
 
     async fn merge_snapshot(&self, r: Request<pb::MergeSnapshotRequest>) -> Rpc<pb::Operation> {

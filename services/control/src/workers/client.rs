@@ -18,7 +18,7 @@ use wpb::worker_service_client::WorkerServiceClient;
 use super::classify;
 use super::layer::Observe;
 use crate::error::{ControlError, Result};
-use crate::model::{State, Usage, WorkerIo, now_ms};
+use crate::model::{RangePage, State, Usage, WorkerIo, now_ms};
 
 /// The worker service's name in `grpc.health.v1`.
 const WORKER_SERVICE: &str = "cowsnap.worker.v1.WorkerService";
@@ -138,6 +138,15 @@ fn task(t: wpb::Task) -> WorkerTask {
     }
 }
 
+fn range_page(p: wpb::SnapshotRanges) -> RangePage {
+    RangePage {
+        size_bytes: p.size_bytes,
+        block_bytes: p.block_bytes,
+        ranges: p.ranges.into_iter().map(|r| (r.offset, r.length)).collect(),
+        next_offset: p.next_offset,
+    }
+}
+
 /// A client of one worker.
 pub struct WorkerClient {
     id: String,
@@ -247,6 +256,38 @@ impl WorkerClient {
     pub async fn get_snapshot(&self, name: &str) -> Result<WorkerSnapshot> {
         let r = wpb::GetSnapshotRequest { name: name.into() };
         snapshot(self.call(self.api().get_snapshot(r)).await?)
+    }
+
+    /// A page of where snapshot `name` may differ from its volume (`base`
+    /// empty) or from snapshot `base`.
+    pub async fn snapshot_delta(
+        &self,
+        name: &str,
+        base: &str,
+        start: u64,
+        max: u32,
+    ) -> Result<RangePage> {
+        let r = wpb::GetSnapshotDeltaRequest {
+            name: name.into(),
+            base_snapshot: base.into(),
+            starting_offset: start,
+            max_ranges: max,
+        };
+        Ok(range_page(
+            self.call(self.api().get_snapshot_delta(r)).await?,
+        ))
+    }
+
+    /// A page of the ranges of snapshot `name` that hold data.
+    pub async fn snapshot_allocated(&self, name: &str, start: u64, max: u32) -> Result<RangePage> {
+        let r = wpb::GetSnapshotAllocatedRequest {
+            name: name.into(),
+            starting_offset: start,
+            max_ranges: max,
+        };
+        Ok(range_page(
+            self.call(self.api().get_snapshot_allocated(r)).await?,
+        ))
     }
 
     pub async fn delete_snapshot(&self, name: &str) -> Result<()> {

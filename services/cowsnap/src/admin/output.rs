@@ -218,6 +218,32 @@ pub fn snapshot(json: bool, s: &pb::Snapshot) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A whole delta (every page): `# NAME vs BASE: ...` then `offset length`
+/// lines, as `cowsnap cow delta` prints them.
+pub fn delta(
+    json: bool,
+    name: &str,
+    base: Option<&str>,
+    d: &pb::SnapshotDelta,
+) -> anyhow::Result<()> {
+    if json {
+        return print_value(&json_value(d, "cowsnap.v1.SnapshotDelta")?);
+    }
+    let total: u64 = d.ranges.iter().map(|r| r.length).sum();
+    println!(
+        "# {name} vs {}: {} range{}, {total} bytes (from metadata, chunks of {} bytes)",
+        base.unwrap_or("its volume now"),
+        d.ranges.len(),
+        if d.ranges.len() == 1 { "" } else { "s" },
+        d.block_bytes
+    );
+    println!("# offset length");
+    for r in &d.ranges {
+        println!("{} {}", r.offset, r.length);
+    }
+    Ok(())
+}
+
 pub fn snapshots(json: bool, ss: &[pb::Snapshot]) -> anyhow::Result<()> {
     if json {
         return print_list(ss, "cowsnap.v1.Snapshot");

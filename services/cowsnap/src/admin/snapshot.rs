@@ -1,4 +1,4 @@
-//! `cowsnap snapshot create|get|list|delete|merge`.
+//! `cowsnap snapshot create|get|list|delete|merge|delta`.
 
 use clap::Subcommand;
 use cowsnap_proto::cowsnap::v1 as pb;
@@ -41,6 +41,16 @@ enum Cmd {
     },
     /// Delete a snapshot.
     Delete { name: String },
+    /// The byte ranges where a snapshot may differ from its volume as it is
+    /// now, or from another snapshot of the volume (`--base`): the chunks
+    /// either snapshot holds an exception for (every page).
+    Delta {
+        /// VOLUME/SNAPSHOT.
+        name: String,
+        /// VOLUME/SNAPSHOT of the same volume to compare with.
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Roll its volume back to the snapshot, showing progress, and wait for
     /// the end. The snapshot goes away when the merge ends.
     Merge {
@@ -123,6 +133,31 @@ pub fn run_command(c: SnapshotCommand) -> anyhow::Result<u8> {
                     .delete_snapshot(pb::DeleteSnapshotRequest { name: name.clone() })
                     .await?;
                 output::deleted(api.json, &name)?;
+            }
+            Cmd::Delta { name, base } => {
+                let name = snapshot_name(&name)?;
+                let base = base.as_deref().map(snapshot_name).transpose()?;
+                let mut all = pb::SnapshotDelta::default();
+                loop {
+                    let page = api
+                        .snapshots
+                        .get_snapshot_delta(pb::GetSnapshotDeltaRequest {
+                            name: name.clone(),
+                            base_snapshot: base.clone().unwrap_or_default(),
+                            starting_offset: all.next_offset,
+                            page_size: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    all.volume_size_bytes = page.volume_size_bytes;
+                    all.block_bytes = page.block_bytes;
+                    all.next_offset = page.next_offset;
+                    all.ranges.extend(page.ranges);
+                    if all.next_offset == 0 {
+                        break;
+                    }
+                }
+                output::delta(api.json, &name, base.as_deref(), &all)?;
             }
             Cmd::Merge { name, no_wait } => {
                 let name = snapshot_name(&name)?;

@@ -2,10 +2,10 @@
 //! origin, or two snapshots of one origin from each other: the base for
 //! changed-block tracking.
 //!
-//! From the metadata alone (the default), a chunk with an exception may
-//! differ and a chunk without one is the origin's data: with one COW device
-//! the ranges are its exceptions' origin chunks; with two, the union of both
-//! sets (in bytes, as the chunk sizes may differ). `--exact` then reads both
+//! From the metadata alone (the default), by the rule of
+//! [`cowsnap_store::delta`] (the worker's live `GetSnapshotDelta` uses the
+//! same): with one COW device the ranges are its exceptions' origin chunks;
+//! with two, the union of both sets. `--exact` then reads both
 //! sides through the engine and drops the pieces (of the smaller chunk size)
 //! whose data is identical.
 
@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::bail;
+use cowsnap_store::delta::{Span, chunk_spans, coalesce};
 use cowsnap_store::pstore::PStore;
 use cowsnap_store::{Device, Origin, SnapshotOptions, Target};
 use serde::Serialize;
@@ -71,9 +72,6 @@ struct DeltaRange {
     chunks: Option<u64>,
 }
 
-/// `[start, end)` in bytes.
-type Span = (u64, u64);
-
 pub fn run(args: DeltaArgs) -> anyhow::Result<u8> {
     let devices = Devices::start(args.backend)?;
     let origin_dev = devices.open(&args.origin, Access::ReadOnly)?;
@@ -86,9 +84,9 @@ pub fn run(args: DeltaArgs) -> anyhow::Result<u8> {
         let mut snapshots = Vec::new();
         let mut spans = Vec::new();
         for cow in &cows {
-            let (info, chunk_spans) = exception_spans(cow, size).await?;
+            let (info, snap_spans) = exception_spans(cow, size).await?;
             snapshots.push(info);
-            spans.extend(chunk_spans);
+            spans.extend(snap_spans);
         }
         let mut spans = coalesce(spans);
         let chunk_sizes: HashSet<u64> = snapshots
@@ -151,11 +149,7 @@ async fn exception_spans(
     }
     let layout = opened.store.layout();
     let cb = layout.chunk_bytes();
-    olds.sort_unstable();
-    let spans = olds
-        .into_iter()
-        .map(|c| (c * cb, ((c + 1) * cb).min(origin_size)))
-        .collect();
+    let spans = chunk_spans(olds, cb, origin_size);
     Ok((
         SnapshotInfo {
             device: cow.name().to_string(),
@@ -164,19 +158,6 @@ async fn exception_spans(
         },
         spans,
     ))
-}
-
-/// Sorts spans and merges the ones that overlap or touch.
-fn coalesce(mut spans: Vec<Span>) -> Vec<Span> {
-    spans.sort_unstable();
-    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
-    for (s, e) in spans {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
 }
 
 /// Keeps the `granule`-sized pieces of `spans` where the two sides differ:

@@ -55,6 +55,11 @@ impl Controller {
     pub fn new(control: Arc<Control>) -> Controller {
         Controller { control }
     }
+
+    /// The control service's domain it works on.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
 }
 
 fn unimplemented(what: &str) -> Status {

@@ -16,11 +16,13 @@
 //! - [`placement`]: which device a new volume or snapshot goes on, and
 //!   opening devices;
 //! - [`volumes`], [`snapshots`]: create, get, list, delete;
+//! - [`delta`]: snapshot deltas and allocated maps, paged;
 //! - [`merge`], [`copy`]: merge, and restore and clone;
 //! - [`tasks`]: starting, running and waiting for tasks;
 //! - [`info`]: what the API reports of the worker, a volume, a snapshot.
 
 mod copy;
+mod delta;
 mod info;
 mod live;
 mod merge;
@@ -46,6 +48,7 @@ use crate::state::{Phase, SnapshotRec, StateFile, VolumeRec, WorkerState};
 use crate::tasks::{TaskHandle, Tasks};
 
 pub use copy::CopiedVolume;
+pub use delta::{DEFAULT_RANGES, MAX_RANGES, RangePage};
 pub use info::{RawDeviceInfo, ResState, SnapshotInfo, VolumeInfo, WorkerInfo};
 use live::Live;
 pub use snapshots::NewSnapshot;
