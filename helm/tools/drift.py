@@ -309,7 +309,11 @@ def check_pod(pod, objs, driver):
                 continue
             if not wait_for(lambda: os.path.exists(sock), f"{pod.name}: {what} {sock}", [pod]):
                 continue
-            for method, want in (("Probe", '"ready": true'), ("GetPluginInfo", f'"name": "{driver}"')):
+            calls = [("Probe", '"ready": true'), ("GetPluginInfo", f'"name": "{driver}"')]
+            if "csi-snapshot-metadata" in side["image"]:
+                # The sidecar exits unless the driver advertises the service.
+                calls.append(("GetPluginCapabilities", "SNAPSHOT_METADATA_SERVICE"))
+            for method, want in calls:
                 rc, out = grpcurl(["-plaintext", "-unix", "-authority", "localhost", "-import-path", CSI_PROTO_DIR, "-proto", "csi.proto",
                                    "-d", "{}", sock, f"csi.v1.Identity/{method}"])
                 if rc != 0 or want not in out:
