@@ -133,6 +133,9 @@ pub struct Report {
     /// Size of the worker's `state.json` at the end: it is written whole
     /// (and fsynced) twice per create or delete.
     worker_state_bytes: u64,
+    /// The descriptor limit `cowsnap up` ran with (its worker holds one per
+    /// device file).
+    fd_limit: String,
     /// `uptime`'s load averages at the start and the end.
     load_start: String,
     load_end: String,
@@ -235,7 +238,8 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
     ));
 
     let devices = (args.volumes * (args.snapshots_per_volume + 1)) as u64 + 1024;
-    say(&raise_fd_limit(devices));
+    let fd_limit = raise_fd_limit(devices);
+    say(&fd_limit);
     let (api, nbd) = (free_port()?, free_port()?);
     let data = dir.join("data");
     let mut up = Proc::new(
@@ -441,6 +445,7 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
         disk_bytes,
         apparent_bytes,
         worker_state_bytes,
+        fd_limit,
         load_start,
         load_end: load_average(),
         first_error: first_error.lock().expect("first error").clone(),
@@ -747,8 +752,9 @@ fn table(args: &ApiArgs, r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "worker state.json at the end: {:.1} MB (rewritten whole on every create and delete)",
-        r.worker_state_bytes as f64 / 1e6
+        "worker state.json at the end: {:.1} MB (rewritten whole on every create and delete); {}",
+        r.worker_state_bytes as f64 / 1e6,
+        r.fd_limit
     );
     let _ = writeln!(
         o,
