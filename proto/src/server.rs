@@ -141,6 +141,27 @@ pub fn reflection_and_health(
     Ok((v1, v1alpha, reporter, health))
 }
 
+/// The connections a TCP listener accepts, each with `TCP_NODELAY` set.
+/// Without it a reply whose frames go out in more than one write (headers,
+/// data, trailers) waits in Nagle's algorithm for the client's delayed ACK:
+/// about 40 ms per call on Linux (`cowsnap bench api` measured 20 list
+/// calls per second from one client). tonic sets it only on listeners it
+/// binds itself.
+pub fn tcp_incoming(
+    l: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
+        let s = s?;
+        // It fails only on a socket already dead, whose first read fails
+        // too: that connection ends there, not the listener.
+        if let Err(e) = s.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
+        Ok(s)
+    })
+}
+
 /// A bound gRPC listener (bind first, so callers learn the port and fail
 /// early on a taken address).
 pub enum Bound {
@@ -186,10 +207,7 @@ impl Bound {
         let stop = async move { shutdown.cancelled().await };
         match self {
             Bound::Tcp(l) => router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(l),
-                    stop,
-                )
+                .serve_with_incoming_shutdown(tcp_incoming(l), stop)
                 .await
                 .context("gRPC server failed"),
             Bound::Unix(l, p) => {

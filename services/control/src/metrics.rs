@@ -313,7 +313,7 @@ impl Metrics {
         ] {
             g.reset();
         }
-        for (s, _) in catalog::snapshots::list(&mut c, None, ("", 0)).await? {
+        for (s, _) in catalog::snapshots::list(&mut c, None, ("", 0), -1).await? {
             if let Some(u) = &s.usage {
                 let name = s.name();
                 let l = [name.as_str()];

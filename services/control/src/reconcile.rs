@@ -239,7 +239,7 @@ impl Reconciler {
         if v.worker_id != worker_id || matches!(v.state, State::Creating | State::Deleting) {
             return Ok(());
         }
-        let snaps: Vec<Snapshot> = catalog::snapshots::list(&mut c, Some(id), ("", 0))
+        let snaps: Vec<Snapshot> = catalog::snapshots::list(&mut c, Some(id), ("", 0), -1)
             .await?
             .into_iter()
             .map(|(s, _)| s)

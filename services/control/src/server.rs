@@ -249,7 +249,7 @@ pub async fn start(
             Bound::Tcp(l) => {
                 router
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(l),
+                        cowsnap_proto::server::tcp_incoming(l),
                         stop.cancelled(),
                     )
                     .await

@@ -193,7 +193,7 @@ impl Control {
     /// (snapshot ids are unique per volume only).
     pub async fn find_snapshots(&self, snapshot_id: &str) -> Result<Vec<Snapshot>> {
         let mut c = self.catalog.conn().await?;
-        Ok(catalog::snapshots::list(&mut c, None, ("", 0))
+        Ok(catalog::snapshots::list(&mut c, None, ("", 0), -1)
             .await?
             .into_iter()
             .map(|(s, _)| s)
@@ -219,8 +219,13 @@ impl Control {
         };
         let (after_vol, after_seq) = snapshot_cursor(page_token)?;
         let mut c = self.catalog.conn().await?;
-        let mut page =
-            catalog::snapshots::list(&mut c, vol, (after_vol.as_str(), after_seq)).await?;
+        let mut page = catalog::snapshots::list(
+            &mut c,
+            vol,
+            (after_vol.as_str(), after_seq),
+            size as i64 + 1,
+        )
+        .await?;
         let next = if page.len() > size {
             page.truncate(size);
             let (s, seq) = &page[size - 1];

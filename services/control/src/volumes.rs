@@ -218,12 +218,24 @@ impl Control {
         let after = listing::after("volumes", page_token)?;
         let filter = VolumeFilter::parse(filter)?;
         let mut c = self.catalog.conn().await?;
-        let mut page: Vec<Volume> = catalog::volumes::list_after(&mut c, &after)
-            .await?
-            .into_iter()
-            .filter(|v| filter.matches(v))
-            .take(size + 1)
-            .collect();
+        // Rows are read a page (and one) at a time until the filter has let
+        // a page and one through, or none are left: without a filter, one
+        // read of `size + 1` rows, however many volumes there are.
+        let mut page: Vec<Volume> = Vec::new();
+        let mut cursor = after;
+        let batch = size + 1;
+        loop {
+            let rows = catalog::volumes::list_after(&mut c, &cursor, batch as i64).await?;
+            let full = rows.len() == batch;
+            if let Some(last) = rows.last() {
+                cursor = last.id.clone();
+            }
+            page.extend(rows.into_iter().filter(|v| filter.matches(v)));
+            if page.len() > size || !full {
+                break;
+            }
+        }
+        page.truncate(size + 1);
         let next = if page.len() > size {
             page.truncate(size);
             listing::token("volumes", &page[size - 1].id)

@@ -81,37 +81,100 @@ pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<
     row.map(Row::into_snapshot).transpose()
 }
 
+/// A snapshot row with its position in list order.
+struct ListRow {
+    seq: i64,
+    row: Row,
+}
+
 /// Snapshots of a volume (or of every volume when `volume_id` is `None`),
-/// in creation order, after the position `after` (volume id, seq).
+/// in creation order, after the position `after` (volume id, seq), at most
+/// `limit` of them (negative: all). Each query reads its page through the
+/// `(volume_id, seq)` index and stops at `limit` (migration 0004), so a
+/// page costs the same however large the catalog is.
 pub async fn list(
     c: &mut SqliteConnection,
     volume_id: Option<&str>,
     after: (&str, i64),
+    limit: i64,
 ) -> Result<Vec<(Snapshot, i64)>> {
     let (after_vol, after_seq) = after;
-    let rows = sqlx::query!(
-        r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
-                  s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
-                  s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
-                  (SELECT MAX(o.id) FROM operations o
-                    WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
-                      AND o.state IN ('pending', 'running')) AS "operation?: i64",
-                  s.error
-           FROM snapshots s JOIN volumes v ON v.id = s.volume_id
-                JOIN workers w ON w.id = v.worker_id
-           WHERE (?1 IS NULL OR s.volume_id = ?1)
-             AND (s.volume_id > ?2 OR (s.volume_id = ?2 AND s.seq > ?3))
-           ORDER BY s.volume_id, s.seq"#,
-        volume_id,
-        after_vol,
-        after_seq
-    )
-    .fetch_all(&mut *c)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            let seq = r.seq;
-            Row {
+    let rows: Vec<ListRow> = match volume_id {
+        Some(vol) => {
+            // The position in (volume id, seq) order, as in the list of
+            // every volume: a cursor before this volume starts at its first
+            // snapshot, one after it has nothing left.
+            let after_seq = match after_vol.cmp(vol) {
+                std::cmp::Ordering::Less => 0,
+                std::cmp::Ordering::Equal => after_seq,
+                std::cmp::Ordering::Greater => i64::MAX,
+            };
+            sqlx::query!(
+                r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable,
+                          s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes,
+                          s.exceptions, s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
+                          (SELECT MAX(o.id) FROM operations o
+                            WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
+                              AND o.state IN ('pending', 'running')) AS "operation?: i64",
+                          s.error
+                   FROM snapshots s JOIN volumes v ON v.id = s.volume_id
+                        JOIN workers w ON w.id = v.worker_id
+                   WHERE s.volume_id = ?1 AND s.seq > ?2
+                   ORDER BY s.seq
+                   LIMIT ?3"#,
+                vol,
+                after_seq,
+                limit
+            )
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .map(|r| ListRow {
+                seq: r.seq,
+                row: Row {
+                    volume_id: r.volume_id,
+                    id: r.id,
+                    cow_size_bytes: r.cow_size_bytes,
+                    chunk_sectors: r.chunk_sectors,
+                    writable: r.writable,
+                    labels: r.labels,
+                    state: r.state,
+                    allocated_bytes: r.allocated_bytes,
+                    total_bytes: r.total_bytes,
+                    metadata_bytes: r.metadata_bytes,
+                    exceptions: r.exceptions,
+                    usage_time: r.usage_time,
+                    create_time: r.create_time,
+                    nbd_base: r.nbd_base,
+                    operation: r.operation,
+                    error: r.error,
+                },
+            })
+            .collect()
+        }
+        None => sqlx::query!(
+            r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
+                      s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
+                      s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
+                      (SELECT MAX(o.id) FROM operations o
+                        WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
+                          AND o.state IN ('pending', 'running')) AS "operation?: i64",
+                      s.error
+               FROM snapshots s JOIN volumes v ON v.id = s.volume_id
+                    JOIN workers w ON w.id = v.worker_id
+               WHERE (s.volume_id, s.seq) > (?1, ?2)
+               ORDER BY s.volume_id, s.seq
+               LIMIT ?3"#,
+            after_vol,
+            after_seq,
+            limit
+        )
+        .fetch_all(&mut *c)
+        .await?
+        .into_iter()
+        .map(|r| ListRow {
+            seq: r.seq,
+            row: Row {
                 volume_id: r.volume_id,
                 id: r.id,
                 cow_size_bytes: r.cow_size_bytes,
@@ -128,10 +191,12 @@ pub async fn list(
                 nbd_base: r.nbd_base,
                 operation: r.operation,
                 error: r.error,
-            }
-            .into_snapshot()
-            .map(|s| (s, seq))
+            },
         })
+        .collect(),
+    };
+    rows.into_iter()
+        .map(|r| r.row.into_snapshot().map(|s| (s, r.seq)))
         .collect()
 }
 

@@ -57,8 +57,9 @@ pub async fn get(c: &mut SqliteConnection, id: &str) -> Result<Option<Volume>> {
     row.map(Row::into_volume).transpose()
 }
 
-/// Volumes with ids after `after`, in id order.
-pub async fn list_after(c: &mut SqliteConnection, after: &str) -> Result<Vec<Volume>> {
+/// Volumes with ids after `after`, in id order, at most `limit` of them
+/// (negative: all): a page reads its rows and no more.
+pub async fn list_after(c: &mut SqliteConnection, after: &str, limit: i64) -> Result<Vec<Volume>> {
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT v.id, v.worker_id, v.size_bytes, v.chunk_sectors, v.labels, v.state,
@@ -69,8 +70,10 @@ pub async fn list_after(c: &mut SqliteConnection, after: &str) -> Result<Vec<Vol
                                      'restore_volume', 'clone_volume')) AS "operation?: i64"
            FROM volumes v JOIN workers w ON w.id = v.worker_id
            WHERE v.id > ?
-           ORDER BY v.id"#,
-        after
+           ORDER BY v.id
+           LIMIT ?"#,
+        after,
+        limit
     )
     .fetch_all(&mut *c)
     .await?;

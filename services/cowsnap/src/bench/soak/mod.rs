@@ -22,8 +22,8 @@
 
 mod api;
 mod io;
-mod nbd_client;
-mod procs;
+pub(super) mod nbd_client;
+pub(super) mod procs;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,0 +1,112 @@
+//! Smoke test of `cowsnap bench api`: a run with a tiny catalog completes
+//! against a real `cowsnap up`, and its JSON report carries both baselines
+//! and every figure with a positive value, baseline and ratio, and the
+//! catalog grew to the size asked. Speed itself is measured, never asserted.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const KINDS: &[&str] = &[
+    "create_volume",
+    "get_volume",
+    "list_volumes",
+    "delete_volume",
+    "create_snapshot",
+    "get_snapshot",
+    "list_snapshots",
+    "list_all_snapshots",
+    "delete_snapshot",
+];
+
+#[test]
+fn bench_api_tiny_json_has_every_figure() {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-api-smoke");
+    std::fs::create_dir_all(&base).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
+        .args([
+            "bench",
+            "api",
+            "--volumes",
+            "6",
+            "--first-point",
+            "3",
+            "--snapshots-per-volume",
+            "2",
+            "--measure-secs",
+            "0.3",
+            "--latency-samples",
+            "4",
+            "--baseline-samples",
+            "5",
+            "--grow-clients",
+            "4",
+            "--json",
+            "--dir",
+        ])
+        .arg(&base)
+        .output()
+        .expect("run cowsnap");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cowsnap bench api failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+
+    for key in [
+        "sqlite_commit_ms",
+        "fua_write_ms",
+        "create_snapshot_p50_ms",
+        "create_snapshot_p99_ms",
+        "disk_bytes",
+    ] {
+        let v = report[key].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0, "{key} = {v}: {report}");
+    }
+    assert_eq!(report["first_point"]["volumes"], 3, "{report}");
+    assert_eq!(report["first_point"]["snapshots"], 6, "{report}");
+    assert_eq!(report["last_point"]["volumes"], 6, "{report}");
+    assert_eq!(report["last_point"]["snapshots"], 12, "{report}");
+    assert_eq!(report["growth_cut_short"], false, "{report}");
+
+    let mut ids: Vec<String> = vec![
+        "create_snapshot_p50".into(),
+        "create_snapshot_p99".into(),
+        "growth_creates".into(),
+        "disk_use".into(),
+    ];
+    for k in KINDS {
+        for c in [1, 8, 64] {
+            ids.push(format!("{k}_{c}"));
+        }
+    }
+    let figures = report["figures"].as_object().expect("figures object");
+    assert_eq!(figures.len(), ids.len(), "{report}");
+    for id in &ids {
+        let f = figures
+            .get(id)
+            .unwrap_or_else(|| panic!("figure {id} missing: {report}"));
+        for key in ["value", "baseline", "ratio"] {
+            let v = f[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 0.0, "figure {id}: {key} = {v}");
+        }
+        assert!(
+            ["pass", "miss", "info"].contains(&f["result"].as_str().unwrap_or("")),
+            "figure {id}: {f}"
+        );
+    }
+    // Reads carry the "must not slow down" target; CreateSnapshot p50 its
+    // bound against the baselines.
+    for id in ["get_volume_8", "list_volumes_64", "create_snapshot_p50"] {
+        let f = &figures[id];
+        assert!(
+            f["target"].is_object() && f["pass"].is_boolean(),
+            "figure {id} lacks its target: {f}"
+        );
+    }
+    // The scratch subdirectory (and the service in it) is gone.
+    let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+    assert!(left.is_empty(), "scratch files left behind: {left:?}");
+}
