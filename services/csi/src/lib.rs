@@ -26,3 +26,14 @@ pub const PLUGIN_NAME: &str = "csi.cowsnap.io";
 /// The topology segment key whose value is the id of the worker (and so the
 /// node) that holds a volume.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.cowsnap.io/node";
+
+/// INVALID_ARGUMENT "`field` is required" when a request leaves `value`
+/// empty: the spec's answer to every missing required field.
+pub(crate) fn required(field: &str, value: &str) -> Result<(), tonic::Status> {
+    if value.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field} is required"
+        )));
+    }
+    Ok(())
+}

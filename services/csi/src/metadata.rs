@@ -36,6 +36,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::ids;
+use crate::required;
 
 /// A stream of response messages.
 type Pages<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -54,9 +55,7 @@ impl SnapshotMetadata {
 
 /// The cowsnap name of CSI snapshot id `id` (field `field`).
 fn snapshot_name(field: &str, id: &str) -> Result<String, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
-    }
+    required(field, id)?;
     let (v, s) = ids::parse_snapshot_id(id).ok_or_else(|| {
         Status::invalid_argument(format!(
             "{field} {} is not a cowsnap snapshot id (VOLUME/SNAPSHOT)",

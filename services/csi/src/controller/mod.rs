@@ -30,6 +30,8 @@ use csi::controller_server::Controller as ControllerService;
 use csi::controller_service_capability::rpc::Type as Cap;
 use tonic::{Request, Response, Status};
 
+use crate::required;
+
 type Rpc<T> = Result<Response<T>, Status>;
 
 /// The capabilities ControllerGetCapabilities reports. GetSnapshot (alpha
@@ -193,9 +195,7 @@ impl ControllerService for Controller {
         r: Request<csi::ControllerGetVolumeRequest>,
     ) -> Rpc<csi::ControllerGetVolumeResponse> {
         let r = r.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         let v = self.visible_volume(&r.volume_id).await?;
         Ok(Response::new(csi::ControllerGetVolumeResponse {
             volume: Some(volumes::volume(&v)),

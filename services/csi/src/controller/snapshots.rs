@@ -14,6 +14,7 @@ use super::Controller;
 use super::params::{self, COW_SIZE_LABEL};
 use super::volumes::{labels_for, status, visible as visible_volume};
 use crate::ids;
+use crate::required;
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -53,9 +54,7 @@ impl Controller {
         r: csi::CreateSnapshotRequest,
     ) -> Result<csi::Snapshot, Status> {
         ids::check_name(&r.name).map_err(|e| Status::invalid_argument(format!("name {e}")))?;
-        if r.source_volume_id.is_empty() {
-            return Err(Status::invalid_argument("source_volume_id is required"));
-        }
+        required("source_volume_id", &r.source_volume_id)?;
         let asked_cow = params::snapshot_params(&r.parameters)?;
         let snap_id = ids::id_from_name(&r.name);
         // Snapshot ids are unique per volume; CSI names are unique per
@@ -98,9 +97,7 @@ impl Controller {
     /// DeleteSnapshot: what is not there (or cannot be an id of ours) is
     /// already deleted.
     pub(super) async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), Status> {
-        if snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        required("snapshot_id", snapshot_id)?;
         let Some((v, s)) = ids::parse_snapshot_id(snapshot_id) else {
             return Ok(());
         };
@@ -144,9 +141,7 @@ impl Controller {
 
     /// GetSnapshot: one snapshot CSI sees, or NOT_FOUND.
     pub(super) async fn get_snapshot(&self, snapshot_id: &str) -> Result<csi::Snapshot, Status> {
-        if snapshot_id.is_empty() {
-            return Err(Status::invalid_argument("snapshot_id is required"));
-        }
+        required("snapshot_id", snapshot_id)?;
         let not_found =
             || Status::not_found(format!("snapshot {} not found", names::quote(snapshot_id)));
         let (v, _) = ids::parse_snapshot_id(snapshot_id).ok_or_else(not_found)?;

@@ -15,6 +15,7 @@ use tonic::Status;
 use super::params::{self, COW_SIZE_LABEL, NAME_LABEL, VolumeParams};
 use super::{Controller, capabilities, topology};
 use crate::ids;
+use crate::required;
 
 /// The longest a CreateVolume waits for a restore or clone before it
 /// answers ABORTED ("in progress") for the CO to repeat the call.
@@ -235,9 +236,7 @@ impl Controller {
     /// DeleteVolume: what is not there (or cannot be an id of ours) is
     /// already deleted.
     pub(super) async fn delete_volume(&self, volume_id: &str) -> Result<(), Status> {
-        if volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", volume_id)?;
         let Some(id) = ids::parse_volume_id(volume_id) else {
             return Ok(());
         };
@@ -318,9 +317,7 @@ impl Controller {
         &self,
         r: csi::ValidateVolumeCapabilitiesRequest,
     ) -> Result<csi::ValidateVolumeCapabilitiesResponse, Status> {
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         if r.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument(
                 "volume_capabilities: at least one is required",

@@ -22,6 +22,7 @@ use super::state::Access;
 use super::stats::VolumeStats;
 use super::{Node, NodeConfig};
 use crate::TOPOLOGY_NODE_KEY;
+use crate::required;
 
 /// The file system made when a mount capability names none.
 pub const DEFAULT_FS: &str = "ext4";
@@ -56,9 +57,7 @@ impl NodeGrpc {
     /// The cowsnap volume of CSI volume `id`, which must exist on this
     /// worker: INVALID_ARGUMENT when missing, NOT_FOUND when unknown.
     async fn volume(&self, id: &str) -> Result<String, Status> {
-        if id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", id)?;
         if names::check_id(id).is_err() {
             return Err(Status::not_found(format!(
                 "volume {} does not exist",
@@ -174,9 +173,7 @@ impl NodeApi for NodeGrpc {
         req: Request<csi::NodeStageVolumeRequest>,
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         let staging_path = self
             .node
             .config()
@@ -197,9 +194,7 @@ impl NodeApi for NodeGrpc {
         req: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         let staging_path = self
             .node
             .config()
@@ -214,9 +209,7 @@ impl NodeApi for NodeGrpc {
         req: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         let cfg = self.node.config();
         let target_path = cfg.check_path("target_path", &r.target_path)?;
         let access = access(r.volume_capability.as_ref())?;
@@ -244,9 +237,7 @@ impl NodeApi for NodeGrpc {
         req: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
+        required("volume_id", &r.volume_id)?;
         let target = self
             .node
             .config()
@@ -265,12 +256,8 @@ impl NodeApi for NodeGrpc {
         req: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
-        if r.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
-        if r.volume_path.is_empty() {
-            return Err(Status::invalid_argument("volume_path is required"));
-        }
+        required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
         let id = r.volume_id;
         if !self.node.is_staged(&id) {
             self.volume(&id).await?;
