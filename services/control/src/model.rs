@@ -92,6 +92,17 @@ impl Volume {
     }
 }
 
+/// What a worker reports of one of its snapshots, as the catalog records it.
+#[derive(Clone, Copy, Debug)]
+pub struct Reported<'a> {
+    pub cow_size_bytes: u64,
+    pub chunk_sectors: u32,
+    /// `None` when it has none (e.g. invalid).
+    pub usage: Option<&'a Usage>,
+    /// Why it is invalid or failed.
+    pub error: Option<&'a str>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub allocated_bytes: u64,

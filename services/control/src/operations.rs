@@ -461,17 +461,7 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let now = now_ms();
                 let mut tx = self.catalog.write().await?;
-                catalog::snapshots::set_reported(
-                    &mut tx,
-                    &vol,
-                    &snap,
-                    ws.cow_size_bytes,
-                    ws.chunk_sectors,
-                    ws.usage.as_ref(),
-                    ws.error.as_deref(),
-                    now,
-                )
-                .await?;
+                catalog::snapshots::set_reported(&mut tx, &vol, &snap, ws.reported(), now).await?;
                 catalog::snapshots::set_state(&mut tx, &vol, &snap, State::Ready, now).await?;
                 let r = catalog::snapshots::get(&mut tx, &vol, &snap)
                     .await?

@@ -316,17 +316,8 @@ impl Reconciler {
                 }
                 None => {}
                 Some(ws) => {
-                    catalog::snapshots::set_reported(
-                        &mut tx,
-                        id,
-                        &s.id,
-                        ws.cow_size_bytes,
-                        ws.chunk_sectors,
-                        ws.usage.as_ref(),
-                        ws.error.as_deref(),
-                        now,
-                    )
-                    .await?;
+                    catalog::snapshots::set_reported(&mut tx, id, &s.id, ws.reported(), now)
+                        .await?;
                     let to = match (s.state, ws.state) {
                         (State::Ready, State::Invalid) => Some(State::Invalid),
                         (State::Failed, State::Ready) => Some(State::Ready),
@@ -348,17 +339,7 @@ impl Reconciler {
             }
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, v.chunk_sectors), now)
                 .await?;
-            catalog::snapshots::set_reported(
-                &mut tx,
-                id,
-                &ws.id,
-                ws.cow_size_bytes,
-                ws.chunk_sectors,
-                ws.usage.as_ref(),
-                ws.error.as_deref(),
-                now,
-            )
-            .await?;
+            catalog::snapshots::set_reported(&mut tx, id, &ws.id, ws.reported(), now).await?;
             tracing::warn!(snapshot = %names::snapshot(id, &ws.id), "adopted from its worker");
             adopted += 1;
         }
@@ -445,17 +426,7 @@ impl Reconciler {
         for ws in &wv.snapshots {
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, wv.chunk_sectors), now)
                 .await?;
-            catalog::snapshots::set_reported(
-                &mut tx,
-                &wv.id,
-                &ws.id,
-                ws.cow_size_bytes,
-                ws.chunk_sectors,
-                ws.usage.as_ref(),
-                ws.error.as_deref(),
-                now,
-            )
-            .await?;
+            catalog::snapshots::set_reported(&mut tx, &wv.id, &ws.id, ws.reported(), now).await?;
         }
         tx.commit().await?;
         tracing::warn!(volume = %v.name(), worker = worker_id, "adopted from its worker");

@@ -171,17 +171,7 @@ impl Control {
         let _g = self.ops.lock(&[vol]).await;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
-        catalog::snapshots::set_reported(
-            &mut tx,
-            vol,
-            snap,
-            ws.cow_size_bytes,
-            ws.chunk_sectors,
-            ws.usage.as_ref(),
-            ws.error.as_deref(),
-            now,
-        )
-        .await?;
+        catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), now).await?;
         if ws.state == State::Invalid && s.state == State::Ready {
             catalog::snapshots::set_state(&mut tx, vol, snap, State::Invalid, now).await?;
         }

@@ -4,7 +4,7 @@ use sqlx::SqliteConnection;
 
 use super::{labels_from, labels_json};
 use crate::error::Result;
-use crate::model::{Snapshot, State, Usage};
+use crate::model::{Reported, Snapshot, State, Usage};
 
 struct Row {
     volume_id: String,
@@ -260,21 +260,17 @@ pub async fn set_state(
 }
 
 /// Records what the worker reports of a snapshot: its COW size and chunk
-/// size, its usage (`None` when it has none, e.g. invalid) and why it is
-/// invalid or failed.
-#[allow(clippy::too_many_arguments)]
+/// size, its usage and why it is invalid or failed.
 pub async fn set_reported(
     c: &mut SqliteConnection,
     volume_id: &str,
     id: &str,
-    cow_size_bytes: u64,
-    chunk_sectors: u32,
-    usage: Option<&Usage>,
-    error: Option<&str>,
+    r: Reported<'_>,
     now: i64,
 ) -> Result<()> {
-    let (cow, chunk) = (cow_size_bytes as i64, i64::from(chunk_sectors));
-    let (a, t, m, e, u) = match usage {
+    let (cow, chunk) = (r.cow_size_bytes as i64, i64::from(r.chunk_sectors));
+    let error = r.error;
+    let (a, t, m, e, u) = match r.usage {
         Some(u) => (
             Some(u.allocated_bytes as i64),
             Some(u.total_bytes as i64),

@@ -18,7 +18,7 @@ use wpb::worker_service_client::WorkerServiceClient;
 use super::classify;
 use super::layer::Observe;
 use crate::error::{ControlError, Result};
-use crate::model::{RangePage, State, Usage, WorkerIo, now_ms};
+use crate::model::{RangePage, Reported, State, Usage, WorkerIo, now_ms};
 
 /// The worker service's name in `grpc.health.v1`.
 const WORKER_SERVICE: &str = "cowsnap.worker.v1.WorkerService";
@@ -59,6 +59,18 @@ pub struct WorkerSnapshot {
     pub usage: Option<Usage>,
     /// Why it is invalid or failed.
     pub error: Option<String>,
+}
+
+impl WorkerSnapshot {
+    /// What the catalog records of this report.
+    pub fn reported(&self) -> Reported<'_> {
+        Reported {
+            cow_size_bytes: self.cow_size_bytes,
+            chunk_sectors: self.chunk_sectors,
+            usage: self.usage.as_ref(),
+            error: self.error.as_deref(),
+        }
+    }
 }
 
 /// A long-running task (merge, restore, clone) on a worker.
