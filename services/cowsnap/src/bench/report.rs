@@ -228,6 +228,33 @@ impl Figures {
         (count(true), count(false))
     }
 
+    /// The figures as a table (label, value, baseline, ratio, target,
+    /// result, under the six headings `head`), then their notes after a
+    /// blank line, if any.
+    pub fn table(&self, head: &[&str; 6]) -> String {
+        let rows: Vec<Vec<String>> = self
+            .0
+            .iter()
+            .map(|(_, f)| {
+                vec![
+                    f.label.clone(),
+                    format!("{} {}", num(f.value), f.unit),
+                    format!("{} ({})", num(f.baseline), f.baseline_label),
+                    format!("{:.2}", f.ratio),
+                    f.target_text.clone().unwrap_or_else(|| "-".into()),
+                    f.result.to_string(),
+                ]
+            })
+            .collect();
+        let mut o = render_table(head, &rows, &[1, 3]);
+        let notes = self.notes();
+        if !notes.is_empty() {
+            o.push('\n');
+            o.push_str(&notes);
+        }
+        o
+    }
+
     /// `note (label): text` lines, one per figure that has a note.
     pub fn notes(&self) -> String {
         use std::fmt::Write;
@@ -360,31 +387,11 @@ impl Report {
             b.first_write_bound_mb_s, b.first_write_bound_8_mb_s
         );
         let _ = writeln!(o);
-        let rows: Vec<Vec<String>> = self
-            .figures
-            .0
-            .iter()
-            .map(|(_, f)| {
-                vec![
-                    f.label.clone(),
-                    format!("{} {}", num(f.value), f.unit),
-                    format!("{} ({})", num(f.baseline), f.baseline_label),
-                    format!("{:.2}", f.ratio),
-                    f.target_text.clone().unwrap_or_else(|| "-".into()),
-                    f.result.to_string(),
-                ]
-            })
-            .collect();
-        o.push_str(&render_table(
-            &["figure", "value", "baseline", "ratio", "target", "result"],
-            &rows,
-            &[1, 3],
-        ));
-        let notes = self.figures.notes();
-        if !notes.is_empty() {
-            let _ = writeln!(o);
-            o.push_str(&notes);
-        }
+        o.push_str(
+            &self
+                .figures
+                .table(&["figure", "value", "baseline", "ratio", "target", "result"]),
+        );
         let _ = writeln!(o);
         let _ = writeln!(
             o,

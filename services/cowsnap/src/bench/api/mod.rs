@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use super::files::in_scratch;
-use super::report::{Figure, Figures, Goal, num, render_table};
+use super::report::{Figure, Figures, Goal};
 use super::soak::nbd_client::NbdClient;
 use super::soak::procs::{Proc, free_port};
 use calls::{Kind, Pool, Rate, Snapshots, Volumes};
@@ -762,31 +762,10 @@ fn table(args: &ApiArgs, r: &Report) -> String {
         r.load_start, r.load_end
     );
     let _ = writeln!(o);
-    let rows: Vec<Vec<String>> = r
-        .figures
-        .0
-        .iter()
-        .map(|(_, f)| {
-            vec![
-                f.label.clone(),
-                format!("{} {}", num(f.value), f.unit),
-                format!("{} ({})", num(f.baseline), f.baseline_label),
-                format!("{:.2}", f.ratio),
-                f.target_text.clone().unwrap_or_else(|| "-".into()),
-                f.result.to_string(),
-            ]
-        })
-        .collect();
-    o.push_str(&render_table(
-        &["figure", "now", "baseline", "ratio", "target", "met?"],
-        &rows,
-        &[1, 3],
-    ));
-    let notes = r.figures.notes();
-    if !notes.is_empty() {
-        let _ = writeln!(o);
-        o.push_str(&notes);
-    }
+    o.push_str(
+        &r.figures
+            .table(&["figure", "now", "baseline", "ratio", "target", "met?"]),
+    );
     if let Some(e) = &r.first_error {
         let _ = writeln!(o, "first failed call: {e}");
     }
