@@ -19,6 +19,12 @@
 //!      zeroed next area) is durable;
 //!    - (c) writes the area with `RWF_DSYNC` (FUA).
 //!
+//!    (b) and (c) are one request, [`Device::flush_write`] (the kernel's
+//!    `REQ_PREFLUSH | REQ_FUA`; M5 of docs/design.md): one linked pair on
+//!    io_uring, one job of two syscalls on the portable backend. (c) still
+//!    starts only once (b) has completed, so a cut between them is the
+//!    same as before: (b) done, the area not written.
+//!
 //!    Only then are the waiters told the exception is committed.
 //!
 //! A crash before (c) completes leaves either the old area or (the write is
@@ -180,12 +186,12 @@ impl PStore {
                         detail: "the COW device is not initialised (all-zero header) and was opened read-only".into(),
                     });
                 }
-                // Zero area 0, make that durable, then write the header: a
-                // crash in between leaves an all-zero (new) device.
+                // Zero area 0, make that durable, then write the header (one
+                // flush + write request, M5): a crash in between leaves an
+                // all-zero (new) device.
                 let cb = layout.chunk_bytes() as usize;
                 dev.write(layout.area_offset(0), AlignedBuf::zeroed(cb), false)
                     .await?;
-                dev.flush().await?;
                 let mut h = AlignedBuf::zeroed(cb);
                 Header {
                     valid: true,
@@ -193,7 +199,7 @@ impl PStore {
                     chunk_sectors: layout.chunk_sectors(),
                 }
                 .encode(&mut h);
-                dev.write(0, h, true).await?;
+                dev.flush_write(0, h).await?;
                 Ok(Opened {
                     store: Arc::new(PStore::new(
                         dev,
@@ -532,9 +538,10 @@ impl PStore {
                 .write(next * cb, AlignedBuf::zeroed(cb as usize), false)
                 .await?;
         }
-        self.dev.flush().await?;
+        // (b) and (c) as one request, the kernel's REQ_PREFLUSH | REQ_FUA
+        // (M5): the area write starts only once the flush has completed.
         self.dev
-            .write(self.layout.area_offset(area), buf, true)
+            .flush_write(self.layout.area_offset(area), buf)
             .await?;
         Ok(())
     }

@@ -6,6 +6,8 @@
 //! - A flush moves everything volatile to the file (it is durable).
 //! - A `dsync` write goes to the file at once, and supersedes what the
 //!   volatile layer held for those sectors.
+//! - A flush + write runs as its two steps, each an I/O: a cut can fall
+//!   between them.
 //! - A power cut (after a chosen number of I/Os) fails that I/O and every
 //!   later one with EIO; [`FaultController::crash`] then writes a random
 //!   subset of the volatile sectors to the files, in their order, and forgets
@@ -162,6 +164,21 @@ impl FaultController {
     }
 
     fn execute(&self, path: &Path, req: &mut Request) -> io::Result<()> {
+        match req.op {
+            // Two steps, each an I/O of its own: a power cut can land
+            // between them (the flush done, the write never issued), as it
+            // can between the halves of a linked pair on a real device, and
+            // a rule can fail either half.
+            Op::FlushWrite => {
+                self.step(path, Op::Flush, req)?;
+                self.step(path, Op::Write { dsync: true }, req)
+            }
+            op => self.step(path, op, req),
+        }
+    }
+
+    /// One I/O `op` on `req`'s buffer and offset.
+    fn step(&self, path: &Path, op: Op, req: &mut Request) -> io::Result<()> {
         let mut st = self.state.lock().expect("fault state");
         if !st.powered {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -174,10 +191,11 @@ impl FaultController {
             *n -= 1;
         }
         st.ops += 1;
-        let kind = match req.op {
+        let kind = match op {
             Op::Read => FaultOp::Read,
             Op::Write { .. } => FaultOp::Write,
             Op::Flush => FaultOp::Flush,
+            Op::FlushWrite => unreachable!("split into its two steps by execute"),
         };
         let path_str = path.to_string_lossy();
         for rule in st.rules.iter_mut() {
@@ -194,7 +212,7 @@ impl FaultController {
             .devices
             .get_mut(path)
             .expect("device opened through this controller");
-        match req.op {
+        match op {
             Op::Read => {
                 let buf = req.buf.as_mut().expect("read buffer");
                 execute_sync(&v.file, Op::Read, req.offset, Some(buf))?;
@@ -232,6 +250,7 @@ impl FaultController {
                 }
                 Ok(())
             }
+            Op::FlushWrite => unreachable!("split into its two steps by execute"),
             Op::Flush => {
                 // The file is the simulated disk's stable storage: moving the
                 // volatile sectors there is the flush (the host's own

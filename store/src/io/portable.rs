@@ -1,6 +1,12 @@
 //! The portable backend: `pread`, `pwritev2` (with `RWF_DSYNC`) and
 //! `fdatasync` on a pool of threads. Works wherever `O_DIRECT` does, including
 //! hosts whose seccomp profile refuses io_uring.
+//!
+//! A flush + write ([`super::Op::FlushWrite`]) is one job on one thread but
+//! two syscalls, `fdatasync` and then `pwritev2(RWF_DSYNC)`: no syscall
+//! carries a preflush, and the write must not be issued before the flush
+//! has returned (M2). It still saves the caller a second trip through the
+//! pool's queue.
 
 use std::fs::File;
 use std::sync::Arc;
