@@ -33,6 +33,23 @@ pub fn snapshot_cursor(page_token: &str) -> Result<(String, i64)> {
     }
 }
 
+/// Whether `fresh` (a worker's report) says what the catalog row `s`
+/// already holds, the time of the usage aside.
+fn same_report(s: &Snapshot, fresh: &model::Reported<'_>) -> bool {
+    let usage = |u: &model::Usage| {
+        (
+            u.allocated_bytes,
+            u.total_bytes,
+            u.metadata_bytes,
+            u.exceptions,
+        )
+    };
+    s.cow_size_bytes == fresh.cow_size_bytes
+        && s.chunk_sectors == fresh.chunk_sectors
+        && s.error.as_deref() == fresh.error
+        && s.usage.as_ref().map(usage) == fresh.usage.map(usage)
+}
+
 fn parse(name: &str) -> Result<(&str, &str)> {
     names::parse_snapshot(name).map_err(|e| ControlError::invalid("name", e))
 }
@@ -151,7 +168,8 @@ impl Control {
     }
 
     /// A snapshot with its usage fresh from its worker (UNAVAILABLE when
-    /// the worker does not answer).
+    /// the worker does not answer). The catalog is written only when the
+    /// report changes what it holds.
     pub async fn get_snapshot(&self, name: &str) -> Result<Snapshot> {
         let (vol, snap) = parse(name)?;
         let s = self.snapshot(vol, snap).await?;
@@ -168,6 +186,15 @@ impl Control {
             Err(ControlError::NotFound(_)) => return Ok(s),
             Err(e) => return Err(e),
         };
+        let fresh = ws.reported();
+        let becomes_invalid = ws.state == State::Invalid && s.state == State::Ready;
+        if !becomes_invalid && same_report(&s, &fresh) {
+            // Nothing the catalog keeps has changed: no write (a get stays a
+            // read), the fresh usage (its time included) is returned as is.
+            let mut s = s;
+            s.usage = fresh.usage.cloned();
+            return Ok(s);
+        }
         let _g = self.ops.lock(&[vol]).await;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;

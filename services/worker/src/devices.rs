@@ -81,6 +81,23 @@ impl Devices {
         self.dir.join(format!("{vol}.{snap}.cow"))
     }
 
+    /// The files of file-backed snapshots under the data dir (`*.cow`),
+    /// whichever records name them.
+    pub fn snapshot_files(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("{}: cannot list", self.dir.display()))?;
+        for e in entries {
+            let path = e
+                .with_context(|| format!("{}: cannot list", self.dir.display()))?
+                .path();
+            if path.extension().is_some_and(|x| x == "cow") {
+                out.push(path);
+            }
+        }
+        Ok(out)
+    }
+
     fn allowed(&self, path: &Path) -> bool {
         self.allow.iter().any(|p| p.matches_path_with(path, MATCH))
     }

@@ -175,7 +175,9 @@ impl StateFile {
     /// Replaces the saved state atomically and durably.
     pub fn save(&self, state: &WorkerState) -> anyhow::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(state)?;
+        // Compact: the file is rewritten on every change, and read by this
+        // code only (`load` reads the pretty form older versions wrote).
+        let bytes = serde_json::to_vec(state)?;
         // Only the owner reads it (it names the devices), whatever the umask.
         let _ = std::fs::remove_file(&tmp);
         let mut f = cowsnap_proto::server::private_file_options()
@@ -240,6 +242,53 @@ mod tests {
             st.device_user(Path::new("/x/v1.vol")).as_deref(),
             Some("volumes/v1")
         );
+    }
+
+    /// Data dirs written before the state went compact keep working: the
+    /// pretty form older versions wrote loads, and is written back compact.
+    #[test]
+    fn a_state_file_in_the_old_pretty_form_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{
+  "volumes": {
+    "v1": {
+      "id": "v1",
+      "size_bytes": 1048576,
+      "chunk_sectors": 16,
+      "device": "/data/devices/v1.vol",
+      "file_backed": true,
+      "phase": "ready",
+      "snapshots": [
+        {
+          "id": "s1",
+          "cow_size_bytes": 1114112,
+          "chunk_sectors": 16,
+          "device": "/data/devices/v1.s1.cow",
+          "file_backed": true,
+          "writable": false,
+          "phase": "creating",
+          "create_time": 5
+        }
+      ],
+      "merging": null,
+      "create_time": 4
+    }
+  },
+  "tasks": {},
+  "next_task": 3
+}"#;
+        std::fs::write(dir.path().join("state.json"), old).unwrap();
+        let f = StateFile::new(dir.path());
+        let st = f.load().unwrap();
+        assert_eq!(st.next_task, 3);
+        let v = &st.volumes["v1"];
+        assert_eq!(v.snapshots[0].phase, Phase::Creating);
+        assert_eq!(v.snapshots[0].device, Path::new("/data/devices/v1.s1.cow"));
+        assert!(!v.retired && v.snapshots[0].error.is_none());
+        f.save(&st).unwrap();
+        let compact = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+        assert!(!compact.contains('\n'), "{compact}");
+        assert_eq!(f.load().unwrap(), st);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! 2. act on the device and the engine;
 //! 3. record the result durably.
 //!
+//! Snapshot create and delete, the frequent calls, write the state once
+//! (D9 of docs/design.md): a create records the snapshot only after step 2
+//! (a COW file no record names is removed at start), a delete records its
+//! intent and lets the next write drop the record.
+//!
 //! This module owns the [`Worker`] itself, its locked state ([`Inner`]:
 //! the records and the live engines), saving, exports and shutdown. The
 //! calls live one file per resource:

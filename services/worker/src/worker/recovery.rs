@@ -29,6 +29,7 @@ impl Worker {
             self.recover_volume(&mut inner, v).await;
         }
         self.save(&mut inner).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.remove_unrecorded_cow_files(&inner);
         // Resume unfinished tasks.
         let pending: Vec<TaskRec> = self.tasks.list().into_iter().filter(|t| !t.done).collect();
         drop(inner);
@@ -38,6 +39,36 @@ impl Worker {
             self.spawn_task(h);
         }
         Ok(())
+    }
+
+    /// Removes the snapshot files no record names: a snapshot create
+    /// writes its record once, after its device is ready, so a crash in
+    /// between leaves such a file (never acknowledged). Records are matched
+    /// by file name, so a data dir reached by another path keeps its files.
+    fn remove_unrecorded_cow_files(&self, inner: &Inner) {
+        let recorded: std::collections::HashSet<&std::ffi::OsStr> = inner
+            .st
+            .volumes
+            .values()
+            .flat_map(|v| v.snapshots.iter())
+            .filter(|s| s.file_backed)
+            .filter_map(|s| s.device.file_name())
+            .collect();
+        let files = match self.devices.snapshot_files() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot look for snapshot files left by an unfinished create: {e}");
+                return;
+            }
+        };
+        for f in files {
+            if f.file_name().is_some_and(|n| !recorded.contains(n)) {
+                tracing::warn!(file = %f.display(), "removing a snapshot file whose create did not finish");
+                if let Err(e) = self.devices.release(&f, true) {
+                    tracing::error!(file = %f.display(), "cannot remove it: {e}");
+                }
+            }
+        }
     }
 
     /// Brings one volume back after a restart.

@@ -103,51 +103,57 @@ impl Worker {
                 ),
             ));
         }
-        let rec = SnapshotRec {
+        let s = SnapshotRec {
             id: snapshot_id.to_string(),
             cow_size_bytes: size,
             chunk_sectors: layout.chunk_sectors(),
             device: path.clone(),
             file_backed,
             writable,
-            phase: Phase::Creating,
+            phase: Phase::Ready,
             create_time: now(),
             error: None,
         };
-        inner.volume_mut(vol).snapshots.push(rec);
-        self.save(&mut inner)?;
+        // One state write, after the device work (D9 of docs/design.md): a
+        // crash before it leaves a COW device no record names, which is
+        // harmless (a raw device is zeroed again before any use; a file is
+        // removed at the next start, see `recovery`), and the create was
+        // not acknowledged.
         let added = match self
             .attach_cow(&origin, &path, file_backed, size, layout)
             .await
         {
             Ok(a) => a,
             Err(e) => {
-                inner
-                    .volume_mut(vol)
-                    .snapshots
-                    .retain(|s| s.id != snapshot_id);
                 if file_backed {
                     let _ = self.devices.release(&path, true);
                 }
-                self.save(&mut inner)?;
                 return Err(e);
             }
         };
+        cowsnap_proto::kill_point::reached("worker:create_snapshot:attached");
+        inner.volume_mut(vol).snapshots.push(s.clone());
+        if let Err(e) = self.save(&mut inner) {
+            // Not recorded: take it out of the engine and give the device
+            // back, as if the create had never started.
+            inner
+                .volume_mut(vol)
+                .snapshots
+                .retain(|s| s.id != snapshot_id);
+            if let Err(e) = origin.delete_snapshot(added).await {
+                tracing::error!(snapshot = %sname, "cannot take an unsaved snapshot out of the engine: {e}");
+            } else if file_backed {
+                let _ = self.devices.release(&path, true);
+            }
+            return Err(e);
+        }
         inner
             .live
             .get_mut(vol)
             .expect("live volume")
             .add_snap(snapshot_id, added);
         self.watch_invalid(&origin, added, vol, snapshot_id);
-        inner.set_snapshot_phase(vol, snapshot_id, Phase::Ready);
         let v = inner.st.volumes[vol].clone();
-        let s = v
-            .snapshots
-            .iter()
-            .find(|s| s.id == snapshot_id)
-            .expect("just added")
-            .clone();
-        self.save(&mut inner)?;
         if !snapshot_id.starts_with('.') {
             self.export_snapshot(vol, &s, &origin, added);
         }
@@ -219,14 +225,21 @@ impl Worker {
         }
         inner.set_snapshot_phase(&vol, &s.id, Phase::Deleting);
         self.save(&mut inner)?;
+        cowsnap_proto::kill_point::reached("worker:delete_snapshot:recorded");
         self.exports.remove(name);
         self.detach_snapshot(&mut inner, &vol, &s).await?;
+        cowsnap_proto::kill_point::reached("worker:delete_snapshot:released");
         tracing::info!(snapshot = %name, "snapshot deleted");
         Ok(())
     }
 
     /// Takes a snapshot out of the engine, releases its device and drops its
-    /// record (the snapshot is in `Phase::Deleting`, persisted).
+    /// record (the snapshot is in `Phase::Deleting`, persisted). The record
+    /// goes from memory only: the next state write drops it from the file,
+    /// and a start before that finds it in `Deleting` and releases its
+    /// device again, which is harmless (a file already gone is fine; a raw
+    /// device is zeroed again, and no record can name it meanwhile: a new
+    /// record on it is written with the same save that drops this one).
     pub(super) async fn detach_snapshot(
         &self,
         inner: &mut Inner,
@@ -243,7 +256,7 @@ impl Worker {
         }
         self.devices.release(&s.device, s.file_backed)?;
         inner.volume_mut(vol).snapshots.retain(|x| x.id != s.id);
-        self.save(inner)
+        Ok(())
     }
 
     /// Saves why snapshot `snap` of `vol` (engine id `id`) becomes invalid,

@@ -1,0 +1,197 @@
+//! Issue 12, point 6: the worker writes its state once per snapshot create
+//! (after the COW device is ready and attached) and once per snapshot
+//! delete (its intent, before the device goes; the record itself leaves
+//! the file with the next write). A real `kill -9` of `cowsnap up` (its
+//! `COWSNAP_TEST_KILL_AT` hook) at each step between those writes and the
+//! device work, then a restart: the create or delete is finished by the
+//! control service's reconciliation, the snapshot reads what the volume
+//! held when it was asked for, and catalog, worker and device files agree
+//! (no COW file left behind by a create that died before its record).
+
+mod up_common;
+
+use std::process::Command;
+
+use cowsnap_proto::cowsnap::v1 as pb;
+use tonic::Code;
+use up_common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Runs qemu-io on `uri` with one command; returns (success, output).
+fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
+    let mut args = vec!["-f", "raw", uri, "-c", cmd];
+    if cmd.starts_with("read") {
+        args.insert(0, "-r");
+    }
+    let out = Command::new("qemu-io")
+        .args(args)
+        .output()
+        .expect("qemu-io (apt install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn restart_armed(up: &mut Up, point: Option<&str>) {
+    match point {
+        Some(p) => up.set_env(&[("COWSNAP_TEST_KILL_AT", p)]),
+        None => up.set_env(&[]),
+    }
+    up.restart().await;
+}
+
+async fn create_volume(up: &Up, vol: &str) {
+    up.clients()
+        .await
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: vol.into(),
+            volume: Some(pb::Volume {
+                size_bytes: 4 * MIB,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+async fn create_snapshot(up: &Up, vol: &str, snap: &str) -> Result<pb::Snapshot, tonic::Status> {
+    up.clients()
+        .await
+        .snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            parent: format!("volumes/{vol}"),
+            snapshot_id: snap.into(),
+            snapshot: Some(pb::Snapshot::default()),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_snapshot(up: &Up, name: &str) -> Result<pb::Snapshot, Code> {
+    up.clients()
+        .await
+        .snapshots
+        .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.code())
+}
+
+fn write(up: &Up, vol: &str, pattern: &str) {
+    let uri = format!("nbd://{}/volumes/{vol}", up.nbd());
+    let (ok, text) = qemu_io(&uri, &format!("write -P {pattern} 0 4M"));
+    assert!(ok, "{text}");
+}
+
+fn reads(up: &Up, name: &str, pattern: &str) -> (bool, String) {
+    qemu_io(
+        &format!("nbd://{}/{name}", up.nbd()),
+        &format!("read -P {pattern} 0 4M"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_at_each_step_of_a_snapshot_create() {
+    let tmp = scratch();
+    let mut up = Up::start(&tmp.path().join("data"));
+    up.ready().await;
+    let points = [
+        "create_snapshot:before_worker",
+        "worker:create_snapshot:attached",
+        "create_snapshot:after_worker",
+    ];
+    for (i, point) in points.into_iter().enumerate() {
+        let vol = format!("c{i}");
+        create_volume(&up, &vol).await;
+        write(&up, &vol, "0x33");
+        up.kill9();
+        restart_armed(&mut up, Some(point)).await;
+        let r = create_snapshot(&up, &vol, "s").await;
+        assert!(r.is_err(), "{point}: killed during the call");
+        assert!(!up.exited().success());
+        let name = format!("volumes/{vol}/snapshots/s");
+        if point == "worker:create_snapshot:attached" {
+            assert!(
+                up.device_files().contains(&name),
+                "{point}: the COW file exists, its record does not"
+            );
+        }
+        restart_armed(&mut up, None).await;
+        up.settle().await;
+        // The create was recorded by the control service before the worker
+        // was asked: reconciliation finishes it, of the volume as it is.
+        let s = get_snapshot(&up, &name).await;
+        assert_eq!(
+            s.as_ref().map(|s| s.state()),
+            Ok(pb::State::Ready),
+            "{point}: {s:?}\n{}",
+            up.log_text()
+        );
+        write(&up, &vol, "0x44");
+        let (ok, text) = reads(&up, &name, "0x33");
+        assert!(
+            ok,
+            "{point}: the snapshot reads what it was taken of: {text}"
+        );
+        up.assert_consistent().await;
+    }
+    assert_eq!(up.terminate().code(), Some(0), "{}", up.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_at_each_step_of_a_snapshot_delete() {
+    let tmp = scratch();
+    let mut up = Up::start(&tmp.path().join("data"));
+    up.ready().await;
+    let points = [
+        "delete_snapshot:before_worker",
+        "worker:delete_snapshot:recorded",
+        "worker:delete_snapshot:released",
+        "delete_snapshot:after_worker",
+    ];
+    for (i, point) in points.into_iter().enumerate() {
+        let vol = format!("d{i}");
+        create_volume(&up, &vol).await;
+        write(&up, &vol, "0x55");
+        create_snapshot(&up, &vol, "gone").await.unwrap();
+        create_snapshot(&up, &vol, "kept").await.unwrap();
+        write(&up, &vol, "0x66");
+        up.kill9();
+        restart_armed(&mut up, Some(point)).await;
+        let gone = format!("volumes/{vol}/snapshots/gone");
+        let r = up
+            .clients()
+            .await
+            .snapshots
+            .delete_snapshot(pb::DeleteSnapshotRequest { name: gone.clone() })
+            .await;
+        assert!(r.is_err(), "{point}: killed during the call");
+        assert!(!up.exited().success());
+        restart_armed(&mut up, None).await;
+        up.settle().await;
+        assert_eq!(
+            get_snapshot(&up, &gone).await.map(|s| s.state()),
+            Err(Code::NotFound),
+            "{point}: finished after the restart\n{}",
+            up.log_text()
+        );
+        assert!(!up.device_files().contains(&gone), "{point}");
+        let (ok, text) = reads(&up, &format!("volumes/{vol}/snapshots/kept"), "0x55");
+        assert!(ok, "{point}: the other snapshot is untouched: {text}");
+        up.assert_consistent().await;
+        // A create after a delete whose record only left memory (the state
+        // file still holds it in Deleting) writes both changes at once.
+        create_snapshot(&up, &vol, "again").await.unwrap();
+        up.kill9();
+        restart_armed(&mut up, None).await;
+        let (ok, text) = reads(&up, &format!("volumes/{vol}/snapshots/again"), "0x66");
+        assert!(ok, "{point}: {text}");
+        up.assert_consistent().await;
+    }
+    assert_eq!(up.terminate().code(), Some(0), "{}", up.log_text());
+}
