@@ -317,6 +317,10 @@ pub struct Baseline {
     pub flush_ms: f64,
     /// Mean latency of one chunk-sized `RWF_DSYNC` write, one at a time (ms).
     pub dsync_write_ms: f64,
+    /// Mean latency of a commit's device request: a flush and a
+    /// chunk-sized `RWF_DSYNC` write as one request, after a plain write,
+    /// one at a time (ms).
+    pub commit_ms: f64,
 }
 
 /// Everything one run measured.
@@ -376,10 +380,11 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "durability, one at a time: flush {:.2} ms, {} KiB DSYNC write {:.2} ms",
+            "durability, one at a time: flush {:.2} ms, {} KiB DSYNC write {:.2} ms; commit (both as one request) {:.2} ms",
             b.flush_ms,
             self.chunk_bytes / 1024,
-            b.dsync_write_ms
+            b.dsync_write_ms,
+            b.commit_ms
         );
         let _ = writeln!(
             o,

@@ -209,15 +209,16 @@ pub async fn prewrite(dev: &Device, data: Option<&Arc<AlignedBuf>>) -> anyhow::R
 }
 
 /// Mean latency, one request at a time, of the two durable steps of a
-/// commit: `fdatasync` after a plain `io`-byte write, and an `io`-byte
-/// `RWF_DSYNC` write. Writes zeros at `off`.
+/// commit taken apart (`fdatasync` after a plain `io`-byte write, and an
+/// `io`-byte `RWF_DSYNC` write) and of both as the one request a commit
+/// issues (after a plain write, as in a commit). Writes zeros at `off`.
 pub async fn durability_latency(
     dev: &Device,
     off: u64,
     io: u64,
     samples: u32,
-) -> anyhow::Result<(f64, f64)> {
-    let (mut flush, mut dsync) = (0.0, 0.0);
+) -> anyhow::Result<Durability> {
+    let (mut flush, mut dsync, mut commit) = (0.0, 0.0, 0.0);
     for _ in 0..samples {
         dev.write(off, AlignedBuf::zeroed(io as usize), false)
             .await?;
@@ -228,8 +229,31 @@ pub async fn durability_latency(
         dev.write(off, AlignedBuf::zeroed(io as usize), true)
             .await?;
         dsync += t.elapsed().as_secs_f64();
+        dev.write(off, AlignedBuf::zeroed(io as usize), false)
+            .await?;
+        let t = Instant::now();
+        dev.flush_write(off, AlignedBuf::zeroed(io as usize))
+            .await?;
+        commit += t.elapsed().as_secs_f64();
     }
-    Ok((flush / f64::from(samples), dsync / f64::from(samples)))
+    let n = f64::from(samples);
+    Ok(Durability {
+        flush_s: flush / n,
+        dsync_s: dsync / n,
+        commit_s: commit / n,
+    })
+}
+
+/// Mean latencies (seconds) of the durability operations, one at a time.
+#[derive(Clone, Copy, Debug)]
+pub struct Durability {
+    /// `fdatasync` after one plain write.
+    pub flush_s: f64,
+    /// One `RWF_DSYNC` write.
+    pub dsync_s: f64,
+    /// What a commit issues now: after one plain write, a flush + DSYNC
+    /// write as one request (`Device::flush_write`).
+    pub commit_s: f64,
 }
 
 /// Deterministic bytes that are not all alike (splitmix64 of the position).
