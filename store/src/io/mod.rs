@@ -382,10 +382,21 @@ impl Backend {
 
     /// Opens `path` with `O_DIRECT`, read-only or read-write.
     pub fn open(&self, path: &Path, writable: bool) -> Result<Device> {
+        self.open_as(path, writable, None)
+    }
+
+    /// As [`Backend::open`], with io_uring's form of a flush + write
+    /// chosen (`Some(true)`: the linked pair) instead of asked of the disk
+    /// ([`uring::linked_pair_fits`]), for tests and benches of both forms.
+    /// The portable backend has one form only.
+    pub fn open_as(&self, path: &Path, writable: bool, linked: Option<bool>) -> Result<Device> {
         let name = path.display().to_string();
         let (file, size, block_size) = open_direct(path, writable)?;
         let io: Box<dyn DeviceIo> = match self {
-            Backend::Uring(r) => Box::new(r.file(file)),
+            Backend::Uring(r) => {
+                let linked = linked.unwrap_or_else(|| uring::linked_pair_fits(&file));
+                Box::new(r.file(file, linked))
+            }
             Backend::Portable(p) => Box::new(p.file(file)),
         };
         Ok(Device::new(name, io, size, block_size, writable))
