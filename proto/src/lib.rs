@@ -8,8 +8,10 @@
 //! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
 //! [`names`], the resource names every side parses the same way, and
 //! [`server`], what every cowsnap gRPC server shares (listen addresses,
-//! reflection, health), and [`kill_point`], the tests' `kill -9` hook.
+//! reflection, health), [`bad_request`], INVALID_ARGUMENT with its field
+//! as data, and [`kill_point`], the tests' `kill -9` hook.
 
+pub mod bad_request;
 pub mod kill_point;
 pub mod names;
 pub mod server;

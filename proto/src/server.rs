@@ -102,8 +102,8 @@ impl std::fmt::Display for Listen {
     }
 }
 
-/// The reflection services (v1 and v1alpha) over every cowsnap descriptor
-/// and the health service's, plus a health reporter already serving.
+/// The reflection services (v1 and v1alpha) over every cowsnap descriptor,
+/// the health service's and the `google.rpc` status details', plus a health reporter already serving.
 /// Reflection lists `services` (the full names of what the server serves),
 /// health and reflection itself, not every service the descriptors hold.
 pub fn reflection_and_health(
@@ -122,6 +122,9 @@ pub fn reflection_and_health(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest and the other status details, so that
+            // reflection clients (grpcurl) can print an error's details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use cowsnap_proto::names;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ControlError, ErrorKind, Result};
+use crate::error::{ControlError, Failure, Result};
 
 /// User labels, in a canonical order (compared for idempotent creates).
 pub type Labels = BTreeMap<String, String>;
@@ -333,7 +333,7 @@ pub struct Operation {
     pub state: OpState,
     pub worker_task: String,
     pub percent: f64,
-    pub error: Option<(ErrorKind, String)>,
+    pub error: Option<Failure>,
     pub result: Option<OpResult>,
     pub create_time: i64,
     pub update_time: i64,

@@ -48,7 +48,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::operations::NewOp;
 use crate::catalog::{self, Catalog, Tx};
-use crate::error::{ControlError, ErrorKind, Result};
+use crate::error::{ControlError, Failure, Result};
 use crate::metrics::Metrics;
 use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation, State, now_ms};
 use crate::workers::{WorkerClient, WorkerTask, Workers, classify};
@@ -232,12 +232,12 @@ impl Operations {
         op: &Operation,
         outcome: std::result::Result<Option<&OpResult>, &ControlError>,
     ) -> Result<()> {
-        let msg;
+        let failure;
         let o = match outcome {
             Ok(r) => Ok(r),
             Err(e) => {
-                msg = e.to_string();
-                Err((e.kind(), msg.as_str()))
+                failure = e.failure();
+                Err(&failure)
             }
         };
         catalog::operations::finish(tx, op.id, o, now_ms()).await
@@ -253,7 +253,7 @@ impl Operations {
                 None => {
                     tracing::info!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target, "operation succeeded")
                 }
-                Some((_, m)) => {
+                Some(m) => {
                     tracing::warn!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target, "operation failed: {m}")
                 }
             }
@@ -758,14 +758,5 @@ fn task_number(name: &str) -> u64 {
 
 /// The error a failed operation ended with.
 pub fn failure(op: &Operation) -> Option<ControlError> {
-    op.error.as_ref().map(|(k, m)| match k {
-        ErrorKind::InvalidArgument => {
-            let (field, msg) = m
-                .strip_prefix("invalid ")
-                .and_then(|r| r.split_once(": "))
-                .unwrap_or(("request", m));
-            ControlError::invalid(field, msg)
-        }
-        _ => ControlError::from_record(*k, m.clone()),
-    })
+    op.error.as_ref().map(Failure::error)
 }

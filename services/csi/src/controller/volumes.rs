@@ -222,7 +222,7 @@ impl Controller {
                 .await
                 .map_err(status),
             OpState::Failed => Err(status(match op.error {
-                Some((kind, message)) => ControlError::from_record(kind, message),
+                Some(f) => f.error(),
                 None => ControlError::Internal(anyhow::anyhow!("{} failed", op.name())),
             })),
             OpState::Pending | OpState::Running => Err(Status::aborted(format!(
