@@ -164,7 +164,7 @@ fn op_state(s: OpState) -> i32 {
 }
 
 pub fn operation(op: Operation) -> pb::Operation {
-    let name = op.name();
+    let (name, target, source) = (op.name(), op.target.to_string(), op.source_name());
     let result = match (op.state, op.error, op.result) {
         (OpState::Failed, Some(f), _) => Some(pb::operation::Result::Error(pb::OperationError {
             code: code(f.kind) as i32,
@@ -185,8 +185,8 @@ pub fn operation(op: Operation) -> pb::Operation {
         percent: op.percent,
         metadata: Some(pb::OperationMetadata {
             kind: op_kind(op.kind),
-            target: op.target,
-            source: op.source,
+            target,
+            source,
             state: op_state(op.state),
             worker: format!("workers/{}", op.worker_id),
             create_time: timestamp(op.create_time),

@@ -4,7 +4,7 @@
 use sqlx::SqliteConnection;
 
 use crate::error::{ControlError, ErrorKind, Failure, Result};
-use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation};
+use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation, Resource};
 
 struct Row {
     id: i64,
@@ -34,8 +34,12 @@ impl Row {
         Ok(Operation {
             id: self.id,
             kind: OpKind::parse(&self.kind).ok_or_else(|| bad("operation kind", &self.kind))?,
-            target: self.target,
-            source: self.source,
+            target: Resource::parse(&self.target).map_err(|e| bad("target", e))?,
+            source: if self.source.is_empty() {
+                None
+            } else {
+                Some(Resource::parse(&self.source).map_err(|e| bad("source", e))?)
+            },
             worker_id: self.worker_id,
             args: serde_json::from_str::<OpArgs>(&self.args).map_err(|e| bad("arguments", e))?,
             state: OpState::parse(&self.state)
