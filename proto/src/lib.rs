@@ -6,11 +6,15 @@
 //!   the CSI driver (`services/csi`) serves to Kubernetes;
 //!
 //! and [`FILE_DESCRIPTOR_SET`], the encoded descriptors for server reflection,
-//! [`names`], the resource names every side parses the same way, and
-//! [`server`], what every cowsnap gRPC server shares (listen addresses,
-//! reflection, health), and [`kill_point`], the tests' `kill -9` hook.
+//! [`names`], the resource names every side parses the same way,
+//! [`listen`], where every cowsnap server listens and its bound socket,
+//! [`server`], what every cowsnap gRPC server shares (TLS, reflection,
+//! health), [`bad_request`], INVALID_ARGUMENT with its field
+//! as data, and [`kill_point`], the tests' `kill -9` hook.
 
+pub mod bad_request;
 pub mod kill_point;
+pub mod listen;
 pub mod names;
 pub mod server;
 

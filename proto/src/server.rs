@@ -1,5 +1,5 @@
-//! What every cowsnap gRPC server shares: where it listens (`host:port` or
-//! `unix:PATH`), TLS certificates ([`TlsFiles`]: the server side and the
+//! What every cowsnap gRPC server shares: where it listens (re-exported
+//! from [`listen`](crate::listen)), TLS certificates ([`TlsFiles`]: the server side and the
 //! client side of mTLS between the control service and its workers),
 //! server reflection (both `grpc.reflection.v1` and `v1alpha`: grpcurl 1.8
 //! asks for the latter) and `grpc.health.v1`; and files only their owner
@@ -11,9 +11,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Router;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+pub use crate::listen::{Bound, Listen, tcp_incoming};
 
 /// PEM files for TLS: this process's certificate and key (its server
 /// identity, and its client identity towards peers), and the CA peers'
@@ -70,40 +70,8 @@ impl TlsFiles {
     }
 }
 
-/// A listening address: TCP `host:port`, or a unix socket `unix:PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Listen, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("unix: needs a socket path (unix:/run/cowsnap.sock)".into());
-            }
-            return Ok(Listen::Unix(PathBuf::from(p)));
-        }
-        if !s.contains(':') {
-            return Err(format!("{s:?} is not host:port or unix:PATH"));
-        }
-        Ok(Listen::Tcp(s.to_string()))
-    }
-}
-
-impl std::fmt::Display for Listen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listen::Tcp(a) => write!(f, "{a}"),
-            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// The reflection services (v1 and v1alpha) over every cowsnap descriptor
-/// and the health service's, plus a health reporter already serving.
+/// The reflection services (v1 and v1alpha) over every cowsnap descriptor,
+/// the health service's and the `google.rpc` status details', plus a health reporter already serving.
 /// Reflection lists `services` (the full names of what the server serves),
 /// health and reflection itself, not every service the descriptors hold.
 pub fn reflection_and_health(
@@ -122,6 +90,9 @@ pub fn reflection_and_health(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest and the other status details, so that
+            // reflection clients (grpcurl) can print an error's details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
@@ -139,90 +110,6 @@ pub fn reflection_and_health(
     let v1alpha = builder().build_v1alpha()?;
     let (reporter, health) = tonic_health::server::health_reporter();
     Ok((v1, v1alpha, reporter, health))
-}
-
-/// The connections a TCP listener accepts, each with `TCP_NODELAY` set.
-/// Without it a reply whose frames go out in more than one write (headers,
-/// data, trailers) waits in Nagle's algorithm for the client's delayed ACK:
-/// about 40 ms per call on Linux (`cowsnap bench api` measured 20 list
-/// calls per second from one client). tonic sets it only on listeners it
-/// binds itself.
-pub fn tcp_incoming(
-    l: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
-        let s = s?;
-        // It fails only on a socket already dead, whose first read fails
-        // too: that connection ends there, not the listener.
-        if let Err(e) = s.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
-        }
-        Ok(s)
-    })
-}
-
-/// A bound gRPC listener (bind first, so callers learn the port and fail
-/// early on a taken address).
-pub enum Bound {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, PathBuf),
-}
-
-impl Bound {
-    pub async fn bind(listen: &Listen) -> anyhow::Result<Bound> {
-        match listen {
-            Listen::Tcp(a) => Ok(Bound::Tcp(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("cannot listen on {a}"))?,
-            )),
-            Listen::Unix(p) => {
-                // A stale socket from a previous run is replaced.
-                if std::os::unix::net::UnixStream::connect(p).is_err() {
-                    let _ = std::fs::remove_file(p);
-                }
-                let l = tokio::net::UnixListener::bind(p)
-                    .with_context(|| format!("cannot listen on unix:{}", p.display()))?;
-                // Owner only, whatever the umask (connecting needs write
-                // access, which a usual umask already leaves to the owner).
-                std::fs::set_permissions(p, Permissions::from_mode(0o600))
-                    .with_context(|| format!("unix:{}: cannot restrict", p.display()))?;
-                Ok(Bound::Unix(l, p.clone()))
-            }
-        }
-    }
-
-    /// Where it listens (the real port for `:0`).
-    pub fn local(&self) -> Listen {
-        match self {
-            Bound::Tcp(l) => Listen::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default()),
-            Bound::Unix(_, p) => Listen::Unix(p.clone()),
-        }
-    }
-
-    /// Serves `router` until `shutdown` is cancelled, then finishes the calls
-    /// in flight.
-    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let stop = async move { shutdown.cancelled().await };
-        match self {
-            Bound::Tcp(l) => router
-                .serve_with_incoming_shutdown(tcp_incoming(l), stop)
-                .await
-                .context("gRPC server failed"),
-            Bound::Unix(l, p) => {
-                let r = router
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        stop,
-                    )
-                    .await
-                    .context("gRPC server failed");
-                let _ = std::fs::remove_file(p);
-                r
-            }
-        }
-    }
 }
 
 /// The longest status message a cowsnap server sends, in bytes: whatever

@@ -80,7 +80,10 @@ impl OperationFilter {
 
     fn matches(&self, o: &Operation) -> bool {
         self.done.is_none_or(|d| o.state.done() == d)
-            && self.target.as_ref().is_none_or(|t| &o.target == t)
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| o.target.to_string() == *t)
             && self.kind.is_none_or(|k| o.kind == k)
             && self.state.is_none_or(|s| o.state == s)
     }

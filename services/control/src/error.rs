@@ -1,7 +1,7 @@
 //! The control service's errors, by the kind of failure (which the API maps
 //! to gRPC status codes). Domain code returns these; only `api` turns them
-//! into `tonic::Status`. Operations that fail record their [`ErrorKind`] in
-//! the catalog.
+//! into `tonic::Status`. Operations that fail record their error as a
+//! [`Failure`] (kind, field, message) in the catalog.
 
 /// What kind of failure, as recorded with a failed operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,13 +100,46 @@ impl ControlError {
         }
     }
 
-    /// The error a failed operation recorded.
-    pub fn from_record(kind: ErrorKind, message: String) -> ControlError {
-        match kind {
+    /// The error as data, as a failed operation records it.
+    pub fn failure(&self) -> Failure {
+        match self {
+            ControlError::InvalidArgument { field, message } => Failure {
+                kind: ErrorKind::InvalidArgument,
+                field: field.clone(),
+                message: message.clone(),
+            },
+            e => Failure {
+                kind: e.kind(),
+                field: String::new(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// An error as data, as a failed operation records it: its kind, the
+/// request field at fault (an invalid argument's; empty otherwise) and
+/// what went wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub field: String,
+    pub message: String,
+}
+
+impl Failure {
+    /// The error it records.
+    pub fn error(&self) -> ControlError {
+        let message = self.message.clone();
+        match self.kind {
             ErrorKind::NotFound => ControlError::NotFound(message),
             ErrorKind::AlreadyExists => ControlError::AlreadyExists(message),
             ErrorKind::InvalidArgument => ControlError::InvalidArgument {
-                field: "request".into(),
+                field: if self.field.is_empty() {
+                    "request".into()
+                } else {
+                    self.field.clone()
+                },
                 message,
             },
             ErrorKind::FailedPrecondition => ControlError::FailedPrecondition(message),
@@ -116,6 +149,12 @@ impl ControlError {
             ErrorKind::OutOfRange => ControlError::OutOfRange(message),
             ErrorKind::Internal => ControlError::Internal(anyhow::anyhow!(message)),
         }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error().fmt(f)
     }
 }
 
@@ -153,3 +192,48 @@ impl From<sqlx::Error> for ControlError {
 }
 
 pub type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_the_field_apart_from_the_message() {
+        let e = ControlError::invalid("volume.size_bytes", "not a multiple of 512");
+        let f = e.failure();
+        assert_eq!(
+            f,
+            Failure {
+                kind: ErrorKind::InvalidArgument,
+                field: "volume.size_bytes".into(),
+                message: "not a multiple of 512".into(),
+            }
+        );
+        assert!(
+            matches!(f.error(), ControlError::InvalidArgument { field, message }
+            if field == "volume.size_bytes" && message == "not a multiple of 512")
+        );
+        assert_eq!(f.to_string(), e.to_string());
+    }
+
+    #[test]
+    fn other_failures_keep_kind_and_message() {
+        for e in [
+            ControlError::NotFound("volumes/v not found".into()),
+            ControlError::Aborted("the clone failed on its worker: boom".into()),
+            ControlError::Internal(anyhow::anyhow!("disk on fire")),
+        ] {
+            let f = e.failure();
+            assert_eq!((f.kind, f.field.as_str()), (e.kind(), ""));
+            assert_eq!(f.error().kind(), e.kind());
+            assert_eq!(f.to_string(), e.to_string());
+        }
+        // A record without a field (written before fields were kept).
+        let f = Failure {
+            kind: ErrorKind::InvalidArgument,
+            field: String::new(),
+            message: "bad".into(),
+        };
+        assert_eq!(f.to_string(), "invalid request: bad");
+    }
+}

@@ -277,7 +277,11 @@ impl Metrics {
         for op in catalog::operations::active(&mut c).await? {
             if op.state == OpState::Running {
                 self.operation_percent
-                    .with_label_values(&[op.name().as_str(), op.kind.as_str(), &op.target])
+                    .with_label_values(&[
+                        op.name().as_str(),
+                        op.kind.as_str(),
+                        &op.target.to_string(),
+                    ])
                     .set(op.percent);
             }
         }

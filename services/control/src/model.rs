@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use cowsnap_proto::names;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ControlError, ErrorKind, Result};
+use crate::error::{ControlError, Failure, Result};
 
 /// User labels, in a canonical order (compared for idempotent creates).
 pub type Labels = BTreeMap<String, String>;
@@ -326,14 +326,15 @@ pub enum OpResult {
 pub struct Operation {
     pub id: i64,
     pub kind: OpKind,
-    pub target: String,
-    pub source: String,
+    pub target: Resource,
+    /// What a restore or clone copies.
+    pub source: Option<Resource>,
     pub worker_id: String,
     pub args: OpArgs,
     pub state: OpState,
     pub worker_task: String,
     pub percent: f64,
-    pub error: Option<(ErrorKind, String)>,
+    pub error: Option<Failure>,
     pub result: Option<OpResult>,
     pub create_time: i64,
     pub update_time: i64,
@@ -343,6 +344,71 @@ pub struct Operation {
 impl Operation {
     pub fn name(&self) -> String {
         format!("operations/{}", self.id)
+    }
+
+    /// The source's name; empty when it has none.
+    pub fn source_name(&self) -> String {
+        self.source
+            .as_ref()
+            .map(Resource::to_string)
+            .unwrap_or_default()
+    }
+}
+
+/// A volume or a snapshot, as an operation's target or source: its name
+/// parsed once, where the operation is read from the catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Volume(String),
+    Snapshot { volume: String, snapshot: String },
+}
+
+impl Resource {
+    /// `volumes/V` or `volumes/V/snapshots/S`.
+    pub fn parse(name: &str) -> std::result::Result<Resource, String> {
+        if let Ok((volume, snapshot)) = names::parse_snapshot(name) {
+            return Ok(Resource::Snapshot {
+                volume: volume.into(),
+                snapshot: snapshot.into(),
+            });
+        }
+        names::parse_volume(name)
+            .map(|v| Resource::Volume(v.into()))
+            .map_err(|_| {
+                format!(
+                    "{} is neither a volume nor a snapshot name",
+                    names::quote(name)
+                )
+            })
+    }
+
+    /// The id of the volume it is or belongs to.
+    pub fn volume(&self) -> &str {
+        match self {
+            Resource::Volume(v) | Resource::Snapshot { volume: v, .. } => v,
+        }
+    }
+
+    /// The volume and snapshot ids of a snapshot; an internal error for a
+    /// volume (an operation on a snapshot recorded with a volume).
+    pub fn snapshot(&self) -> Result<(&str, &str)> {
+        match self {
+            Resource::Snapshot { volume, snapshot } => Ok((volume, snapshot)),
+            Resource::Volume(v) => Err(ControlError::Internal(anyhow::anyhow!(
+                "volumes/{v} recorded where a snapshot was expected"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resource::Volume(v) => f.write_str(&names::volume(v)),
+            Resource::Snapshot { volume, snapshot } => {
+                f.write_str(&names::snapshot(volume, snapshot))
+            }
+        }
     }
 }
 
@@ -505,5 +571,27 @@ mod tests {
         assert!(check_size("s", 1 << 20, 32).is_ok());
         assert!(check_size("s", 4096, 32).is_err());
         assert!(check_size("s", 0, 32).is_err());
+    }
+
+    #[test]
+    fn operation_targets_are_parsed_once_into_resources() {
+        let v = Resource::parse("volumes/v1").unwrap();
+        assert_eq!(v, Resource::Volume("v1".into()));
+        assert_eq!((v.volume(), v.to_string().as_str()), ("v1", "volumes/v1"));
+        assert!(v.snapshot().is_err(), "a volume is no snapshot");
+        let s = Resource::parse("volumes/v1/snapshots/s1").unwrap();
+        assert_eq!(s.volume(), "v1");
+        assert_eq!(s.snapshot().unwrap(), ("v1", "s1"));
+        assert_eq!(s.to_string(), "volumes/v1/snapshots/s1");
+        for bad in [
+            "",
+            "v1",
+            "volumes/",
+            "volumes/V1",
+            "volumes/v1/snapshots/",
+            "workers/w",
+        ] {
+            assert!(Resource::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

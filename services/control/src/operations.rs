@@ -48,10 +48,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::operations::NewOp;
 use crate::catalog::{self, Catalog, Tx};
-use crate::error::{ControlError, ErrorKind, Result};
+use crate::error::{ControlError, Failure, Result};
 use crate::metrics::Metrics;
 use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation, State, now_ms};
-use crate::workers::{WorkerClient, WorkerTask, Workers, classify};
+use crate::workers::{TaskKind, WorkerClient, WorkerTask, Workers, classify};
 
 /// How long one wait on a worker's task lasts before the tracker records
 /// progress and waits again.
@@ -156,10 +156,8 @@ impl Operations {
 
     /// The volume ids an operation's changes touch (what to lock).
     pub fn lock_keys(op: &Operation) -> Vec<String> {
-        let mut keys = vec![volume_of(&op.target)];
-        if !op.source.is_empty() {
-            keys.push(volume_of(&op.source));
-        }
+        let mut keys = vec![op.target.volume().to_string()];
+        keys.extend(op.source.as_ref().map(|s| s.volume().to_string()));
         keys
     }
 
@@ -232,12 +230,12 @@ impl Operations {
         op: &Operation,
         outcome: std::result::Result<Option<&OpResult>, &ControlError>,
     ) -> Result<()> {
-        let msg;
+        let failure;
         let o = match outcome {
             Ok(r) => Ok(r),
             Err(e) => {
-                msg = e.to_string();
-                Err((e.kind(), msg.as_str()))
+                failure = e.failure();
+                Err(&failure)
             }
         };
         catalog::operations::finish(tx, op.id, o, now_ms()).await
@@ -253,7 +251,7 @@ impl Operations {
                 None => {
                     tracing::info!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target, "operation succeeded")
                 }
-                Some((_, m)) => {
+                Some(m) => {
                     tracing::warn!(operation = %op.name(), kind = op.kind.as_str(), target = %op.target, "operation failed: {m}")
                 }
             }
@@ -313,24 +311,23 @@ impl Operations {
         let now = now_ms();
         match op.kind {
             OpKind::CreateVolume | OpKind::RestoreVolume | OpKind::CloneVolume => {
-                catalog::volumes::delete(&mut tx, &volume_of(&op.target)).await?;
+                catalog::volumes::delete(&mut tx, op.target.volume()).await?;
             }
             OpKind::DeleteVolume => {
                 let prior = op.args.prior_state.unwrap_or(State::Ready);
-                catalog::volumes::set_state(&mut tx, &volume_of(&op.target), prior, "", now)
-                    .await?;
+                catalog::volumes::set_state(&mut tx, op.target.volume(), prior, "", now).await?;
             }
             OpKind::CreateSnapshot => {
-                let (v, s) = snapshot_of(&op.target)?;
-                catalog::snapshots::delete(&mut tx, &v, &s).await?;
-                Self::reclaim_if_released(&mut tx, &v, now).await?;
+                let (v, s) = op.target.snapshot()?;
+                catalog::snapshots::delete(&mut tx, v, s).await?;
+                Self::reclaim_if_released(&mut tx, v, now).await?;
             }
             OpKind::DeleteSnapshot | OpKind::MergeSnapshot => {
-                let (v, s) = snapshot_of(&op.target)?;
+                let (v, s) = op.target.snapshot()?;
                 let prior = op.args.prior_state.unwrap_or(State::Ready);
-                catalog::snapshots::set_state(&mut tx, &v, &s, prior, now).await?;
+                catalog::snapshots::set_state(&mut tx, v, s, prior, now).await?;
                 if op.kind == OpKind::MergeSnapshot {
-                    catalog::volumes::set_state(&mut tx, &v, State::Ready, "", now).await?;
+                    catalog::volumes::set_state(&mut tx, v, State::Ready, "", now).await?;
                 }
             }
         }
@@ -346,7 +343,7 @@ impl Operations {
     }
 
     async fn drive_create_volume(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        let id = volume_of(&op.target);
+        let id = op.target.volume().to_string();
         match w
             .create_volume(&id, op.args.size_bytes, op.args.chunk_sectors)
             .await
@@ -405,11 +402,11 @@ impl Operations {
         if op.args.deferred {
             return self.drive_retire_volume(op, w).await;
         }
-        match w.delete_volume(&op.target).await {
+        match w.delete_volume(&op.target.to_string()).await {
             Ok(()) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let mut tx = self.catalog.write().await?;
-                catalog::volumes::delete(&mut tx, &volume_of(&op.target)).await?;
+                catalog::volumes::delete(&mut tx, op.target.volume()).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
                 self.commit(tx, op).await
@@ -423,11 +420,11 @@ impl Operations {
     /// export); it settles DELETED_WITH_SNAPSHOTS, or has its reclaim
     /// recorded at once if its snapshots went meanwhile.
     async fn drive_retire_volume(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        match w.retire_volume(&op.target).await {
+        match w.retire_volume(&op.target.to_string()).await {
             // NOT_FOUND: the worker lost it; nothing is exported either.
             Ok(_) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
-                let id = volume_of(&op.target);
+                let id = op.target.volume().to_string();
                 let now = now_ms();
                 let mut tx = self.catalog.write().await?;
                 let error = catalog::volumes::get(&mut tx, &id)
@@ -447,11 +444,11 @@ impl Operations {
     }
 
     async fn drive_create_snapshot(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        let (vol, snap) = snapshot_of(&op.target)?;
+        let (vol, snap) = op.target.snapshot()?;
         match w
             .create_snapshot(
-                &names::volume(&vol),
-                &snap,
+                &names::volume(vol),
+                snap,
                 op.args.cow_size_bytes,
                 op.args.writable,
             )
@@ -461,9 +458,9 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let now = now_ms();
                 let mut tx = self.catalog.write().await?;
-                catalog::snapshots::set_reported(&mut tx, &vol, &snap, ws.reported(), now).await?;
-                catalog::snapshots::set_state(&mut tx, &vol, &snap, State::Ready, now).await?;
-                let r = catalog::snapshots::get(&mut tx, &vol, &snap)
+                catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), now).await?;
+                catalog::snapshots::set_state(&mut tx, vol, snap, State::Ready, now).await?;
+                let r = catalog::snapshots::get(&mut tx, vol, snap)
                     .await?
                     .map(|mut s| {
                         s.operation = None;
@@ -478,13 +475,13 @@ impl Operations {
     }
 
     async fn drive_delete_snapshot(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        match w.delete_snapshot(&op.target).await {
+        match w.delete_snapshot(&op.target.to_string()).await {
             Ok(()) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
-                let (vol, snap) = snapshot_of(&op.target)?;
+                let (vol, snap) = op.target.snapshot()?;
                 let mut tx = self.catalog.write().await?;
-                catalog::snapshots::delete(&mut tx, &vol, &snap).await?;
-                Self::reclaim_if_released(&mut tx, &vol, now_ms()).await?;
+                catalog::snapshots::delete(&mut tx, vol, snap).await?;
+                Self::reclaim_if_released(&mut tx, vol, now_ms()).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
                 self.commit(tx, op).await
@@ -495,7 +492,7 @@ impl Operations {
     }
 
     async fn drive_merge(self: &Arc<Self>, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        match w.merge_snapshot(&op.target).await {
+        match w.merge_snapshot(&op.target.to_string()).await {
             Ok(t) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 self.started(op, &t).await
@@ -508,8 +505,8 @@ impl Operations {
                 let merged = tasks
                     .iter()
                     .filter(|t| {
-                        t.kind == "merge"
-                            && t.target == op.target
+                        t.kind == TaskKind::Merge
+                            && t.target == op.target.to_string()
                             && t.create_time + 5 >= op.create_time / 1000
                     })
                     .max_by_key(|t| task_number(&t.name))
@@ -517,11 +514,11 @@ impl Operations {
                 if merged {
                     self.settle_task(op, None).await
                 } else {
-                    let (vol, snap) = snapshot_of(&op.target)?;
+                    let (vol, snap) = op.target.snapshot()?;
                     let mut tx = self.catalog.write().await?;
                     let now = now_ms();
-                    catalog::snapshots::delete(&mut tx, &vol, &snap).await?;
-                    catalog::volumes::set_state(&mut tx, &vol, State::Ready, "", now).await?;
+                    catalog::snapshots::delete(&mut tx, vol, snap).await?;
+                    catalog::volumes::set_state(&mut tx, vol, State::Ready, "", now).await?;
                     let e = ControlError::NotFound(m);
                     self.finish(&mut tx, op, Err(&e)).await?;
                     self.commit(tx, op).await
@@ -533,12 +530,13 @@ impl Operations {
     }
 
     async fn drive_copy(self: &Arc<Self>, op: &Operation, w: &WorkerClient) -> Result<Operation> {
-        let id = volume_of(&op.target);
+        let id = op.target.volume().to_string();
         let r = if op.kind == OpKind::RestoreVolume {
-            w.restore_volume(&id, &op.source, op.args.chunk_sectors)
+            w.restore_volume(&id, &op.source_name(), op.args.chunk_sectors)
                 .await
         } else {
-            w.clone_volume(&id, &op.source, op.args.chunk_sectors).await
+            w.clone_volume(&id, &op.source_name(), op.args.chunk_sectors)
+                .await
         };
         match r {
             Ok(t) => {
@@ -548,7 +546,7 @@ impl Operations {
             Err(ControlError::AlreadyExists(m)) => {
                 // The worker has the volume but no longer the task that
                 // made it: judge by the volume.
-                match w.get_volume(&op.target).await {
+                match w.get_volume(&op.target.to_string()).await {
                     Ok(v) if v.state == State::Ready => self.settle_task(op, None).await,
                     Ok(v) if v.state == State::Failed => {
                         self.settle_task(op, Some("the copy failed on the worker".into()))
@@ -588,10 +586,10 @@ impl Operations {
         let mut tx = self.catalog.write().await?;
         match (op.kind, error) {
             (OpKind::MergeSnapshot, None) => {
-                let (vol, snap) = snapshot_of(&op.target)?;
-                catalog::snapshots::delete(&mut tx, &vol, &snap).await?;
-                catalog::volumes::set_state(&mut tx, &vol, State::Ready, "", now).await?;
-                let r = self.volume_result(&mut tx, &vol).await?;
+                let (vol, snap) = op.target.snapshot()?;
+                catalog::snapshots::delete(&mut tx, vol, snap).await?;
+                catalog::volumes::set_state(&mut tx, vol, State::Ready, "", now).await?;
+                let r = self.volume_result(&mut tx, vol).await?;
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
             }
             (OpKind::MergeSnapshot, Some(m)) => {
@@ -601,13 +599,13 @@ impl Operations {
                 self.finish(&mut tx, op, Err(&e)).await?;
             }
             (_, None) => {
-                let id = volume_of(&op.target);
+                let id = op.target.volume().to_string();
                 catalog::volumes::set_state(&mut tx, &id, State::Ready, "", now).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
             }
             (_, Some(m)) => {
-                let id = volume_of(&op.target);
+                let id = op.target.volume().to_string();
                 let why = format!("the {} failed on its worker: {m}", op.kind.as_str());
                 catalog::volumes::set_state(&mut tx, &id, State::Failed, &why, now).await?;
                 self.finish(&mut tx, op, Err(&ControlError::Aborted(why)))
@@ -693,21 +691,21 @@ impl Operations {
     async fn resolve_lost(&self, op: &Operation) -> Result<bool> {
         let w = self.workers.client(&op.worker_id).await?;
         match op.kind {
-            OpKind::MergeSnapshot => match w.get_snapshot(&op.target).await {
+            OpKind::MergeSnapshot => match w.get_snapshot(&op.target.to_string()).await {
                 Err(ControlError::NotFound(_)) => {
                     self.settle_task(op, None).await?;
                     Ok(true)
                 }
                 Ok(_) => {
                     // Still there: ask for the merge again (it resumes).
-                    let t = w.merge_snapshot(&op.target).await?;
+                    let t = w.merge_snapshot(&op.target.to_string()).await?;
                     let mut c = self.catalog.conn().await?;
                     catalog::operations::set_running(&mut c, op.id, &t.name, now_ms()).await?;
                     Ok(false)
                 }
                 Err(e) => Err(e),
             },
-            _ => match w.get_volume(&op.target).await {
+            _ => match w.get_volume(&op.target.to_string()).await {
                 Ok(v) if v.state == State::Ready => {
                     self.settle_task(op, None).await?;
                     Ok(true)
@@ -734,21 +732,6 @@ impl Operations {
     }
 }
 
-/// The volume id a resource name belongs to (`volumes/V`,
-/// `volumes/V/snapshots/S`).
-pub fn volume_of(name: &str) -> String {
-    name.strip_prefix("volumes/")
-        .and_then(|r| r.split('/').next())
-        .unwrap_or(name)
-        .to_string()
-}
-
-fn snapshot_of(name: &str) -> Result<(String, String)> {
-    names::parse_snapshot(name)
-        .map(|(v, s)| (v.to_string(), s.to_string()))
-        .map_err(|e| ControlError::Internal(anyhow::anyhow!("bad target in the catalog: {e}")))
-}
-
 fn task_number(name: &str) -> u64 {
     names::parse_in("tasks", name)
         .ok()
@@ -758,14 +741,5 @@ fn task_number(name: &str) -> u64 {
 
 /// The error a failed operation ended with.
 pub fn failure(op: &Operation) -> Option<ControlError> {
-    op.error.as_ref().map(|(k, m)| match k {
-        ErrorKind::InvalidArgument => {
-            let (field, msg) = m
-                .strip_prefix("invalid ")
-                .and_then(|r| r.split_once(": "))
-                .unwrap_or(("request", m));
-            ControlError::invalid(field, msg)
-        }
-        _ => ControlError::from_record(*k, m.clone()),
-    })
+    op.error.as_ref().map(Failure::error)
 }

@@ -217,8 +217,7 @@ impl Reconciler {
     async fn busy(&self, vol: &str) -> Result<bool> {
         let mut c = self.catalog.conn().await?;
         Ok(catalog::operations::active(&mut c).await?.iter().any(|o| {
-            crate::operations::volume_of(&o.target) == vol
-                || (!o.source.is_empty() && crate::operations::volume_of(&o.source) == vol)
+            o.target.volume() == vol || o.source.as_ref().is_some_and(|s| s.volume() == vol)
         }))
     }
 

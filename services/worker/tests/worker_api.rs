@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use cowsnap_proto::bad_request::field_violation;
 use tonic::Code;
 use worker_common::*;
 
@@ -209,6 +210,11 @@ async fn bad_requests_get_the_right_codes() {
             "{req:?}: {:?} should name {word}",
             e.message()
         );
+        // The field as data too: a google.rpc.BadRequest field violation.
+        if code == Code::InvalidArgument {
+            let (field, _) = field_violation(&e).expect("a BadRequest field violation");
+            assert_eq!(field, word, "{req:?}");
+        }
     }
     let nf = c
         .get_volume(pb::GetVolumeRequest {

@@ -1,5 +1,6 @@
 //! Domain values to `cowsnap.v1` messages, and errors to gRPC statuses.
 
+use cowsnap_proto::bad_request::invalid_argument;
 use cowsnap_proto::cowsnap::v1 as pb;
 use cowsnap_proto::server::status_message;
 use tonic::{Code, Status};
@@ -14,6 +15,9 @@ impl From<ControlError> for Status {
         let code = code(e.kind());
         if code == Code::Internal {
             tracing::error!("internal error: {e}");
+        }
+        if let ControlError::InvalidArgument { field, message } = &e {
+            return invalid_argument(field, message);
         }
         Status::new(code, status_message(e.to_string()))
     }
@@ -160,14 +164,13 @@ fn op_state(s: OpState) -> i32 {
 }
 
 pub fn operation(op: Operation) -> pb::Operation {
-    let name = op.name();
+    let (name, target, source) = (op.name(), op.target.to_string(), op.source_name());
     let result = match (op.state, op.error, op.result) {
-        (OpState::Failed, Some((k, m)), _) => {
-            Some(pb::operation::Result::Error(pb::OperationError {
-                code: code(k) as i32,
-                message: m,
-            }))
-        }
+        (OpState::Failed, Some(f), _) => Some(pb::operation::Result::Error(pb::OperationError {
+            code: code(f.kind) as i32,
+            message: f.to_string(),
+            field: f.field,
+        })),
         (OpState::Succeeded, _, Some(OpResult::Volume(v))) => {
             Some(pb::operation::Result::Volume(volume(v)))
         }
@@ -182,8 +185,8 @@ pub fn operation(op: Operation) -> pb::Operation {
         percent: op.percent,
         metadata: Some(pb::OperationMetadata {
             kind: op_kind(op.kind),
-            target: op.target,
-            source: op.source,
+            target,
+            source,
             state: op_state(op.state),
             worker: format!("workers/{}", op.worker_id),
             create_time: timestamp(op.create_time),

@@ -1,8 +1,9 @@
 //! `cowsnap.v1.VolumeService`.
 
+use cowsnap_proto::bad_request::invalid_argument;
 use cowsnap_proto::cowsnap::v1 as pb;
 use pb::volume_service_server::VolumeService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::convert::{operation, volume};
 use super::{Api, Rpc};
@@ -14,7 +15,7 @@ impl VolumeService for Api {
         let r = r.into_inner();
         let v = r
             .volume
-            .ok_or_else(|| Status::invalid_argument("invalid volume: required"))?;
+            .ok_or_else(|| invalid_argument("volume", "required"))?;
         let spec = NewVolume {
             size_bytes: v.size_bytes,
             chunk_sectors: v.chunk_sectors,

@@ -3,8 +3,8 @@
 
 use sqlx::SqliteConnection;
 
-use crate::error::{ControlError, ErrorKind, Result};
-use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation};
+use crate::error::{ControlError, ErrorKind, Failure, Result};
+use crate::model::{OpArgs, OpKind, OpResult, OpState, Operation, Resource};
 
 struct Row {
     id: i64,
@@ -17,6 +17,7 @@ struct Row {
     worker_task: String,
     percent: f64,
     error_kind: String,
+    error_field: String,
     error_message: String,
     result: String,
     create_time: i64,
@@ -33,16 +34,23 @@ impl Row {
         Ok(Operation {
             id: self.id,
             kind: OpKind::parse(&self.kind).ok_or_else(|| bad("operation kind", &self.kind))?,
-            target: self.target,
-            source: self.source,
+            target: Resource::parse(&self.target).map_err(|e| bad("target", e))?,
+            source: if self.source.is_empty() {
+                None
+            } else {
+                Some(Resource::parse(&self.source).map_err(|e| bad("source", e))?)
+            },
             worker_id: self.worker_id,
             args: serde_json::from_str::<OpArgs>(&self.args).map_err(|e| bad("arguments", e))?,
             state: OpState::parse(&self.state)
                 .ok_or_else(|| bad("operation state", &self.state))?,
             worker_task: self.worker_task,
             percent: self.percent,
-            error: (!self.error_kind.is_empty())
-                .then(|| (ErrorKind::parse(&self.error_kind), self.error_message)),
+            error: (!self.error_kind.is_empty()).then(|| Failure {
+                kind: ErrorKind::parse(&self.error_kind),
+                field: self.error_field,
+                message: self.error_message,
+            }),
             result: if self.result.is_empty() {
                 None
             } else {
@@ -94,7 +102,7 @@ pub async fn get(c: &mut SqliteConnection, id: i64) -> Result<Option<Operation>>
     let row = sqlx::query_as!(
         Row,
         r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
-                  percent, error_kind, error_message, result, create_time, update_time, end_time
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
            FROM operations WHERE id = ?"#,
         id
     )
@@ -108,7 +116,7 @@ pub async fn list_before(c: &mut SqliteConnection, before: i64) -> Result<Vec<Op
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
-                  percent, error_kind, error_message, result, create_time, update_time, end_time
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
            FROM operations WHERE id < ? ORDER BY id DESC"#,
         before
     )
@@ -122,7 +130,7 @@ pub async fn active(c: &mut SqliteConnection) -> Result<Vec<Operation>> {
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
-                  percent, error_kind, error_message, result, create_time, update_time, end_time
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
            FROM operations WHERE state IN ('pending', 'running') ORDER BY id"#
     )
     .fetch_all(&mut *c)
@@ -135,7 +143,7 @@ pub async fn active_on(c: &mut SqliteConnection, name: &str) -> Result<Vec<Opera
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
-                  percent, error_kind, error_message, result, create_time, update_time, end_time
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
            FROM operations
            WHERE state IN ('pending', 'running') AND (target = ?1 OR source = ?1)
            ORDER BY id"#,
@@ -156,7 +164,7 @@ pub async fn latest(
     let row = sqlx::query_as!(
         Row,
         r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
-                  percent, error_kind, error_message, result, create_time, update_time, end_time
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
            FROM operations WHERE kind = ? AND target = ? ORDER BY id DESC LIMIT 1"#,
         k,
         target
@@ -196,28 +204,38 @@ pub async fn set_percent(c: &mut SqliteConnection, id: i64, percent: f64, now: i
 pub async fn finish(
     c: &mut SqliteConnection,
     id: i64,
-    outcome: std::result::Result<Option<&OpResult>, (ErrorKind, &str)>,
+    outcome: std::result::Result<Option<&OpResult>, &Failure>,
     now: i64,
 ) -> Result<()> {
-    let (state, percent, kind, message, result) = match outcome {
+    let (state, percent, kind, field, message, result) = match outcome {
         Ok(r) => (
             OpState::Succeeded.as_str(),
             100.0,
             "",
             "",
+            "",
             r.map(|r| serde_json::to_string(r).expect("result serializes"))
                 .unwrap_or_default(),
         ),
-        Err((k, m)) => (OpState::Failed.as_str(), 0.0, k.as_str(), m, String::new()),
+        Err(f) => (
+            OpState::Failed.as_str(),
+            0.0,
+            f.kind.as_str(),
+            f.field.as_str(),
+            f.message.as_str(),
+            String::new(),
+        ),
     };
     sqlx::query!(
         "UPDATE operations
          SET state = ?, percent = CASE WHEN ? = 100.0 THEN 100.0 ELSE percent END,
-             error_kind = ?, error_message = ?, result = ?, update_time = ?, end_time = ?
+             error_kind = ?, error_field = ?, error_message = ?, result = ?, update_time = ?,
+             end_time = ?
          WHERE id = ? AND state IN ('pending', 'running')",
         state,
         percent,
         kind,
+        field,
         message,
         result,
         now,

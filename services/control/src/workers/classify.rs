@@ -8,6 +8,7 @@
 //! control service's error by [`error`]; and operations keep an operation
 //! pending, to be driven again, when [`unknown`] says so.
 
+use cowsnap_proto::bad_request::field_violation;
 use http::StatusCode;
 use tonic::{Code, Status};
 
@@ -76,14 +77,10 @@ pub fn error(s: &Status, worker_id: &str, address: &str) -> ControlError {
     match s.code() {
         Code::NotFound => ControlError::NotFound(msg),
         Code::AlreadyExists => ControlError::AlreadyExists(msg),
-        Code::InvalidArgument => {
-            let (field, m) = msg
-                .strip_prefix("invalid ")
-                .and_then(|r| r.split_once(": "))
-                .map(|(f, m)| (f.to_string(), m.to_string()))
-                .unwrap_or_else(|| ("request".into(), msg.clone()));
-            ControlError::invalid(field, m)
-        }
+        Code::InvalidArgument => match field_violation(s) {
+            Some((field, description)) => ControlError::invalid(field, description),
+            None => ControlError::invalid("request", msg),
+        },
         Code::FailedPrecondition => ControlError::FailedPrecondition(msg),
         Code::ResourceExhausted => ControlError::ResourceExhausted(msg),
         code => {
@@ -101,6 +98,7 @@ pub fn unknown(e: &ControlError) -> bool {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use cowsnap_proto::bad_request::invalid_argument;
 
     /// Every gRPC code: its outcome, and the kind of error the client
     /// makes of it.
@@ -176,13 +174,24 @@ mod tests {
             "worker workers/w1 (unix:/w.sock) does not answer: connection refused"
         );
         let e = error(
-            &Status::invalid_argument("invalid size_bytes: not a multiple of 512"),
+            &invalid_argument("size_bytes", "not a multiple of 512"),
             "w1",
             "a:1",
         );
         assert!(
             matches!(&e, ControlError::InvalidArgument { field, message }
                 if field == "size_bytes" && message == "not a multiple of 512"),
+            "{e:?}"
+        );
+        // The field is read from the details, never from the message.
+        let e = error(
+            &Status::invalid_argument("invalid size_bytes: not a multiple of 512"),
+            "w1",
+            "a:1",
+        );
+        assert!(
+            matches!(&e, ControlError::InvalidArgument { field, message }
+                if field == "request" && message == "invalid size_bytes: not a multiple of 512"),
             "{e:?}"
         );
         let e = error(&Status::data_loss("torn"), "w1", "a:1");

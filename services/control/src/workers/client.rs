@@ -78,7 +78,7 @@ impl WorkerSnapshot {
 pub struct WorkerTask {
     /// `tasks/N`.
     pub name: String,
-    pub kind: String,
+    pub kind: TaskKind,
     pub target: String,
     pub done: bool,
     pub percent: f64,
@@ -138,10 +138,29 @@ fn volume(v: wpb::Volume) -> Result<WorkerVolume> {
     })
 }
 
+/// What a worker's task does: its `kind`, read once from the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    Merge,
+    Restore,
+    Clone,
+    /// A kind this control service does not know (a newer worker's).
+    Other(String),
+}
+
+fn task_kind(kind: String) -> TaskKind {
+    match kind.as_str() {
+        "merge" => TaskKind::Merge,
+        "restore" => TaskKind::Restore,
+        "clone" => TaskKind::Clone,
+        _ => TaskKind::Other(kind),
+    }
+}
+
 fn task(t: wpb::Task) -> WorkerTask {
     WorkerTask {
         name: t.name,
-        kind: t.kind,
+        kind: task_kind(t.kind),
         target: t.target,
         done: t.done,
         percent: t.percent,

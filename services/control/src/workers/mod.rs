@@ -25,7 +25,7 @@ use tonic::Status;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tower::ServiceBuilder;
 
-pub use client::{WorkerClient, WorkerInfo, WorkerSnapshot, WorkerTask, WorkerVolume};
+pub use client::{TaskKind, WorkerClient, WorkerInfo, WorkerSnapshot, WorkerTask, WorkerVolume};
 
 use crate::catalog::{self, Catalog};
 use crate::error::{ControlError, Result};

@@ -12,7 +12,7 @@ use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names;
 use tonic::Status;
 
-use super::params::{self, COW_SIZE_LABEL, NAME_LABEL, VolumeParams};
+use super::params::{self, COW_SIZE_LABEL, NAME_LABEL};
 use super::{Controller, capabilities, topology};
 use crate::ids;
 use crate::required;
@@ -99,6 +99,17 @@ pub(super) fn copy_wait(grpc_timeout: Option<&str>) -> Duration {
     parsed.map_or(COPY_WAIT, |d| (d * 3 / 4).min(COPY_WAIT))
 }
 
+/// A restore or clone as CreateVolume asks for it: its source, the new
+/// volume's chunk size and labels, the capacity asked and the workers the
+/// topology allows (empty: any).
+struct CopyAsk<'a> {
+    src: csi::volume_content_source::Type,
+    chunk_sectors: u32,
+    labels: Labels,
+    range: Option<&'a csi::CapacityRange>,
+    candidates: &'a [String],
+}
+
 impl Controller {
     pub(super) async fn create_volume(
         &self,
@@ -133,8 +144,14 @@ impl Controller {
                     .map_err(status)?
             }
             Some(src) => {
-                self.copy_volume(&id, src, p, labels, &r.capacity_range, &candidates, wait)
-                    .await?
+                let ask = CopyAsk {
+                    src,
+                    chunk_sectors: p.chunk_sectors,
+                    labels,
+                    range: r.capacity_range.as_ref(),
+                    candidates: &candidates,
+                };
+                self.copy_volume(&id, ask, wait).await?
             }
         };
         Ok(volume(&v))
@@ -142,18 +159,20 @@ impl Controller {
 
     /// A restore (snapshot source) or clone (volume source): started, then
     /// waited for up to `wait`; ABORTED while it still runs.
-    #[allow(clippy::too_many_arguments)]
     async fn copy_volume(
         &self,
         id: &str,
-        src: csi::volume_content_source::Type,
-        p: VolumeParams,
-        labels: Labels,
-        range: &Option<csi::CapacityRange>,
-        candidates: &[String],
+        ask: CopyAsk<'_>,
         wait: Duration,
     ) -> Result<Volume, Status> {
         use csi::volume_content_source::Type;
+        let CopyAsk {
+            src,
+            chunk_sectors,
+            labels,
+            range,
+            candidates,
+        } = ask;
         let (source_volume, source_name) = match &src {
             Type::Snapshot(s) => {
                 let (sv, ss) = ids::parse_snapshot_id(&s.snapshot_id).ok_or_else(|| {
@@ -184,7 +203,7 @@ impl Controller {
         if matches!(src, Type::Volume(_)) && !visible(&sv) {
             return Err(Status::not_found(format!("source {source_name} not found")));
         }
-        params::copy_size(range.as_ref(), sv.size_bytes)?;
+        params::copy_size(range, sv.size_bytes)?;
         if !candidates.is_empty() && !candidates.contains(&sv.worker_id) {
             return Err(Status::resource_exhausted(format!(
                 "{source_name} is on workers/{}, which the topology requirement does not allow \
@@ -193,7 +212,7 @@ impl Controller {
             )));
         }
         let spec = CopiedVolume {
-            chunk_sectors: p.chunk_sectors,
+            chunk_sectors,
             labels,
         };
         let op = match src {
@@ -222,7 +241,7 @@ impl Controller {
                 .await
                 .map_err(status),
             OpState::Failed => Err(status(match op.error {
-                Some((kind, message)) => ControlError::from_record(kind, message),
+                Some(f) => f.error(),
                 None => ControlError::Internal(anyhow::anyhow!("{} failed", op.name())),
             })),
             OpState::Pending | OpState::Running => Err(Status::aborted(format!(

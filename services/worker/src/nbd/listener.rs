@@ -7,14 +7,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use cowsnap_proto::listen::Bound;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -25,48 +24,7 @@ use super::tls::NbdTls;
 use super::{ConnError, handshake, refusal, transmission};
 use crate::exports::Exports;
 
-/// Where to listen: `host:port` (TCP; port 0 picks a free one) or
-/// `unix:PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    /// `host:port`, resolved when binding (`127.0.0.1:10809`, `[::]:10809`,
-    /// `localhost:0`).
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Listen, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("{s:?}: unix: needs a socket path"));
-            }
-            return Ok(Listen::Unix(PathBuf::from(path)));
-        }
-        let Some((host, port)) = s.rsplit_once(':') else {
-            return Err(format!(
-                "{s:?}: expected host:port or unix:PATH (e.g. 0.0.0.0:10809)"
-            ));
-        };
-        if host.is_empty() {
-            return Err(format!("{s:?}: the host is missing (e.g. 0.0.0.0:{port})"));
-        }
-        port.parse::<u16>()
-            .map_err(|_| format!("{s:?}: {port:?} is not a port number"))?;
-        Ok(Listen::Tcp(s.to_string()))
-    }
-}
-
-impl fmt::Display for Listen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Listen::Tcp(a) => f.write_str(a),
-            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+pub use cowsnap_proto::listen::Listen;
 
 /// The address a bound server listens on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,11 +55,6 @@ impl fmt::Display for LocalAddr {
 /// How long a client may take from connecting to choosing an export.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-enum Bound {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
 /// A bound NBD server, not yet accepting: bind first to learn the address
 /// (port 0), then [`run`](NbdServer::run).
 pub struct NbdServer {
@@ -122,34 +75,20 @@ pub async fn serve(
 
 impl NbdServer {
     /// Binds the listening socket. A unix socket path left behind by a
-    /// server that is gone is replaced; one a live server answers on is not.
+    /// server that is gone is replaced; one a live server answers on is not
+    /// (`cowsnap_proto::listen::replace_stale_socket`).
     pub async fn bind(listen: &Listen) -> anyhow::Result<NbdServer> {
-        match listen {
-            Listen::Tcp(addr) => {
-                let l = TcpListener::bind(addr.as_str())
-                    .await
-                    .with_context(|| format!("NBD: cannot listen on {addr}"))?;
-                let local = LocalAddr::Tcp(l.local_addr().context("NBD: local address")?);
-                Ok(NbdServer {
-                    bound: Bound::Tcp(l),
-                    local,
-                    quotas: Quotas::new(NbdLimits::default()),
-                    tls: None,
-                })
-            }
-            Listen::Unix(path) => {
-                remove_stale_socket(path)?;
-                let l = UnixListener::bind(path).with_context(|| {
-                    format!("NBD: cannot listen on unix socket {}", path.display())
-                })?;
-                Ok(NbdServer {
-                    bound: Bound::Unix(l),
-                    local: LocalAddr::Unix(path.clone()),
-                    quotas: Quotas::new(NbdLimits::default()),
-                    tls: None,
-                })
-            }
-        }
+        let bound = Bound::bind_as(listen, "NBD").await?;
+        let local = match &bound {
+            Bound::Tcp(l) => LocalAddr::Tcp(l.local_addr().context("NBD: local address")?),
+            Bound::Unix(_, path) => LocalAddr::Unix(path.clone()),
+        };
+        Ok(NbdServer {
+            bound,
+            local,
+            quotas: Quotas::new(NbdLimits::default()),
+            tls: None,
+        })
     }
 
     pub fn local_addr(&self) -> &LocalAddr {
@@ -229,20 +168,22 @@ impl NbdServer {
                 }
                 continue;
             };
-            let exports = exports.clone();
-            let shutdown = shutdown.clone();
-            let quotas = self.quotas.clone();
-            let tls = self.tls.clone();
+            let conn = Conn {
+                peer,
+                exports: exports.clone(),
+                tls: self.tls.clone(),
+                quotas: self.quotas.clone(),
+                _slot: slot,
+                shutdown: shutdown.clone(),
+            };
             match stream {
                 Stream::Tcp(s) => {
                     let split = tokio::net::TcpStream::into_split;
-                    let conn = connection(s, split, peer, exports, tls, quotas, slot, shutdown);
-                    conns.spawn(conn.instrument(span));
+                    conns.spawn(connection(s, split, conn).instrument(span));
                 }
                 Stream::Unix(s) => {
                     let split = tokio::net::UnixStream::into_split;
-                    let conn = connection(s, split, peer, exports, tls, quotas, slot, shutdown);
-                    conns.spawn(conn.instrument(span));
+                    conns.spawn(connection(s, split, conn).instrument(span));
                 }
             }
         }
@@ -277,7 +218,7 @@ async fn accept(bound: &Bound) -> std::io::Result<(Stream, Option<String>)> {
             s.set_nodelay(true)?;
             Ok((Stream::Tcp(s), Some(addr.to_string())))
         }
-        Bound::Unix(l) => {
+        Bound::Unix(l, _) => {
             let (s, _) = l.accept().await?;
             Ok((Stream::Unix(s), None))
         }
@@ -308,26 +249,37 @@ async fn turn_away<R, W>(
     let _ = wr.shutdown().await;
 }
 
-/// One client, from handshake to close, holding `_slot` of the connection
-/// limit. Never returns an error: how it ended is logged here, and nothing
-/// of it reaches other connections. `split` halves a plain stream for
-/// transmission (the socket's own halves, no lock between reader and
-/// writer); a TLS stream is halved by [`tokio::io::split`].
-#[allow(clippy::too_many_arguments)]
-async fn connection<S, R, W>(
-    stream: S,
-    split: fn(S) -> (R, W),
+/// What one admitted connection is served with.
+struct Conn {
+    /// The client's address, or the listener's with a sequence number.
     peer: String,
     exports: Arc<Exports>,
     tls: Option<Arc<NbdTls>>,
     quotas: Arc<Quotas>,
+    /// Its place within the connection limit, held until it closes.
     _slot: Slot,
     shutdown: CancellationToken,
-) where
+}
+
+/// One client, from handshake to close, holding its slot of the connection
+/// limit. Never returns an error: how it ended is logged here, and nothing
+/// of it reaches other connections. `split` halves a plain stream for
+/// transmission (the socket's own halves, no lock between reader and
+/// writer); a TLS stream is halved by [`tokio::io::split`].
+async fn connection<S, R, W>(stream: S, split: fn(S) -> (R, W), conn: Conn)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn {
+        peer,
+        exports,
+        tls,
+        quotas,
+        _slot,
+        shutdown,
+    } = conn;
     tracing::debug!(%peer, "NBD connection from {peer}");
     let result = async {
         let negotiated = tokio::select! {
@@ -385,51 +337,9 @@ async fn connection<S, R, W>(
     }
 }
 
-/// Removes a unix socket file no server answers on; refuses to touch a live
-/// one or anything that is not a socket.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        bail!(
-            "NBD: {} exists and is not a socket; not replacing it",
-            path.display()
-        );
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        bail!(
-            "NBD: unix socket {} is in use by another server",
-            path.display()
-        );
-    }
-    std::fs::remove_file(path)
-        .with_context(|| format!("NBD: cannot remove stale socket {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_parses() {
-        assert_eq!(
-            "127.0.0.1:10809".parse::<Listen>(),
-            Ok(Listen::Tcp("127.0.0.1:10809".into()))
-        );
-        assert_eq!(
-            "[::1]:0".parse::<Listen>(),
-            Ok(Listen::Tcp("[::1]:0".into()))
-        );
-        assert_eq!(
-            "unix:/run/cowsnap/nbd.sock".parse::<Listen>(),
-            Ok(Listen::Unix("/run/cowsnap/nbd.sock".into()))
-        );
-        for bad in ["unix:", "10809", ":10809", "host:port", "host:70000"] {
-            assert!(bad.parse::<Listen>().is_err(), "{bad} parsed");
-        }
-    }
 
     #[test]
     fn uris() {

@@ -34,9 +34,17 @@ struct Source<'a> {
     chunk_sectors: u32,
 }
 
-/// The id of the temporary snapshot that clone task `task` copies.
+/// The id of the temporary snapshot that clone task `task` copies. It
+/// starts with a dot, which no snapshot id a client chooses may
+/// (`names::check_id`): that is what [`is_clone_temp`] tells by.
 fn clone_temp(task: &str) -> String {
     format!(".clone-{task}")
+}
+
+/// Whether snapshot `id` is a clone's temporary snapshot: never exported,
+/// listed, nor counted among its volume's snapshots.
+pub(super) fn is_clone_temp(id: &str) -> bool {
+    id.starts_with('.')
 }
 
 fn source_volume(rec: &TaskRec) -> Result<String> {

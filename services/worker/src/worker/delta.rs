@@ -127,7 +127,7 @@ impl Worker {
         let inner = self.inner.lock().await;
         let (vol, size, id) = loaded(&inner, name)?;
         let origin = inner.origin(&vol)?;
-        let chunk_bytes = u64::from(inner.volume(&names::volume(&vol))?.chunk_sectors) * 512;
+        let chunk_bytes = u64::from(inner.volume_by_id(&vol)?.chunk_sectors) * 512;
         drop(inner);
         let st = origin.status(id).map_err(gone(name))?;
         if !st.valid {

@@ -6,6 +6,7 @@ use cowsnap_proto::names;
 use cowsnap_store::status::dm_status_line;
 use cowsnap_store::{IoStats, Usage};
 
+use super::copy::is_clone_temp;
 use super::live::Live;
 use super::placement::raw_device_user;
 use super::{Inner, Worker};
@@ -138,7 +139,7 @@ impl Worker {
         let snapshots = v
             .snapshots
             .iter()
-            .filter(|s| !s.id.starts_with('.'))
+            .filter(|s| !is_clone_temp(&s.id))
             .map(|s| snapshot_info(v, s, live))
             .collect();
         VolumeInfo {

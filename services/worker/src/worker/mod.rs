@@ -84,10 +84,16 @@ impl Inner {
     /// The record of volume `name` (`volumes/VOL`).
     fn volume(&self, name: &str) -> Result<&VolumeRec> {
         let id = names::parse_volume(name).map_err(|e| WorkerError::invalid("name", e))?;
+        self.volume_by_id(id)
+    }
+
+    /// The record of the volume with id `id`, for callers that parsed its
+    /// name already.
+    fn volume_by_id(&self, id: &str) -> Result<&VolumeRec> {
         self.st
             .volumes
             .get(id)
-            .ok_or_else(|| WorkerError::NotFound(format!("{name} not found")))
+            .ok_or_else(|| WorkerError::NotFound(format!("{} not found", names::volume(id))))
     }
 
     /// The records of snapshot `name` (`volumes/VOL/snapshots/SNAP`) and of
@@ -259,7 +265,7 @@ impl Worker {
         for s in &v.snapshots {
             if s.phase != Phase::Ready
                 || v.merging.as_deref() == Some(s.id.as_str())
-                || s.id.starts_with('.')
+                || copy::is_clone_temp(&s.id)
             {
                 continue;
             }

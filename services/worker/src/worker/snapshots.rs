@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cowsnap_proto::names;
 use cowsnap_store::{Layout, Origin, SnapId, SnapshotOptions};
 
+use super::copy::is_clone_temp;
 use super::info::snapshot_info;
 use super::live::Live;
 use super::placement::full_cow_bytes;
@@ -46,7 +47,7 @@ impl Worker {
         let vol = names::parse_volume(parent).map_err(|e| WorkerError::invalid("parent", e))?;
         names::check_id(snapshot_id).map_err(|e| WorkerError::invalid("snapshot_id", e))?;
         let mut inner = self.inner.lock().await;
-        let v = inner.volume(parent)?.clone();
+        let v = inner.volume_by_id(vol)?.clone();
         let layout = chunk_layout("chunk_sectors", *chunk_sectors, v.chunk_sectors)?;
         let sname = names::snapshot(vol, snapshot_id);
         let file = self.devices.snapshot_file(vol, snapshot_id);
@@ -154,7 +155,7 @@ impl Worker {
             .add_snap(snapshot_id, added);
         self.watch_invalid(&origin, added, vol, snapshot_id);
         let v = inner.st.volumes[vol].clone();
-        if !snapshot_id.starts_with('.') {
+        if !is_clone_temp(snapshot_id) {
             self.export_snapshot(vol, &s, &origin, added);
         }
         tracing::info!(snapshot = %sname, cow_size = size, device = %path.display(), "snapshot created");

@@ -8,6 +8,7 @@ use cowsnap_proto::names;
 use cowsnap_store::Origin;
 use cowsnap_store::format::DEFAULT_CHUNK_SECTORS;
 
+use super::copy::is_clone_temp;
 use super::live::Live;
 use super::{VolumeInfo, Worker, chunk_layout, same_or_exists};
 use crate::error::{Result, WorkerError};
@@ -162,11 +163,7 @@ impl Worker {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let v = inner.volume(name)?.clone();
-        let visible = v
-            .snapshots
-            .iter()
-            .filter(|s| !s.id.starts_with('.'))
-            .count();
+        let visible = v.snapshots.iter().filter(|s| !is_clone_temp(&s.id)).count();
         if visible > 0 {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{name} has {visible} snapshot(s); delete them first"

@@ -152,14 +152,19 @@ pub async fn rate(
             first_error.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut vols = Volumes::new(ch.clone());
-            let mut snaps = Snapshots::new(ch);
-            let mut rng = StdRng::seed_from_u64(round * 1_000_003 + c as u64);
+            let mut caller = Caller {
+                pool,
+                client: c,
+                round,
+                rng: StdRng::seed_from_u64(round * 1_000_003 + c as u64),
+                vols: Volumes::new(ch.clone()),
+                snaps: Snapshots::new(ch),
+            };
             let mut n = 0u64;
             let mut last = Instant::now();
             while Instant::now() < stop {
                 n += 1;
-                let r = match one(&pool, kind, c, round, n, &mut rng, &mut vols, &mut snaps).await {
+                let r = match caller.one(kind, n).await {
                     Some(r) => r,
                     None => break,
                 };
@@ -191,84 +196,90 @@ pub async fn rate(
     }
 }
 
-/// One call of `kind`; `None` when a delete has nothing left to delete.
-#[allow(clippy::too_many_arguments)]
-async fn one(
-    pool: &Pool,
-    kind: Kind,
+/// One client of a round: its clients of the API and its random picks.
+struct Caller {
+    pool: Arc<Pool>,
     client: usize,
     round: u64,
-    n: u64,
-    rng: &mut StdRng,
-    vols: &mut Volumes,
-    snaps: &mut Snapshots,
-) -> Option<Result<(), tonic::Status>> {
-    let pick = |rng: &mut StdRng, from: &[String]| from[rng.random_range(0..from.len())].clone();
-    let take = |from: &Mutex<Vec<String>>| from.lock().expect("made").pop();
-    let made = |to: &Mutex<Vec<String>>, name: String| to.lock().expect("made").push(name);
-    Some(match kind {
-        Kind::GetVolume => vols
-            .get_volume(pb::GetVolumeRequest {
-                name: pick(rng, &pool.volumes),
-            })
-            .await
-            .map(drop),
-        Kind::ListVolumes => vols
-            .list_volumes(pb::ListVolumesRequest {
-                page_size: 50,
-                ..Default::default()
-            })
-            .await
-            .map(drop),
-        Kind::GetSnapshot => snaps
-            .get_snapshot(pb::GetSnapshotRequest {
-                name: pick(rng, &pool.snapshots),
-            })
-            .await
-            .map(drop),
-        Kind::ListSnapshots => snaps
-            .list_snapshots(pb::ListSnapshotsRequest {
-                parent: pick(rng, &pool.volumes),
-                ..Default::default()
-            })
-            .await
-            .map(drop),
-        Kind::ListAllSnapshots => snaps
-            .list_snapshots(pb::ListSnapshotsRequest {
-                parent: "volumes/-".into(),
-                page_size: 50,
-                ..Default::default()
-            })
-            .await
-            .map(drop),
-        Kind::CreateVolume => vols
-            .create_volume(create_volume_request(
-                &format!("t{round}-{client}-{n}"),
-                pool.volume_bytes,
-            ))
-            .await
-            .map(|v| made(&pool.made_volumes, v.into_inner().name)),
-        Kind::DeleteVolume => vols
-            .delete_volume(pb::DeleteVolumeRequest {
-                name: take(&pool.made_volumes)?,
-                ..Default::default()
-            })
-            .await
-            .map(drop),
-        Kind::CreateSnapshot => snaps
-            .create_snapshot(create_snapshot_request(
-                &pool.scratch[client % pool.scratch.len()],
-                &format!("t{round}-{n}"),
-            ))
-            .await
-            .map(|s| made(&pool.made_snapshots, s.into_inner().name)),
-        Kind::DeleteSnapshot => snaps
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                name: take(&pool.made_snapshots)?,
-            })
-            .await
-            .map(drop),
-    })
+    rng: StdRng,
+    vols: Volumes,
+    snaps: Snapshots,
+}
+
+impl Caller {
+    /// Its `n`th call, of `kind`; `None` when a delete has nothing left to
+    /// delete.
+    async fn one(&mut self, kind: Kind, n: u64) -> Option<Result<(), tonic::Status>> {
+        let (pool, client, round) = (&self.pool, self.client, self.round);
+        let (rng, vols, snaps) = (&mut self.rng, &mut self.vols, &mut self.snaps);
+        let pick =
+            |rng: &mut StdRng, from: &[String]| from[rng.random_range(0..from.len())].clone();
+        let take = |from: &Mutex<Vec<String>>| from.lock().expect("made").pop();
+        let made = |to: &Mutex<Vec<String>>, name: String| to.lock().expect("made").push(name);
+        Some(match kind {
+            Kind::GetVolume => vols
+                .get_volume(pb::GetVolumeRequest {
+                    name: pick(rng, &pool.volumes),
+                })
+                .await
+                .map(drop),
+            Kind::ListVolumes => vols
+                .list_volumes(pb::ListVolumesRequest {
+                    page_size: 50,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Kind::GetSnapshot => snaps
+                .get_snapshot(pb::GetSnapshotRequest {
+                    name: pick(rng, &pool.snapshots),
+                })
+                .await
+                .map(drop),
+            Kind::ListSnapshots => snaps
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    parent: pick(rng, &pool.volumes),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Kind::ListAllSnapshots => snaps
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    parent: "volumes/-".into(),
+                    page_size: 50,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Kind::CreateVolume => vols
+                .create_volume(create_volume_request(
+                    &format!("t{round}-{client}-{n}"),
+                    pool.volume_bytes,
+                ))
+                .await
+                .map(|v| made(&pool.made_volumes, v.into_inner().name)),
+            Kind::DeleteVolume => vols
+                .delete_volume(pb::DeleteVolumeRequest {
+                    name: take(&pool.made_volumes)?,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Kind::CreateSnapshot => snaps
+                .create_snapshot(create_snapshot_request(
+                    &pool.scratch[client % pool.scratch.len()],
+                    &format!("t{round}-{n}"),
+                ))
+                .await
+                .map(|s| made(&pool.made_snapshots, s.into_inner().name)),
+            Kind::DeleteSnapshot => snaps
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    name: take(&pool.made_snapshots)?,
+                })
+                .await
+                .map(drop),
+        })
+    }
 }
 
 pub fn create_volume_request(id: &str, bytes: u64) -> pb::CreateVolumeRequest {
