@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use super::handshake::Negotiated;
 use super::limits::{Budget, Quotas};
-use super::proto::{self, RequestHeader};
+use super::proto::{self, Command, RequestHeader};
 use super::{ConnError, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::exports::Export;
 
@@ -71,7 +71,7 @@ enum Body {
 /// holds until it is written.
 struct Reply {
     handle: u64,
-    kind: u16,
+    command: Command,
     body: Body,
     _held: Held,
 }
@@ -258,14 +258,15 @@ where
                 proto::REQUEST_MAGIC
             ))
         })?;
-        if req.kind == proto::CMD_DISC {
+        if req.command == Command::Disconnect {
             return Ok(End::Disconnect);
         }
 
         // Reads and writes hold their buffer's size in the budget.
-        let bytes = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
-            _ => 0,
+        let bytes = if req.command.moves_data() && req.length <= MAX_PAYLOAD {
+            req.length as usize
+        } else {
+            0
         };
         let (held, fits) = tokio::select! {
             biased;
@@ -286,7 +287,7 @@ where
             ));
         }
 
-        let payload = if req.kind == proto::CMD_WRITE {
+        let payload = if req.command == Command::Write {
             let keep = early.is_none() && req.length <= MAX_PAYLOAD;
             let got = tokio::select! {
                 biased;
@@ -315,7 +316,7 @@ where
                     .await
                     .unwrap_or_else(|_| {
                         let (peer, export) = (&conn.peer, &conn.export.name);
-                        let cmd = proto::command_name(req.kind);
+                        let cmd = req.command.name();
                         tracing::error!(%peer, %export, "NBD: {cmd} request from {peer} panicked");
                         Body::Error {
                             errno: proto::EIO,
@@ -327,7 +328,7 @@ where
             // The writer is gone only when the connection is.
             let _ = tx.send(Reply {
                 handle: req.handle,
-                kind: req.kind,
+                command: req.command,
                 body,
                 _held: held,
             });
@@ -460,7 +461,7 @@ impl Conn {
         let message = format!(
             "{}: {} at {} length {}: {why}",
             self.export.name,
-            proto::command_name(req.kind),
+            req.command.name(),
             req.offset,
             req.length
         );
@@ -477,18 +478,12 @@ impl Conn {
     /// Checks a request against the protocol and the export before it
     /// reaches the engine.
     fn validate(&self, req: &RequestHeader) -> Result<(), Body> {
-        let allowed = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_FLUSH => {
-                proto::CMD_FLAG_FUA
-            }
-            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
-            other => {
-                return Err(self.error(
-                    req,
-                    proto::EINVAL,
-                    format_args!("unknown command {other}"),
-                ));
-            }
+        let Some(allowed) = req.command.allowed_flags() else {
+            return Err(self.error(
+                req,
+                proto::EINVAL,
+                format_args!("unknown command {}", req.command.code()),
+            ));
         };
         if req.flags & !allowed != 0 {
             return Err(self.error(
@@ -500,24 +495,21 @@ impl Conn {
                 ),
             ));
         }
-        let writes = matches!(
-            req.kind,
-            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
-        );
+        let writes = req.command.modifies();
         if writes && !self.export.writable {
             return Err(self.error(req, proto::EPERM, "the export is read-only"));
         }
         if writes && self.export.closed.is_cancelled() {
             return Err(self.error(req, proto::ESHUTDOWN, "the export is closed"));
         }
-        if req.kind == proto::CMD_FLUSH {
+        if req.command == Command::Flush {
             return Ok(());
         }
         let (off, len) = (req.offset, u64::from(req.length));
         if len == 0 {
             return Err(self.error(req, proto::EINVAL, "zero length"));
         }
-        if matches!(req.kind, proto::CMD_READ | proto::CMD_WRITE) && req.length > MAX_PAYLOAD {
+        if req.command.moves_data() && req.length > MAX_PAYLOAD {
             return Err(self.error(
                 req,
                 proto::EINVAL,
@@ -532,7 +524,7 @@ impl Conn {
             ));
         }
         if off.checked_add(len).is_none_or(|end| end > self.size) {
-            let errno = if matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
+            let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) {
                 proto::ENOSPC
             } else {
                 proto::EINVAL
@@ -552,7 +544,7 @@ impl Conn {
         let request = format!(
             "{}: {} at {} length {}",
             self.export.name,
-            proto::command_name(req.kind),
+            req.command.name(),
             req.offset,
             req.length
         );
@@ -564,8 +556,8 @@ impl Conn {
         // Where the I/O failed, when the engine says so in export terms (an
         // origin device offset); otherwise the request's start, which makes
         // no claim that any part of it succeeded.
-        let offset = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM => {
+        let offset = match req.command {
+            Command::Read | Command::Write | Command::Trim => {
                 let end = req.offset + u64::from(req.length);
                 let at = match (&e, self.export.target) {
                     (cowsnap_store::Error::Io { device, offset, .. }, Target::Origin)
@@ -596,33 +588,21 @@ async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) 
     let export = &conn.export;
     let (t, off, len) = (export.target, req.offset, u64::from(req.length));
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-    let done = match req.kind {
-        proto::CMD_READ => {
+    let done = match req.command {
+        Command::Read => {
             return match export.origin.read(t, off, len).await {
                 Ok(buf) => Body::Data { offset: off, buf },
                 Err(e) => conn.engine_error(req, e),
             };
         }
-        proto::CMD_WRITE => {
-            let Some(buf) = payload else {
-                return conn.error(req, proto::EINVAL, "no payload");
-            };
-            let r = export.origin.write(t, off, buf, fua).await;
-            if r.is_ok() && !fua {
-                conn.dirty.store(true, Ordering::Release);
-            }
-            r
-        }
-        proto::CMD_WRITE_ZEROES => {
-            let r = export.origin.write_zeroes(t, off, len, fua).await;
-            if r.is_ok() && !fua {
-                conn.dirty.store(true, Ordering::Release);
-            }
-            r
-        }
+        Command::Write => match payload {
+            Some(buf) => export.origin.write(t, off, buf, fua).await,
+            None => return conn.error(req, proto::EINVAL, "no payload"),
+        },
+        Command::WriteZeroes => export.origin.write_zeroes(t, off, len, fua).await,
         // The engine's discard writes nothing, so FUA has nothing to do.
-        proto::CMD_TRIM => export.origin.discard(t, off, len).await,
-        proto::CMD_FLUSH => {
+        Command::Trim => export.origin.discard(t, off, len).await,
+        Command::Flush => {
             // Writes that complete from here on mark the connection dirty
             // again; the ones before are covered by this flush.
             let was = conn.dirty.swap(false, Ordering::AcqRel);
@@ -632,10 +612,21 @@ async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) 
             }
             r
         }
-        other => return conn.error(req, proto::EINVAL, format_args!("unknown command {other}")),
+        // Never reached: `validate` refuses every command without allowed
+        // flags, and the reader ends the connection on a disconnect.
+        Command::Disconnect | Command::Unknown(_) => {
+            return conn.error(req, proto::EINVAL, "not a command to run");
+        }
     };
     match done {
-        Ok(()) => Body::Done,
+        Ok(()) => {
+            // A write that is not yet durable: flush it at close at the
+            // latest.
+            if matches!(req.command, Command::Write | Command::WriteZeroes) && !fua {
+                conn.dirty.store(true, Ordering::Release);
+            }
+            Body::Done
+        }
         Err(e) => conn.engine_error(req, e),
     }
 }
@@ -707,7 +698,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     match reply.body {
         // Only reads must be answered with a structured reply; a simple one
         // is shorter for the rest.
-        Body::Done if reply.kind != proto::CMD_READ => {
+        Body::Done if reply.command != Command::Read => {
             w.write_all(&proto::simple_reply(0, h)).await
         }
         Body::Done => {
