@@ -1,12 +1,15 @@
 //! The transmission phase: the request loop of one connection.
 //!
 //! One reader (this task) takes requests off the socket, receiving write
-//! payloads straight into the [`AlignedBuf`] the engine writes from. Each
-//! request then runs as its own task, at most [`MAX_IN_FLIGHT`] at a time and
+//! payloads straight into the [`AlignedBuf`] the engine writes from. The
+//! requests then run concurrently, at most [`MAX_IN_FLIGHT`] at a time and
 //! [`Quotas::per_connection_bytes`] of buffers, so replies come back in
-//! whatever order the engine finishes them. Every reply goes through one
-//! writer task, so replies never interleave; read data goes from the
-//! engine's buffer to the socket without another copy.
+//! whatever order the engine finishes them. They run inside this task (a
+//! set of futures it polls while it waits on the socket), not as a task
+//! each: a request's work between its I/Os is short, and a spawn and a
+//! cross-thread wake-up per request cost more CPU than it. Every reply goes
+//! through one writer task, so replies never interleave and a client that
+//! does not read its replies never blocks the reading of its requests.
 //!
 //! Memory: a read or write takes its length from the process's buffer
 //! budget ([`Quotas::reserve`]) before its buffer is allocated, and gives it
@@ -27,13 +30,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cowsnap_store::{AlignedBuf, AllocError, Target};
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::handshake::Negotiated;
 use super::limits::{Budget, Quotas};
@@ -151,12 +154,12 @@ where
         quotas.limits().idle_timeout,
         writer_gone.clone(),
     ));
-    let tasks = TaskTracker::new();
+    let mut running = FuturesUnordered::new();
     let ended = read_requests(
         &mut rd,
         &conn,
         &tx,
-        &tasks,
+        &mut running,
         &quotas,
         &shutdown,
         &writer_gone,
@@ -165,8 +168,7 @@ where
     drop(rd);
 
     // Whatever ended the loop, the requests already taken are answered.
-    tasks.close();
-    tasks.wait().await;
+    while running.next().await.is_some() {}
     if conn.dirty.swap(false, Ordering::AcqRel)
         && let Err(e) = conn.export.origin.flush().await
     {
@@ -209,12 +211,23 @@ where
     written.map_err(ConnError::from)
 }
 
-/// Reads requests and starts a task for each until the connection ends.
+/// A request being served: it ends once its reply is queued for the writer.
+type Running = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the requests in `running` until one ends (never, while none runs).
+async fn next_done(running: &mut FuturesUnordered<Running>) {
+    if running.next().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads requests and starts each in `running`, which it polls meanwhile,
+/// until the connection ends; the requests still running are left there.
 async fn read_requests<R>(
     rd: &mut BufReader<R>,
     conn: &Arc<Conn>,
     tx: &mpsc::UnboundedSender<Reply>,
-    tasks: &TaskTracker,
+    running: &mut FuturesUnordered<Running>,
     quotas: &Arc<Quotas>,
     shutdown: &CancellationToken,
     writer_gone: &CancellationToken,
@@ -231,14 +244,18 @@ where
         let got = {
             let header = read_header(rd, &mut raw);
             tokio::pin!(header);
+            let idle_sleep = sleep_or_never(idle);
+            tokio::pin!(idle_sleep);
             loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(End::Shutdown),
                     _ = writer_gone.cancelled() => return Ok(End::WriterGone),
                     _ = conn.export.closed.cancelled() => return Ok(End::Closed),
+                    _ = next_done(running) => {}
                     r = &mut header => break r?,
-                    _ = sleep_or_never(idle) => {
+                    _ = &mut idle_sleep => {
+                        idle_sleep.set(sleep_or_never(idle));
                         // Idle: nothing received for that long, and nothing
                         // in flight (a request not yet answered, or a reply
                         // not yet written, keeps the connection busy).
@@ -268,12 +285,19 @@ where
         } else {
             0
         };
-        let (held, fits) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(End::Shutdown),
-            _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-            _ = conn.export.closed.cancelled() => return Ok(End::Closed),
-            h = admit(&slots, &shares, quotas, bytes) => h,
+        let (held, fits) = {
+            let admitted = admit(&slots, &shares, quotas, bytes);
+            tokio::pin!(admitted);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                    _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+                    _ = conn.export.closed.cancelled() => return Ok(End::Closed),
+                    _ = next_done(running) => {}
+                    h = &mut admitted => break h,
+                }
+            }
         };
         let mut early = None;
         if !fits {
@@ -289,10 +313,17 @@ where
 
         let payload = if req.command == Command::Write {
             let keep = early.is_none() && req.length <= MAX_PAYLOAD;
-            let got = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                p = read_payload(rd, req.length, keep) => p?,
+            let got = {
+                let payload = read_payload(rd, req.length, keep);
+                tokio::pin!(payload);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                        _ = next_done(running) => {}
+                        p = &mut payload => break p?,
+                    }
+                }
             };
             match got {
                 Payload::Data(buf) => Some(buf),
@@ -308,7 +339,7 @@ where
 
         let conn = conn.clone();
         let tx = tx.clone();
-        tasks.spawn(async move {
+        running.push(Box::pin(async move {
             let body = match early {
                 Some(refused) => refused,
                 None => AssertUnwindSafe(execute(&conn, &req, payload))
@@ -332,7 +363,7 @@ where
                 body,
                 _held: held,
             });
-        });
+        }));
     }
 }
 
@@ -643,10 +674,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     gone: CancellationToken,
 ) -> std::io::Result<()> {
     let r = async {
+        // Reply headers are built here, one at a time.
+        let mut head = Vec::with_capacity(64);
         while let Some(reply) = rx.recv().await {
-            unstalled(stall, write_reply(&mut w, reply, structured)).await?;
+            unstalled(stall, write_reply(&mut w, &mut head, reply, structured)).await?;
             while let Ok(reply) = rx.try_recv() {
-                unstalled(stall, write_reply(&mut w, reply, structured)).await?;
+                unstalled(stall, write_reply(&mut w, &mut head, reply, structured)).await?;
             }
             unstalled(stall, w.flush()).await?;
         }
@@ -680,6 +713,7 @@ async fn unstalled(
 
 async fn write_reply<W: AsyncWrite + Unpin>(
     w: &mut BufWriter<W>,
+    head: &mut Vec<u8>,
     reply: Reply,
     structured: bool,
 ) -> std::io::Result<()> {
@@ -694,7 +728,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             }
         };
     }
-    let mut head = Vec::with_capacity(32);
+    head.clear();
     match reply.body {
         // Only reads must be answered with a structured reply; a simple one
         // is shorter for the rest.
@@ -702,34 +736,28 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             w.write_all(&proto::simple_reply(0, h)).await
         }
         Body::Done => {
-            proto::structured_header(
-                &mut head,
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_NONE,
-                h,
-                0,
-            );
-            w.write_all(&head).await
+            proto::structured_header(head, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, h, 0);
+            w.write_all(head).await
         }
         Body::Error {
             errno,
             message,
             offset,
         } => {
-            proto::structured_error(&mut head, h, errno, &message, offset);
-            w.write_all(&head).await
+            proto::structured_error(head, h, errno, &message, offset);
+            w.write_all(head).await
         }
         Body::Data { offset, buf } => {
             // The data is all in hand: the one chunk is also the last.
             proto::structured_header(
-                &mut head,
+                head,
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_OFFSET_DATA,
                 h,
                 8 + buf.len() as u32,
             );
-            proto::put_u64(&mut head, offset);
-            w.write_all(&head).await?;
+            proto::put_u64(head, offset);
+            w.write_all(head).await?;
             w.write_all(&buf).await
         }
     }
