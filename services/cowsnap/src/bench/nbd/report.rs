@@ -349,7 +349,7 @@ pub(super) fn table(r: &NbdReport) -> String {
         o,
         "(each figure is the best of {} round(s); in brackets its spread, (best − worst) / best; CPU µs/IO is the \
          server process's user + system CPU (/proc/PID/stat) over the timed run divided by fio's I/Os, the mean of \
-         the rounds; every run had its server alone on the machine)",
+         the rounds; no other server of the bench ran during a run)",
         r.rounds
     );
     let _ = writeln!(o);
