@@ -182,7 +182,8 @@ async fn expectations(cow: &Image, img: &Shape, origin_bytes: u64) -> Expect {
                 // A torn tail (bytes after the end of the list in the last
                 // area) is what a crash leaves: the loader reads up to the
                 // end of the list, as the kernel does.
-                loads: fits(layout) && (!h.valid || scan.problems.iter().all(|p| p.is_torn_tail())),
+                loads: fits(layout)
+                    && (!h.valid || scan.problems.iter().all(|p| p.is_torn_tail())),
                 valid: h.valid,
                 cb,
             }
