@@ -27,7 +27,7 @@ use std::time::Duration;
 use cowsnap_store::{Origin, SnapshotOptions, Target};
 use cowsnap_worker::exports::{Export, Exports};
 use cowsnap_worker::nbd::handshake::{MAX_OPTION_LEN, Negotiated, negotiate};
-use cowsnap_worker::nbd::proto::{self, RequestHeader};
+use cowsnap_worker::nbd::proto::{self, Command, RequestHeader};
 use cowsnap_worker::nbd::{NbdLimits, Quotas, transmission};
 use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
@@ -331,10 +331,10 @@ fn client_requests(input: &[u8]) -> Vec<RequestHeader> {
         let Ok(h) = RequestHeader::parse(raw.try_into().expect("28")) else {
             break;
         };
-        if h.kind == proto::CMD_DISC {
+        if h.command == Command::Disconnect {
             break;
         }
-        if h.kind == proto::CMD_WRITE && c.take(h.length as usize).is_none() {
+        if h.command == Command::Write && c.take(h.length as usize).is_none() {
             break;
         }
         reqs.push(h);
@@ -379,7 +379,7 @@ fn judge_transmission(input: &[u8], out: &[u8], structured: bool) {
                     // Only successes of other commands than reads.
                     assert_eq!(error, 0, "simple error reply with structured replies on");
                     assert!(
-                        req.is_none_or(|r| r.kind != proto::CMD_READ),
+                        req.is_none_or(|r| r.command != Command::Read),
                         "simple reply to a read"
                     );
                 } else if error == 0 {
@@ -387,7 +387,7 @@ fn judge_transmission(input: &[u8], out: &[u8], structured: bool) {
                         // Whether read data follows is not knowable.
                         return;
                     };
-                    if req.kind == proto::CMD_READ {
+                    if req.command == Command::Read {
                         s.take(req.length as usize).expect("read data cut short");
                     }
                 }
@@ -409,7 +409,7 @@ fn judge_transmission(input: &[u8], out: &[u8], structured: bool) {
                     proto::REPLY_TYPE_OFFSET_DATA => {
                         let off = u64::from_be_bytes(data[..8].try_into().expect("offset"));
                         if let Some(req) = req {
-                            assert_eq!(req.kind, proto::CMD_READ, "data chunk for a non-read");
+                            assert_eq!(req.command, Command::Read, "data chunk for a non-read");
                             assert_eq!(off, req.offset, "data chunk offset");
                             assert_eq!(data.len() - 8, req.length as usize, "data chunk length");
                         }
@@ -430,7 +430,7 @@ fn judge_transmission(input: &[u8], out: &[u8], structured: bool) {
                     proto::REPLY_TYPE_NONE => {
                         assert!(data.is_empty());
                         assert!(
-                            req.is_none_or(|r| r.kind == proto::CMD_READ),
+                            req.is_none_or(|r| r.command == Command::Read),
                             "NONE chunk for a non-read"
                         );
                     }

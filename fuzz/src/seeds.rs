@@ -2,7 +2,7 @@
 //! target. `cargo run --example make_seeds` writes them under `corpus/`; the
 //! files are committed, so this only needs running when the shapes change.
 
-use cowsnap_worker::nbd::proto::{self, RequestHeader};
+use cowsnap_worker::nbd::proto::{self, Command, RequestHeader};
 
 use crate::nbd::{READ_ONLY, SNAPSHOT, VOLUME};
 
@@ -53,43 +53,43 @@ fn handshakes() -> Vec<(&'static str, Vec<u8>)> {
     seeds
 }
 
-fn request(b: &mut Vec<u8>, kind: u16, flags: u16, handle: u64, offset: u64, length: u32) {
+fn request(b: &mut Vec<u8>, command: Command, flags: u16, handle: u64, offset: u64, length: u32) {
     let h = RequestHeader {
         flags,
-        kind,
+        command,
         handle,
         offset,
         length,
     };
     b.extend_from_slice(&h.encode());
-    if kind == proto::CMD_WRITE {
+    if command == Command::Write {
         b.extend((0..length).map(|i| i as u8));
     }
 }
 
 fn transmissions() -> Vec<(&'static str, Vec<u8>)> {
     let mut b = vec![1u8]; // structured, the volume
-    request(&mut b, proto::CMD_WRITE, proto::CMD_FLAG_FUA, 1, 4096, 4096);
-    request(&mut b, proto::CMD_READ, 0, 2, 0, 8192);
+    request(&mut b, Command::Write, proto::CMD_FLAG_FUA, 1, 4096, 4096);
+    request(&mut b, Command::Read, 0, 2, 0, 8192);
     request(
         &mut b,
-        proto::CMD_WRITE_ZEROES,
+        Command::WriteZeroes,
         proto::CMD_FLAG_NO_HOLE,
         3,
         8192,
         4096,
     );
-    request(&mut b, proto::CMD_TRIM, 0, 4, 0, 512);
-    request(&mut b, proto::CMD_FLUSH, 0, 5, 0, 0);
-    request(&mut b, proto::CMD_READ, 0, 6, 1 << 40, 512);
-    request(&mut b, proto::CMD_DISC, 0, 7, 0, 0);
+    request(&mut b, Command::Trim, 0, 4, 0, 512);
+    request(&mut b, Command::Flush, 0, 5, 0, 0);
+    request(&mut b, Command::Read, 0, 6, 1 << 40, 512);
+    request(&mut b, Command::Disconnect, 0, 7, 0, 0);
     let mut s = vec![2u8]; // simple replies, the writable snapshot
-    request(&mut s, proto::CMD_WRITE, 0, 1, 512, 1024);
-    request(&mut s, proto::CMD_READ, 0, 2, 0, 4096);
-    request(&mut s, proto::CMD_READ, 0, 3, 3, 512);
+    request(&mut s, Command::Write, 0, 1, 512, 1024);
+    request(&mut s, Command::Read, 0, 2, 0, 4096);
+    request(&mut s, Command::Read, 0, 3, 3, 512);
     let mut r = vec![5u8]; // structured, read-only
-    request(&mut r, proto::CMD_WRITE, 0, 1, 0, 512);
-    request(&mut r, proto::CMD_READ, 0, 2, 0, 512);
+    request(&mut r, Command::Write, 0, 1, 0, 512);
+    request(&mut r, Command::Read, 0, 2, 0, 512);
     vec![("volume", b), ("snapshot-simple", s), ("read-only", r)]
 }
 

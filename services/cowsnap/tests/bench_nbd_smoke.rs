@@ -114,6 +114,18 @@ fn bench_nbd_quick_json_has_every_figure() {
             assert!((0.0..1.0).contains(&spread), "{id}: {s}");
         }
     }
+    // Server CPU per I/O of both sides, for every workload, in its order.
+    let cpu = report["server_cpu_per_io"]
+        .as_array()
+        .expect("server_cpu_per_io");
+    let ids: Vec<&str> = cpu.iter().filter_map(|c| c["workload"].as_str()).collect();
+    assert_eq!(ids, FIGURES, "{cpu:?}");
+    for c in cpu {
+        let ours = num(&c["ours_us"], "our server CPU µs per I/O");
+        let qemu = num(&c["qemu_nbd_us"], "qemu-nbd's CPU µs per I/O");
+        let ratio = num(&c["ratio"], "CPU ours/qemu-nbd");
+        assert!((ratio - ours / qemu).abs() <= 1e-9 * ratio, "{c}");
+    }
     // Every fio run is listed: six workloads, three sides, every round.
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), FIGURES.len() * 3 * rounds);

@@ -86,22 +86,6 @@ impl Ring {
     /// Sets up a ring and its thread; fails where io_uring is unavailable
     /// (old kernel, seccomp, `io_uring_disabled`).
     pub fn start() -> io::Result<Ring> {
-        let ring = IoUring::new(RING_ENTRIES)?;
-        // Probe that the opcodes we need exist (Read/Write need Linux 5.6).
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for (code, name) in [
-            (opcode::Read::CODE, "read"),
-            (opcode::Write::CODE, "write"),
-            (opcode::Fsync::CODE, "fsync"),
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring lacks the {name} opcode"),
-                ));
-            }
-        }
         // SAFETY: eventfd returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -115,9 +99,23 @@ impl Ring {
             closed: AtomicBool::new(false),
         });
         let s = shared.clone();
+        // The ring is made on its thread: with `SINGLE_ISSUER` only the
+        // thread that made it may submit.
+        let (made_tx, made_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("cowsnap-uring".into())
-            .spawn(move || run(ring, s))?;
+            .spawn(move || match new_ring() {
+                Ok(ring) => {
+                    let _ = made_tx.send(Ok(()));
+                    run(ring, s)
+                }
+                Err(e) => {
+                    let _ = made_tx.send(Err(e));
+                }
+            })?;
+        made_rx
+            .recv()
+            .map_err(|_| io::Error::other("the io_uring thread ended at start"))??;
         Ok(Ring {
             handle: Arc::new(Handle { shared }),
             sync_pool: Pool::with_threads(SYNC_THREADS),
@@ -167,6 +165,45 @@ pub fn linked_pair_fits(file: &File) -> bool {
         }
     }
     false
+}
+
+/// A ring for the calling thread, which alone submits to it and reaps it:
+/// `SINGLE_ISSUER` and `DEFER_TASKRUN` (Linux 6.1) let the kernel run the
+/// completion work only when that thread waits for completions, instead of
+/// interrupting it for each one; `COOP_TASKRUN` (5.19) is the fallback, a
+/// plain ring the last resort. Fails where io_uring is unavailable, or lacks
+/// an opcode we use.
+fn new_ring() -> io::Result<IoUring> {
+    // `TASKRUN_FLAG`: the kernel says when completion work waits, so that a
+    // submission that does not wait (`submit_and_wait(0)`) runs it too.
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .build(RING_ENTRIES)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag()
+                .build(RING_ENTRIES)
+        })
+        .or_else(|_| IoUring::new(RING_ENTRIES))?;
+    // Probe that the opcodes we need exist (Read/Write need Linux 5.6).
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::Read::CODE, "read"),
+        (opcode::Write::CODE, "write"),
+        (opcode::Fsync::CODE, "fsync"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks the {name} opcode"),
+            ));
+        }
+    }
+    Ok(ring)
 }
 
 pub struct UringFile {
@@ -272,6 +309,9 @@ fn sqe_for(f: &InFlight) -> squeue::Entry {
 
 fn run(mut ring: IoUring, shared: Arc<Shared>) {
     let mut slots: Vec<Option<InFlight>> = Vec::new();
+    // Reused on every turn of the loop.
+    let mut new: Vec<(Arc<File>, Request)> = Vec::new();
+    let mut cqes: Vec<(u64, i32)> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut backlog: VecDeque<usize> = VecDeque::new();
     let mut in_ring = 0usize;
@@ -292,13 +332,8 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
 
     loop {
         // Take new requests.
-        let new: Vec<_> = shared
-            .queue
-            .lock()
-            .expect("uring queue")
-            .drain(..)
-            .collect();
-        for (file, req) in new {
+        new.extend(shared.queue.lock().expect("uring queue").drain(..));
+        for (file, req) in new.drain(..) {
             let f = InFlight {
                 file,
                 req,
@@ -369,11 +404,8 @@ fn run(mut ring: IoUring, shared: Arc<Shared>) {
         }
         shared.sleeping.store(false, Ordering::SeqCst);
 
-        let cqes: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        'cqes: for (ud, res) in cqes {
+        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        'cqes: for (ud, res) in cqes.drain(..) {
             if ud == WAKE {
                 arm_wake(&mut ring, &mut wake_buf);
                 continue;

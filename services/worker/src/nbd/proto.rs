@@ -61,13 +61,88 @@ pub const INFO_NAME: u16 = 1;
 pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-// Commands.
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
+/// A transmission command: the request header's type field, parsed once
+/// when the header is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `NBD_CMD_READ` (0).
+    Read,
+    /// `NBD_CMD_WRITE` (1): the only command with a payload.
+    Write,
+    /// `NBD_CMD_DISC` (2): never answered.
+    Disconnect,
+    /// `NBD_CMD_FLUSH` (3).
+    Flush,
+    /// `NBD_CMD_TRIM` (4).
+    Trim,
+    /// `NBD_CMD_WRITE_ZEROES` (6).
+    WriteZeroes,
+    /// A type this server does not speak (`NBD_CMD_CACHE`,
+    /// `NBD_CMD_BLOCK_STATUS`, anything else): refused with `EINVAL`.
+    Unknown(u16),
+}
+
+impl Command {
+    pub fn from_code(code: u16) -> Command {
+        match code {
+            0 => Command::Read,
+            1 => Command::Write,
+            2 => Command::Disconnect,
+            3 => Command::Flush,
+            4 => Command::Trim,
+            6 => Command::WriteZeroes,
+            other => Command::Unknown(other),
+        }
+    }
+
+    /// The type field on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            Command::Read => 0,
+            Command::Write => 1,
+            Command::Disconnect => 2,
+            Command::Flush => 3,
+            Command::Trim => 4,
+            Command::WriteZeroes => 6,
+            Command::Unknown(code) => code,
+        }
+    }
+
+    /// Name of the command, for logs and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Read => "read",
+            Command::Write => "write",
+            Command::Disconnect => "disconnect",
+            Command::Flush => "flush",
+            Command::Trim => "trim",
+            Command::WriteZeroes => "write-zeroes",
+            Command::Unknown(_) => "unknown command",
+        }
+    }
+
+    /// The command flags a request of this command may carry; `None` for a
+    /// command that is not served (unknown, or a disconnect, which is never
+    /// a request to run).
+    pub fn allowed_flags(self) -> Option<u16> {
+        match self {
+            Command::Read | Command::Write | Command::Trim | Command::Flush => Some(CMD_FLAG_FUA),
+            Command::WriteZeroes => Some(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE),
+            Command::Disconnect | Command::Unknown(_) => None,
+        }
+    }
+
+    /// Changes the export's content (refused on a read-only export).
+    pub fn modifies(self) -> bool {
+        matches!(self, Command::Write | Command::Trim | Command::WriteZeroes)
+    }
+
+    /// Carries data in one buffer, either way (a write's payload, a read's
+    /// reply): limited to `MAX_PAYLOAD` bytes and held in the buffer budget.
+    pub fn moves_data(self) -> bool {
+        matches!(self, Command::Read | Command::Write)
+    }
+}
 
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
@@ -118,7 +193,7 @@ pub fn nbd_errno(errno: i32) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHeader {
     pub flags: u16,
-    pub kind: u16,
+    pub command: Command,
     pub handle: u64,
     pub offset: u64,
     pub length: u32,
@@ -133,7 +208,7 @@ impl RequestHeader {
         }
         Ok(RequestHeader {
             flags: u16::from_be_bytes(b[4..6].try_into().expect("2 bytes")),
-            kind: u16::from_be_bytes(b[6..8].try_into().expect("2 bytes")),
+            command: Command::from_code(u16::from_be_bytes(b[6..8].try_into().expect("2 bytes"))),
             handle: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
             offset: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
             length: u32::from_be_bytes(b[24..28].try_into().expect("4 bytes")),
@@ -145,24 +220,11 @@ impl RequestHeader {
         let mut b = Vec::with_capacity(REQUEST_LEN);
         put_u32(&mut b, REQUEST_MAGIC);
         put_u16(&mut b, self.flags);
-        put_u16(&mut b, self.kind);
+        put_u16(&mut b, self.command.code());
         put_u64(&mut b, self.handle);
         put_u64(&mut b, self.offset);
         put_u32(&mut b, self.length);
         b.try_into().expect("28 bytes")
-    }
-}
-
-/// Name of a command, for logs.
-pub fn command_name(kind: u16) -> &'static str {
-    match kind {
-        CMD_READ => "read",
-        CMD_WRITE => "write",
-        CMD_DISC => "disconnect",
-        CMD_FLUSH => "flush",
-        CMD_TRIM => "trim",
-        CMD_WRITE_ZEROES => "write-zeroes",
-        _ => "unknown command",
     }
 }
 
@@ -267,7 +329,7 @@ mod tests {
     fn request_header_round_trips() {
         let h = RequestHeader {
             flags: CMD_FLAG_FUA,
-            kind: CMD_WRITE,
+            command: Command::Write,
             handle: 0x0102_0304_0506_0708,
             offset: 1 << 40,
             length: 65536,
@@ -276,6 +338,26 @@ mod tests {
         let mut bad = h.encode();
         bad[0] ^= 0xff;
         assert!(RequestHeader::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn commands_round_trip_through_their_codes() {
+        for code in 0..=u16::MAX {
+            assert_eq!(Command::from_code(code).code(), code);
+        }
+        assert_eq!(Command::from_code(5), Command::Unknown(5));
+        assert_eq!(Command::from_code(7), Command::Unknown(7));
+        assert_eq!(Command::from_code(6), Command::WriteZeroes);
+        let mut h = RequestHeader {
+            flags: 0,
+            command: Command::Unknown(99),
+            handle: 1,
+            offset: 0,
+            length: 0,
+        };
+        assert_eq!(RequestHeader::parse(&h.encode()), Ok(h));
+        h.command = Command::Disconnect;
+        assert_eq!(&h.encode()[6..8], &2u16.to_be_bytes());
     }
 
     #[test]

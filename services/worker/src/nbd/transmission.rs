@@ -1,12 +1,15 @@
 //! The transmission phase: the request loop of one connection.
 //!
 //! One reader (this task) takes requests off the socket, receiving write
-//! payloads straight into the [`AlignedBuf`] the engine writes from. Each
-//! request then runs as its own task, at most [`MAX_IN_FLIGHT`] at a time and
+//! payloads straight into the [`AlignedBuf`] the engine writes from. The
+//! requests then run concurrently, at most [`MAX_IN_FLIGHT`] at a time and
 //! [`Quotas::per_connection_bytes`] of buffers, so replies come back in
-//! whatever order the engine finishes them. Every reply goes through one
-//! writer task, so replies never interleave; read data goes from the
-//! engine's buffer to the socket without another copy.
+//! whatever order the engine finishes them. They run inside this task (a
+//! set of futures it polls while it waits on the socket), not as a task
+//! each: a request's work between its I/Os is short, and a spawn and a
+//! cross-thread wake-up per request cost more CPU than it. Every reply goes
+//! through one writer task, so replies never interleave and a client that
+//! does not read its replies never blocks the reading of its requests.
 //!
 //! Memory: a read or write takes its length from the process's buffer
 //! budget ([`Quotas::reserve`]) before its buffer is allocated, and gives it
@@ -27,17 +30,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cowsnap_store::{AlignedBuf, AllocError, Target};
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::handshake::Negotiated;
 use super::limits::{Budget, Quotas};
-use super::proto::{self, RequestHeader};
+use super::proto::{self, Command, RequestHeader};
 use super::{ConnError, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::exports::Export;
 
@@ -71,7 +74,7 @@ enum Body {
 /// holds until it is written.
 struct Reply {
     handle: u64,
-    kind: u16,
+    command: Command,
     body: Body,
     _held: Held,
 }
@@ -151,12 +154,12 @@ where
         quotas.limits().idle_timeout,
         writer_gone.clone(),
     ));
-    let tasks = TaskTracker::new();
+    let mut running = FuturesUnordered::new();
     let ended = read_requests(
         &mut rd,
         &conn,
         &tx,
-        &tasks,
+        &mut running,
         &quotas,
         &shutdown,
         &writer_gone,
@@ -165,8 +168,7 @@ where
     drop(rd);
 
     // Whatever ended the loop, the requests already taken are answered.
-    tasks.close();
-    tasks.wait().await;
+    while running.next().await.is_some() {}
     if conn.dirty.swap(false, Ordering::AcqRel)
         && let Err(e) = conn.export.origin.flush().await
     {
@@ -209,12 +211,23 @@ where
     written.map_err(ConnError::from)
 }
 
-/// Reads requests and starts a task for each until the connection ends.
+/// A request being served: it ends once its reply is queued for the writer.
+type Running = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the requests in `running` until one ends (never, while none runs).
+async fn next_done(running: &mut FuturesUnordered<Running>) {
+    if running.next().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads requests and starts each in `running`, which it polls meanwhile,
+/// until the connection ends; the requests still running are left there.
 async fn read_requests<R>(
     rd: &mut BufReader<R>,
     conn: &Arc<Conn>,
     tx: &mpsc::UnboundedSender<Reply>,
-    tasks: &TaskTracker,
+    running: &mut FuturesUnordered<Running>,
     quotas: &Arc<Quotas>,
     shutdown: &CancellationToken,
     writer_gone: &CancellationToken,
@@ -231,14 +244,18 @@ where
         let got = {
             let header = read_header(rd, &mut raw);
             tokio::pin!(header);
+            let idle_sleep = sleep_or_never(idle);
+            tokio::pin!(idle_sleep);
             loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(End::Shutdown),
                     _ = writer_gone.cancelled() => return Ok(End::WriterGone),
                     _ = conn.export.closed.cancelled() => return Ok(End::Closed),
+                    _ = next_done(running) => {}
                     r = &mut header => break r?,
-                    _ = sleep_or_never(idle) => {
+                    _ = &mut idle_sleep => {
+                        idle_sleep.set(sleep_or_never(idle));
                         // Idle: nothing received for that long, and nothing
                         // in flight (a request not yet answered, or a reply
                         // not yet written, keeps the connection busy).
@@ -258,21 +275,29 @@ where
                 proto::REQUEST_MAGIC
             ))
         })?;
-        if req.kind == proto::CMD_DISC {
+        if req.command == Command::Disconnect {
             return Ok(End::Disconnect);
         }
 
         // Reads and writes hold their buffer's size in the budget.
-        let bytes = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
-            _ => 0,
+        let bytes = if req.command.moves_data() && req.length <= MAX_PAYLOAD {
+            req.length as usize
+        } else {
+            0
         };
-        let (held, fits) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(End::Shutdown),
-            _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-            _ = conn.export.closed.cancelled() => return Ok(End::Closed),
-            h = admit(&slots, &shares, quotas, bytes) => h,
+        let (held, fits) = {
+            let admitted = admit(&slots, &shares, quotas, bytes);
+            tokio::pin!(admitted);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                    _ = writer_gone.cancelled() => return Ok(End::WriterGone),
+                    _ = conn.export.closed.cancelled() => return Ok(End::Closed),
+                    _ = next_done(running) => {}
+                    h = &mut admitted => break h,
+                }
+            }
         };
         let mut early = None;
         if !fits {
@@ -286,12 +311,19 @@ where
             ));
         }
 
-        let payload = if req.kind == proto::CMD_WRITE {
+        let payload = if req.command == Command::Write {
             let keep = early.is_none() && req.length <= MAX_PAYLOAD;
-            let got = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                p = read_payload(rd, req.length, keep) => p?,
+            let got = {
+                let payload = read_payload(rd, req.length, keep);
+                tokio::pin!(payload);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                        _ = next_done(running) => {}
+                        p = &mut payload => break p?,
+                    }
+                }
             };
             match got {
                 Payload::Data(buf) => Some(buf),
@@ -307,7 +339,7 @@ where
 
         let conn = conn.clone();
         let tx = tx.clone();
-        tasks.spawn(async move {
+        running.push(Box::pin(async move {
             let body = match early {
                 Some(refused) => refused,
                 None => AssertUnwindSafe(execute(&conn, &req, payload))
@@ -315,7 +347,7 @@ where
                     .await
                     .unwrap_or_else(|_| {
                         let (peer, export) = (&conn.peer, &conn.export.name);
-                        let cmd = proto::command_name(req.kind);
+                        let cmd = req.command.name();
                         tracing::error!(%peer, %export, "NBD: {cmd} request from {peer} panicked");
                         Body::Error {
                             errno: proto::EIO,
@@ -327,11 +359,11 @@ where
             // The writer is gone only when the connection is.
             let _ = tx.send(Reply {
                 handle: req.handle,
-                kind: req.kind,
+                command: req.command,
                 body,
                 _held: held,
             });
-        });
+        }));
     }
 }
 
@@ -460,7 +492,7 @@ impl Conn {
         let message = format!(
             "{}: {} at {} length {}: {why}",
             self.export.name,
-            proto::command_name(req.kind),
+            req.command.name(),
             req.offset,
             req.length
         );
@@ -477,18 +509,12 @@ impl Conn {
     /// Checks a request against the protocol and the export before it
     /// reaches the engine.
     fn validate(&self, req: &RequestHeader) -> Result<(), Body> {
-        let allowed = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_FLUSH => {
-                proto::CMD_FLAG_FUA
-            }
-            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
-            other => {
-                return Err(self.error(
-                    req,
-                    proto::EINVAL,
-                    format_args!("unknown command {other}"),
-                ));
-            }
+        let Some(allowed) = req.command.allowed_flags() else {
+            return Err(self.error(
+                req,
+                proto::EINVAL,
+                format_args!("unknown command {}", req.command.code()),
+            ));
         };
         if req.flags & !allowed != 0 {
             return Err(self.error(
@@ -500,24 +526,21 @@ impl Conn {
                 ),
             ));
         }
-        let writes = matches!(
-            req.kind,
-            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
-        );
+        let writes = req.command.modifies();
         if writes && !self.export.writable {
             return Err(self.error(req, proto::EPERM, "the export is read-only"));
         }
         if writes && self.export.closed.is_cancelled() {
             return Err(self.error(req, proto::ESHUTDOWN, "the export is closed"));
         }
-        if req.kind == proto::CMD_FLUSH {
+        if req.command == Command::Flush {
             return Ok(());
         }
         let (off, len) = (req.offset, u64::from(req.length));
         if len == 0 {
             return Err(self.error(req, proto::EINVAL, "zero length"));
         }
-        if matches!(req.kind, proto::CMD_READ | proto::CMD_WRITE) && req.length > MAX_PAYLOAD {
+        if req.command.moves_data() && req.length > MAX_PAYLOAD {
             return Err(self.error(
                 req,
                 proto::EINVAL,
@@ -532,7 +555,7 @@ impl Conn {
             ));
         }
         if off.checked_add(len).is_none_or(|end| end > self.size) {
-            let errno = if matches!(req.kind, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
+            let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) {
                 proto::ENOSPC
             } else {
                 proto::EINVAL
@@ -552,7 +575,7 @@ impl Conn {
         let request = format!(
             "{}: {} at {} length {}",
             self.export.name,
-            proto::command_name(req.kind),
+            req.command.name(),
             req.offset,
             req.length
         );
@@ -564,8 +587,8 @@ impl Conn {
         // Where the I/O failed, when the engine says so in export terms (an
         // origin device offset); otherwise the request's start, which makes
         // no claim that any part of it succeeded.
-        let offset = match req.kind {
-            proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM => {
+        let offset = match req.command {
+            Command::Read | Command::Write | Command::Trim => {
                 let end = req.offset + u64::from(req.length);
                 let at = match (&e, self.export.target) {
                     (cowsnap_store::Error::Io { device, offset, .. }, Target::Origin)
@@ -596,33 +619,21 @@ async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) 
     let export = &conn.export;
     let (t, off, len) = (export.target, req.offset, u64::from(req.length));
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-    let done = match req.kind {
-        proto::CMD_READ => {
+    let done = match req.command {
+        Command::Read => {
             return match export.origin.read(t, off, len).await {
                 Ok(buf) => Body::Data { offset: off, buf },
                 Err(e) => conn.engine_error(req, e),
             };
         }
-        proto::CMD_WRITE => {
-            let Some(buf) = payload else {
-                return conn.error(req, proto::EINVAL, "no payload");
-            };
-            let r = export.origin.write(t, off, buf, fua).await;
-            if r.is_ok() && !fua {
-                conn.dirty.store(true, Ordering::Release);
-            }
-            r
-        }
-        proto::CMD_WRITE_ZEROES => {
-            let r = export.origin.write_zeroes(t, off, len, fua).await;
-            if r.is_ok() && !fua {
-                conn.dirty.store(true, Ordering::Release);
-            }
-            r
-        }
+        Command::Write => match payload {
+            Some(buf) => export.origin.write(t, off, buf, fua).await,
+            None => return conn.error(req, proto::EINVAL, "no payload"),
+        },
+        Command::WriteZeroes => export.origin.write_zeroes(t, off, len, fua).await,
         // The engine's discard writes nothing, so FUA has nothing to do.
-        proto::CMD_TRIM => export.origin.discard(t, off, len).await,
-        proto::CMD_FLUSH => {
+        Command::Trim => export.origin.discard(t, off, len).await,
+        Command::Flush => {
             // Writes that complete from here on mark the connection dirty
             // again; the ones before are covered by this flush.
             let was = conn.dirty.swap(false, Ordering::AcqRel);
@@ -632,10 +643,21 @@ async fn execute(conn: &Conn, req: &RequestHeader, payload: Option<AlignedBuf>) 
             }
             r
         }
-        other => return conn.error(req, proto::EINVAL, format_args!("unknown command {other}")),
+        // Never reached: `validate` refuses every command without allowed
+        // flags, and the reader ends the connection on a disconnect.
+        Command::Disconnect | Command::Unknown(_) => {
+            return conn.error(req, proto::EINVAL, "not a command to run");
+        }
     };
     match done {
-        Ok(()) => Body::Done,
+        Ok(()) => {
+            // A write that is not yet durable: flush it at close at the
+            // latest.
+            if matches!(req.command, Command::Write | Command::WriteZeroes) && !fua {
+                conn.dirty.store(true, Ordering::Release);
+            }
+            Body::Done
+        }
         Err(e) => conn.engine_error(req, e),
     }
 }
@@ -652,10 +674,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     gone: CancellationToken,
 ) -> std::io::Result<()> {
     let r = async {
+        // Reply headers are built here, one at a time.
+        let mut head = Vec::with_capacity(64);
         while let Some(reply) = rx.recv().await {
-            unstalled(stall, write_reply(&mut w, reply, structured)).await?;
+            unstalled(stall, write_reply(&mut w, &mut head, reply, structured)).await?;
             while let Ok(reply) = rx.try_recv() {
-                unstalled(stall, write_reply(&mut w, reply, structured)).await?;
+                unstalled(stall, write_reply(&mut w, &mut head, reply, structured)).await?;
             }
             unstalled(stall, w.flush()).await?;
         }
@@ -689,6 +713,7 @@ async fn unstalled(
 
 async fn write_reply<W: AsyncWrite + Unpin>(
     w: &mut BufWriter<W>,
+    head: &mut Vec<u8>,
     reply: Reply,
     structured: bool,
 ) -> std::io::Result<()> {
@@ -703,42 +728,36 @@ async fn write_reply<W: AsyncWrite + Unpin>(
             }
         };
     }
-    let mut head = Vec::with_capacity(32);
+    head.clear();
     match reply.body {
         // Only reads must be answered with a structured reply; a simple one
         // is shorter for the rest.
-        Body::Done if reply.kind != proto::CMD_READ => {
+        Body::Done if reply.command != Command::Read => {
             w.write_all(&proto::simple_reply(0, h)).await
         }
         Body::Done => {
-            proto::structured_header(
-                &mut head,
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_NONE,
-                h,
-                0,
-            );
-            w.write_all(&head).await
+            proto::structured_header(head, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, h, 0);
+            w.write_all(head).await
         }
         Body::Error {
             errno,
             message,
             offset,
         } => {
-            proto::structured_error(&mut head, h, errno, &message, offset);
-            w.write_all(&head).await
+            proto::structured_error(head, h, errno, &message, offset);
+            w.write_all(head).await
         }
         Body::Data { offset, buf } => {
             // The data is all in hand: the one chunk is also the last.
             proto::structured_header(
-                &mut head,
+                head,
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_OFFSET_DATA,
                 h,
                 8 + buf.len() as u32,
             );
-            proto::put_u64(&mut head, offset);
-            w.write_all(&head).await?;
+            proto::put_u64(head, offset);
+            w.write_all(head).await?;
             w.write_all(&buf).await
         }
     }

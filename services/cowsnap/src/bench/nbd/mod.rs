@@ -6,7 +6,11 @@
 //! (fio's `nbd` engine for both servers, `io_uring` or `libaio` with
 //! `direct=1` on the raw file), and fio's JSON output is parsed. The volume
 //! file is the qcow2 overlay's backing file, so both servers read the same
-//! blocks.
+//! blocks. Each timed run has its server alone on the machine (our worker
+//! is started for it and stopped after it, qemu-nbd likewise), so that on a
+//! small machine neither side's idle threads or caches share the CPUs with
+//! the other's run; each side's server CPU per I/O (user + system, from
+//! `/proc/PID/stat`, over the run) is in the table.
 //!
 //! Every round starts afresh on each side (a new snapshot of the volume, a
 //! new overlay, a new sparse raw file) and runs the workloads in order, the
@@ -19,8 +23,8 @@
 //! sequential reads of that second half. A figure is the best of its rounds;
 //! the spread says how far the worst round fell below it.
 //!
-//! - [`rounds`]: the worker, the volume and the rounds, step by step;
-//! - [`run`]: one measured run of a workload on one side;
+//! - [`rounds`]: our worker, the volume and the rounds, step by step;
+//! - [`run`]: one measured run of a workload on one side, its server alone;
 //! - [`fio`]: the workloads and running fio;
 //! - [`peer`]: qemu-nbd and its overlays;
 //! - [`report`]: the figures, the table and the JSON.

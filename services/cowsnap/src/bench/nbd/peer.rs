@@ -1,6 +1,6 @@
 //! The peer `bench nbd` compares with: `qemu-nbd` serving a fresh qcow2
 //! overlay of the volume's file each round, started as a child process on
-//! a free port, its CPU read from `/proc`, stopped at the end of the round.
+//! a free port for each run, its CPU read from `/proc`, stopped after it.
 
 use std::fs::File;
 use std::io::Read as _;
@@ -153,8 +153,8 @@ impl QemuNbd {
     }
 
     /// CPU seconds (user + system) it used so far.
-    pub(super) fn cpu_secs(&self) -> f64 {
-        proc_cpu_secs(self.child.id()).unwrap_or(0.0)
+    pub(super) fn cpu_secs(&self) -> Option<f64> {
+        proc_cpu_secs(self.child.id())
     }
 
     pub(super) fn stop(&mut self) {
@@ -187,7 +187,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// User + system CPU seconds of a process, from `/proc/PID/stat`.
-fn proc_cpu_secs(pid: u32) -> Option<f64> {
+pub(super) fn proc_cpu_secs(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();

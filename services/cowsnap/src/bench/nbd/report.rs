@@ -76,6 +76,18 @@ struct ClientInfo {
     seed: u64,
 }
 
+/// Server CPU per I/O of one workload, the mean of its rounds.
+#[derive(Debug, Serialize)]
+pub(super) struct CpuPerIo {
+    workload: &'static str,
+    /// µs of user + system CPU of our process per I/O.
+    ours_us: f64,
+    /// µs of user + system CPU of the qemu-nbd process per I/O.
+    qemu_nbd_us: f64,
+    /// ours / qemu-nbd: below 1 is less CPU per I/O than qemu-nbd.
+    ratio: f64,
+}
+
 /// Everything one `bench nbd` run measured.
 #[derive(Debug, Serialize)]
 pub(super) struct NbdReport {
@@ -93,6 +105,8 @@ pub(super) struct NbdReport {
     client: ClientInfo,
     preparation: String,
     pub(super) figures: Figures,
+    /// Server CPU per I/O, by workload.
+    server_cpu_per_io: Vec<CpuPerIo>,
     first_touch_random: EngineCounts,
     first_touch_sequential: EngineCounts,
     runs: Vec<RunRecord>,
@@ -151,7 +165,8 @@ impl NbdReport {
                 seed: SEED,
             },
             preparation: m.prep,
-            figures: figures(plan, &m.tally),
+            figures: figures(&m.tally),
+            server_cpu_per_io: cpu_per_io(&m.tally),
             first_touch_random: m.tally.ft_rand,
             first_touch_sequential: m.tally.ft_seq,
             runs: m.tally.runs,
@@ -164,7 +179,7 @@ impl NbdReport {
 
 /// Every workload's figure: ours against qemu-nbd, the raw file as the
 /// ceiling, with notes on server CPU and on what first touches copied.
-fn figures(plan: &Plan, t: &Tally) -> Figures {
+fn figures(t: &Tally) -> Figures {
     let mut figures = Figures::default();
     for (wi, w) in WORKLOADS.iter().enumerate() {
         let rounds: Vec<Rounds> = SIDES
@@ -178,17 +193,11 @@ fn figures(plan: &Plan, t: &Tally) -> Figures {
         } else {
             "raw file, fresh"
         };
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let mut note = format!(
-            "server CPU per I/O (mean of {} rounds): ours {:.1} µs, qemu-nbd {:.1} µs",
-            plan.rounds,
-            mean(&t.cpu[wi][0]),
-            mean(&t.cpu[wi][1])
-        );
+        let mut note = String::new();
         if w.kind == Kind::FirstTouch {
             let c = &t.ft_rand;
             note.push_str(&format!(
-                "; {} writes copied {} chunks ({:.0}% first touches of a chunk) in {} commits, qcow2 allocated ≈{} clusters",
+                "{} writes copied {} chunks ({:.0}% first touches of a chunk) in {} commits, qcow2 allocated ≈{} clusters",
                 c.writes,
                 c.chunks_copied,
                 100.0 * c.chunks_copied as f64 / c.writes.max(1) as f64,
@@ -198,26 +207,48 @@ fn figures(plan: &Plan, t: &Tally) -> Figures {
         } else if w.kind == Kind::Fill {
             let c = &t.ft_seq;
             note.push_str(&format!(
-                "; {} chunks copied in {} commits ({:.1} exceptions per commit)",
+                "{} chunks copied in {} commits ({:.1} exceptions per commit)",
                 c.chunks_copied, c.commits, c.exceptions_per_commit
             ));
         }
-        figures.push(
-            w.id,
-            Figure::new(
-                w.label,
-                rounds[0].best,
-                unit,
-                rounds[1].best,
-                "qemu-nbd",
-                Goal::ratio_at_least(w.goal),
-            )
-            .ceiling(rounds[2].best, ceiling)
-            .rounds(rounds)
-            .note(note),
-        );
+        let mut figure = Figure::new(
+            w.label,
+            rounds[0].best,
+            unit,
+            rounds[1].best,
+            "qemu-nbd",
+            Goal::ratio_at_least(w.goal),
+        )
+        .ceiling(rounds[2].best, ceiling)
+        .rounds(rounds);
+        if !note.is_empty() {
+            figure = figure.note(note);
+        }
+        figures.push(w.id, figure);
     }
     figures
+}
+
+/// Mean of some rounds' values (0 for none).
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Every workload's server CPU per I/O, ours and qemu-nbd's.
+fn cpu_per_io(t: &Tally) -> Vec<CpuPerIo> {
+    WORKLOADS
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| {
+            let (ours, qemu) = (mean(&t.cpu[wi][0]), mean(&t.cpu[wi][1]));
+            CpuPerIo {
+                workload: w.id,
+                ours_us: ours,
+                qemu_nbd_us: qemu,
+                ratio: if qemu > 0.0 { ours / qemu } else { 0.0 },
+            }
+        })
+        .collect()
 }
 
 /// The report as a table.
@@ -280,7 +311,8 @@ pub(super) fn table(r: &NbdReport) -> String {
         .figures
         .0
         .iter()
-        .map(|(_, f)| {
+        .zip(&r.server_cpu_per_io)
+        .map(|((_, f), cpu)| {
             vec![
                 f.label.clone(),
                 cell(f, 0),
@@ -288,6 +320,9 @@ pub(super) fn table(r: &NbdReport) -> String {
                 cell(f, 2),
                 format!("{:.2}", f.ratio),
                 format!("{:.2}", f.ceiling_ratio.unwrap_or(0.0)),
+                format!("{:.1}", cpu.ours_us),
+                format!("{:.1}", cpu.qemu_nbd_us),
+                format!("{:.2}", cpu.ratio),
                 f.target_text.clone().unwrap_or_else(|| "-".into()),
                 f.result.to_string(),
             ]
@@ -301,15 +336,20 @@ pub(super) fn table(r: &NbdReport) -> String {
             "raw",
             "ours/qemu",
             "ours/raw",
+            "ours CPU µs/IO",
+            "qemu CPU µs/IO",
+            "CPU ours/qemu",
             "target",
             "result",
         ],
         &rows,
-        &[1, 2, 3, 4, 5],
+        &[1, 2, 3, 4, 5, 6, 7, 8],
     ));
     let _ = writeln!(
         o,
-        "(each figure is the best of {} round(s); in brackets its spread, (best − worst) / best)",
+        "(each figure is the best of {} round(s); in brackets its spread, (best − worst) / best; CPU µs/IO is the \
+         server process's user + system CPU (/proc/PID/stat) over the timed run divided by fio's I/Os, the mean of \
+         the rounds; no other server of the bench ran during a run)",
         r.rounds
     );
     let _ = writeln!(o);

@@ -1,8 +1,9 @@
-//! The measurement of `bench nbd`: the worker started in this process, the
-//! volume written once, then the rounds. Each round starts afresh on every
-//! side (a new snapshot, a new overlay served by a new qemu-nbd, a new
-//! sparse raw file), runs every workload on every side in turn, adds what
-//! each run measured to the tally, and cleans up.
+//! The measurement of `bench nbd`: our worker (in this process, started
+//! only for the steps that need it), the volume written once, then the
+//! rounds. Each round starts afresh on every side (a new snapshot, a new
+//! qcow2 overlay, a new sparse raw file), runs every workload on every side
+//! in turn, each run with its server alone (see [`run`](super::run)), adds
+//! what each run measured to the tally, and cleans up.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,7 +56,90 @@ pub(super) struct Measured {
     pub(super) qemu_cmd: String,
 }
 
-/// Starts the worker in `dir`, runs the rounds, stops the worker.
+/// Our worker: not running between steps. It is started for each step
+/// that needs it (writing the volume, a round's snapshot, one of our timed
+/// runs) and stopped after, so that no server of ours is alive while
+/// qemu-nbd or the raw file is measured, and no qemu-nbd while ours is.
+pub(super) struct Ours {
+    cfg: WorkerConfig,
+    opts: ServeOptions,
+}
+
+/// Our worker, running.
+pub(super) struct Up {
+    running: RunningWorker,
+    shutdown: CancellationToken,
+    pub(super) worker: Arc<Worker>,
+}
+
+impl Ours {
+    fn new(args: &NbdArgs, dir: &Path) -> anyhow::Result<Ours> {
+        Ok(Ours {
+            cfg: WorkerConfig {
+                data_dir: dir.join("worker"),
+                node: "bench".into(),
+                nbd_uri: String::new(),
+                device_allow: Vec::new(),
+                io: args.io,
+            },
+            opts: ServeOptions {
+                grpc_listen: "127.0.0.1:0".parse().map_err(|e: String| anyhow!(e))?,
+                nbd_listen: NbdListen::Tcp("127.0.0.1:0".into()),
+                nbd_advertise: None,
+                nbd_tls: None,
+                nbd_limits: Default::default(),
+                tls: None,
+            },
+        })
+    }
+
+    /// Starts the worker (it loads the volume and its snapshot from their
+    /// files, as after any restart).
+    pub(super) async fn up(&self) -> anyhow::Result<Up> {
+        let shutdown = CancellationToken::new();
+        let running = start(self.cfg.clone(), self.opts.clone(), shutdown.clone())
+            .await
+            .context("starting the worker")?;
+        Ok(Up {
+            worker: running.worker.clone(),
+            running,
+            shutdown,
+        })
+    }
+}
+
+impl Up {
+    /// The volume's engine, for its commit counters.
+    pub(super) fn origin(&self) -> anyhow::Result<Arc<Origin>> {
+        Ok(self
+            .worker
+            .exports()
+            .get(EXPORT)
+            .ok_or_else(|| anyhow!("{EXPORT} is not exported"))?
+            .origin
+            .clone())
+    }
+
+    /// The volume's export.
+    pub(super) fn uri(&self) -> String {
+        self.running.nbd.uri(EXPORT)
+    }
+
+    /// Stops the worker and waits until it has flushed and let go of
+    /// everything.
+    pub(super) async fn down(self) -> anyhow::Result<()> {
+        let Up {
+            running,
+            shutdown,
+            worker,
+        } = self;
+        drop(worker);
+        shutdown.cancel();
+        running.wait().await.context("stopping the worker")
+    }
+}
+
+/// Writes the volume once, then runs the rounds.
 pub(super) async fn measure(
     args: &NbdArgs,
     plan: &Plan,
@@ -68,30 +152,8 @@ pub(super) async fn measure(
             eprintln!("  .. {m}");
         }
     };
-    let shutdown = CancellationToken::new();
-    let running: RunningWorker = start(
-        WorkerConfig {
-            data_dir: dir.join("worker"),
-            node: "bench".into(),
-            nbd_uri: String::new(),
-            device_allow: Vec::new(),
-            io: args.io,
-        },
-        ServeOptions {
-            grpc_listen: "127.0.0.1:0".parse().map_err(|e: String| anyhow!(e))?,
-            nbd_listen: NbdListen::Tcp("127.0.0.1:0".into()),
-            nbd_advertise: None,
-            nbd_tls: None,
-            nbd_limits: Default::default(),
-            tls: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .context("starting the worker")?;
-    let result = rounds(args, plan, layout, tools, dir, &running, &say).await;
-    shutdown.cancel();
-    running.wait().await.context("stopping the worker")?;
+    let ours = Ours::new(args, dir)?;
+    let result = rounds(args, plan, layout, tools, dir, ours, &say).await;
     Ok(NbdReport::new(args, plan, layout, tools, dir, result?))
 }
 
@@ -101,34 +163,29 @@ async fn rounds(
     layout: Layout,
     tools: &Tools,
     dir: &Path,
-    running: &RunningWorker,
+    ours: Ours,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Measured> {
-    let worker = running.worker.clone();
-    let backend = worker.backend_name();
+    let up = ours.up().await?;
+    let backend = up.worker.backend_name();
     let raw_eng = fio::raw_engine(backend);
-    let (base, fill) = prepare_volume(&worker, plan, layout, &tools.fio, raw_eng, say).await?;
+    let prepared = prepare_volume(&up.worker, plan, layout, &tools.fio, raw_eng, say).await;
+    up.down().await?;
+    let (base, fill) = prepared?;
     let prep = format!(
         "the volume file ({} MiB) written once with fio ({raw_eng}, direct=1, 1 MiB, {:.0} MB/s) and flushed; it is also every \
-         overlay's backing file. Each round: a new snapshot of the volume (the previous one deleted), a new qcow2 overlay with \
-         qemu-nbd started on it, a new sparse raw file",
+         overlay's backing file. Each round: a new snapshot of the volume (the previous one deleted), a new qcow2 overlay, a new \
+         sparse raw file. Each timed run has its server to itself: our worker is started before it and stopped after it (it \
+         loads the volume and snapshot from their files), qemu-nbd likewise",
         plan.size >> 20,
         fill.bw_bytes / 1e6
     );
-    let origin = worker
-        .exports()
-        .get(EXPORT)
-        .ok_or_else(|| anyhow!("{EXPORT} is not exported"))?
-        .origin
-        .clone();
     let mut bench = Bench {
         plan,
         chunk_bytes: layout.chunk_bytes(),
         dir,
         fio: &tools.fio,
-        worker: worker.clone(),
-        origin,
-        ours_uri: running.nbd.uri(EXPORT),
+        ours,
         raw_eng,
         base,
         peer: Peer::new(tools, &args.qemu_aio, backend),
@@ -148,7 +205,10 @@ async fn rounds(
         bench.end_round(round).await?;
     }
     if let Some(p) = prev_snap.take() {
-        worker.delete_snapshot(&p).await?;
+        let up = bench.ours.up().await?;
+        let deleted = up.worker.delete_snapshot(&p).await;
+        up.down().await?;
+        deleted?;
     }
     for c in [&mut tally.ft_rand, &mut tally.ft_seq] {
         c.exceptions_per_commit = c.chunks_copied as f64 / c.commits.max(1) as f64;
@@ -207,10 +267,8 @@ pub(super) struct Bench<'a> {
     pub(super) chunk_bytes: u64,
     pub(super) dir: &'a Path,
     pub(super) fio: &'a Path,
-    pub(super) worker: Arc<Worker>,
-    /// The volume's engine, for its commit counters.
-    pub(super) origin: Arc<Origin>,
-    pub(super) ours_uri: String,
+    /// Our worker, started for each step that needs it.
+    pub(super) ours: Ours,
     /// fio's engine on the raw file.
     pub(super) raw_eng: &'static str,
     /// The volume's file, the overlays' backing file.
@@ -237,47 +295,27 @@ impl Bench<'_> {
             self.plan.rounds
         ));
         // Ours: a fresh snapshot, the only one.
-        if let Some(p) = prev {
-            self.worker
-                .delete_snapshot(&p)
-                .await
-                .with_context(|| format!("deleting {p}"))?;
-        }
-        let snap = self
-            .worker
-            .create_snapshot(&NewSnapshot {
-                parent: format!("volumes/{VOLUME_ID}"),
-                snapshot_id: format!("r{n}"),
-                ..NewSnapshot::default()
-            })
-            .await
-            .context("creating the snapshot")?;
-        // qemu-nbd: a fresh overlay.
+        let up = self.ours.up().await?;
+        let snap = fresh_snapshot(&up.worker, n, prev).await;
+        up.down().await?;
+        let snap = snap?;
+        // qemu-nbd: a fresh overlay, served only during its runs.
         let overlay = self.dir.join(format!("overlay{n}.qcow2"));
         self.peer
             .create_overlay(&self.base, &overlay, self.chunk_bytes, self.plan.size)?;
-        let stderr = self.dir.join("qemu-nbd.stderr");
-        let qemu = self.peer.start(&overlay, stderr, self.say)?;
-        let qemu_uri = format!("nbd://127.0.0.1:{}/{EXPORT}", qemu.port);
         // Raw: a fresh sparse file.
         let raw_file = sparse_file(&self.dir.join(format!("raw{n}.img")), self.plan.size)?;
         let mut sides = vec![
             SideState {
                 side: Side::Ours,
-                target: fio::nbd_target(&self.ours_uri),
-                qemu: None,
                 file: None,
             },
             SideState {
                 side: Side::QemuNbd,
-                target: fio::nbd_target(&qemu_uri),
-                qemu: Some(qemu),
                 file: Some(overlay.clone()),
             },
             SideState {
                 side: Side::Raw,
-                target: fio::raw_target(self.raw_eng, &raw_file),
-                qemu: None,
                 file: Some(raw_file.clone()),
             },
         ];
@@ -285,37 +323,57 @@ impl Bench<'_> {
         sides.rotate_left((n - 1) % SIDES.len());
         Ok(Round {
             n,
-            snap: snap.name,
+            snap,
             overlay,
             raw_file,
             sides,
         })
     }
 
-    /// Stops qemu-nbd, removes the round's files and checks that the
-    /// snapshot came through whole.
+    /// Removes the round's files and checks that the snapshot came through
+    /// whole.
     async fn end_round(&self, round: Round) -> anyhow::Result<()> {
         let Round {
             n,
             snap,
             overlay,
             raw_file,
-            mut sides,
+            ..
         } = round;
-        for st in &mut sides {
-            if let Some(q) = st.qemu.as_mut() {
-                q.stop();
-            }
-        }
-        drop(sides);
         std::fs::remove_file(&overlay)
             .with_context(|| format!("removing {}", overlay.display()))?;
         std::fs::remove_file(&raw_file)
             .with_context(|| format!("removing {}", raw_file.display()))?;
-        let st = self.worker.get_snapshot(&snap).await?;
+        let up = self.ours.up().await?;
+        let st = up.worker.get_snapshot(&snap).await;
+        up.down().await?;
+        let st = st?;
         if st.state != ResState::Ready {
             bail!("{snap} is {:?} after round {n}", st.state);
         }
         Ok(())
     }
+}
+
+/// Deletes `prev` and creates round `n`'s snapshot; returns its name.
+async fn fresh_snapshot(
+    worker: &Arc<Worker>,
+    n: usize,
+    prev: Option<String>,
+) -> anyhow::Result<String> {
+    if let Some(p) = prev {
+        worker
+            .delete_snapshot(&p)
+            .await
+            .with_context(|| format!("deleting {p}"))?;
+    }
+    let snap = worker
+        .create_snapshot(&NewSnapshot {
+            parent: format!("volumes/{VOLUME_ID}"),
+            snapshot_id: format!("r{n}"),
+            ..NewSnapshot::default()
+        })
+        .await
+        .context("creating the snapshot")?;
+    Ok(snap.name)
 }

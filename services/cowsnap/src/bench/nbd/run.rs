@@ -1,37 +1,58 @@
-//! One measured run: a workload on one side in one round. The counters
-//! are read before and after fio runs (server CPU, the snapshot's
-//! exceptions and the engine's commits, the bytes the side's file
-//! allocated), checked, and what the run measured is added to the tally.
+//! One measured run: a workload on one side in one round, with that
+//! side's server alone on the machine: our worker is started for the run
+//! and stopped after it, qemu-nbd likewise, and nothing serves the raw
+//! file. The counters are read before and after fio runs (server CPU from
+//! `/proc/PID/stat`, the snapshot's exceptions and the engine's commits,
+//! the bytes the side's file allocated), checked, and what the run
+//! measured is added to the tally.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use cowsnap_store::CommitStats;
 
-use super::fio::{FioResult, Kind, WORKLOADS, Workload, fio_job, run_fio};
-use super::peer::QemuNbd;
+use super::fio::{self, FioResult, Kind, WORKLOADS, Workload, fio_job, run_fio};
+use super::peer::{QemuNbd, proc_cpu_secs};
 use super::report::RunRecord;
-use super::rounds::{Bench, Round, Tally};
-use super::{FILL_CAP, SIDES, Side};
+use super::rounds::{Bench, Round, Tally, Up};
+use super::{EXPORT, FILL_CAP, SIDES, Side};
 
-/// The state of one side in one round.
+/// One side in one round.
 pub(super) struct SideState {
     pub(super) side: Side,
-    /// fio's target arguments.
-    pub(super) target: Vec<String>,
-    pub(super) qemu: Option<QemuNbd>,
     /// The file that grows as the side allocates (qcow2 overlay, raw file).
     pub(super) file: Option<PathBuf>,
 }
 
-impl SideState {
-    /// CPU seconds the side's server has used so far: our whole process,
-    /// or the qemu-nbd process; none for the raw file.
-    fn server_cpu(&self) -> Option<f64> {
-        match self.side {
-            Side::Ours => Some(self_cpu_secs()),
-            Side::QemuNbd => self.qemu.as_ref().map(QemuNbd::cpu_secs),
-            Side::Raw => None,
+/// The server of one run, running.
+enum Server {
+    Ours(Up),
+    QemuNbd(QemuNbd),
+    /// The raw file: fio does its I/O itself.
+    None,
+}
+
+impl Server {
+    /// CPU seconds (user + system) the server process has used so far:
+    /// this process for ours (the worker and its engine threads; nothing
+    /// else runs in it during a run but the task waiting for fio), the
+    /// qemu-nbd process; none for the raw file.
+    fn cpu_secs(&self) -> Option<f64> {
+        match self {
+            Server::Ours(_) => proc_cpu_secs(std::process::id()),
+            Server::QemuNbd(q) => q.cpu_secs(),
+            Server::None => None,
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Server::Ours(up) => up.down().await,
+            Server::QemuNbd(mut q) => {
+                q.stop();
+                Ok(())
+            }
+            Server::None => Ok(()),
         }
     }
 }
@@ -46,34 +67,68 @@ struct Before {
 }
 
 impl Bench<'_> {
-    /// Runs workload `wi` on side `st` and adds what it measured to `tally`.
+    /// Runs workload `wi` on side `st`, its server started for it and
+    /// stopped after, and adds what it measured to `tally`.
     pub(super) async fn run_one(
-        &self,
+        &mut self,
         round: &Round,
         st: &SideState,
         wi: usize,
         tally: &mut Tally,
     ) -> anyhow::Result<()> {
+        let (server, target) = match st.side {
+            Side::Ours => {
+                let up = self.ours.up().await?;
+                let uri = up.uri();
+                (Server::Ours(up), fio::nbd_target(&uri))
+            }
+            Side::QemuNbd => {
+                let stderr = self.dir.join("qemu-nbd.stderr");
+                let q = self.peer.start(&round.overlay, stderr, self.say)?;
+                let uri = format!("nbd://127.0.0.1:{}/{EXPORT}", q.port);
+                (Server::QemuNbd(q), fio::nbd_target(&uri))
+            }
+            Side::Raw => (Server::None, fio::raw_target(self.raw_eng, &round.raw_file)),
+        };
+        let measured = self
+            .measure_one(round, st, wi, &server, target, tally)
+            .await;
+        let stopped = server.stop().await;
+        measured?;
+        stopped
+    }
+
+    async fn measure_one(
+        &self,
+        round: &Round,
+        st: &SideState,
+        wi: usize,
+        server: &Server,
+        target: Vec<String>,
+        tally: &mut Tally,
+    ) -> anyhow::Result<()> {
         let w = &WORKLOADS[wi];
         let si = SIDES.iter().position(|s| *s == st.side).expect("a side");
         let mut fio_args = fio_job(w, self.plan);
-        fio_args.extend(st.target.iter().cloned());
-        let cpu_before = st.server_cpu();
+        fio_args.extend(target);
         let before = Before {
-            exceptions: if st.side == Side::Ours {
-                self.worker.get_snapshot(&round.snap).await?.exceptions
-            } else {
-                0
+            exceptions: match server {
+                Server::Ours(up) => up.worker.get_snapshot(&round.snap).await?.exceptions,
+                _ => 0,
             },
-            commits: self.origin.commit_stats(),
+            commits: match server {
+                Server::Ours(up) => up.origin()?.commit_stats(),
+                _ => CommitStats::default(),
+            },
             allocated: st.file.as_deref().map_or(0, allocated),
         };
+        let cpu_before = server.cpu_secs();
 
         let r = run_fio(self.fio, fio_args, w.is_read())
             .await
             .with_context(|| format!("{} on {}", w.label, st.side.name()))?;
 
-        let server_cpu = cpu_before.map(|b| st.server_cpu().unwrap_or(b) - b);
+        let server_cpu = cpu_before.map(|b| server.cpu_secs().unwrap_or(b) - b);
         let value = if w.iops { r.iops } else { r.bw_bytes / 1e6 };
         if value.is_nan() || value <= 0.0 {
             bail!("{} on {}: fio measured nothing", w.label, st.side.name());
@@ -89,7 +144,7 @@ impl Bench<'_> {
             );
         }
         if w.kind != Kind::Timed {
-            self.count_first_touch(round, st, w, &r, &before, tally)
+            self.count_first_touch(round, server, w, &r, &before, tally)
                 .await?;
         }
         let per_io = server_cpu.map(|c| c * 1e6 / r.total_ios.max(1) as f64);
@@ -115,7 +170,7 @@ impl Bench<'_> {
     async fn count_first_touch(
         &self,
         round: &Round,
-        st: &SideState,
+        server: &Server,
         w: &Workload,
         r: &FioResult,
         before: &Before,
@@ -127,11 +182,11 @@ impl Bench<'_> {
         } else {
             &mut tally.ft_seq
         };
-        match st.side {
-            Side::Ours => {
-                let after = self.worker.get_snapshot(&round.snap).await?;
+        match server {
+            Server::Ours(up) => {
+                let after = up.worker.get_snapshot(&round.snap).await?;
                 let copied = after.exceptions - before.exceptions;
-                let c = diff(before.commits, self.origin.commit_stats());
+                let c = diff(before.commits, up.origin()?.commit_stats());
                 let (_, len) = w.region(self.plan);
                 if w.kind == Kind::Fill && copied != len / cb {
                     bail!(
@@ -144,11 +199,11 @@ impl Bench<'_> {
                 counts.chunks_copied += copied;
                 counts.commits += c.commits;
             }
-            Side::QemuNbd => {
+            Server::QemuNbd(_) => {
                 let grown = allocated(&round.overlay).saturating_sub(before.allocated);
                 counts.qemu_clusters_allocated += grown / cb;
             }
-            Side::Raw => {}
+            Server::None => {}
         }
         Ok(())
     }
@@ -159,15 +214,6 @@ fn diff(before: CommitStats, after: CommitStats) -> CommitStats {
         commits: after.commits - before.commits,
         exceptions: after.exceptions - before.exceptions,
     }
-}
-
-/// User + system CPU seconds of this process (the worker and the engine).
-fn self_cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// Bytes a file has allocated on disk.

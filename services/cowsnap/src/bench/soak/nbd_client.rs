@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use cowsnap_worker::nbd::proto::{self, RequestHeader};
+use cowsnap_worker::nbd::proto::{self, Command, RequestHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -129,7 +129,7 @@ impl NbdClient {
 
     async fn request(
         &mut self,
-        kind: u16,
+        command: Command,
         flags: u16,
         offset: u64,
         length: u32,
@@ -137,11 +137,11 @@ impl NbdClient {
     ) -> Result<Vec<u8>, NbdError> {
         let handle = self.next_handle;
         self.next_handle += 1;
-        let cmd = proto::command_name(kind);
+        let cmd = command.name();
         step(cmd, async {
             let h = RequestHeader {
                 flags,
-                kind,
+                command,
                 handle,
                 offset,
                 length,
@@ -163,7 +163,7 @@ impl NbdClient {
                 )));
             }
             let mut data = Vec::new();
-            if kind == proto::CMD_READ {
+            if command == Command::Read {
                 data.resize(length as usize, 0);
                 self.rd.read_exact(&mut data).await.map_err(conn)?;
             }
@@ -173,25 +173,25 @@ impl NbdClient {
     }
 
     pub async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
-        self.request(proto::CMD_READ, 0, offset, length, &[]).await
+        self.request(Command::Read, 0, offset, length, &[]).await
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
         let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
-        self.request(proto::CMD_WRITE, flags, offset, data.len() as u32, data)
+        self.request(Command::Write, flags, offset, data.len() as u32, data)
             .await
             .map(drop)
     }
 
     pub async fn flush(&mut self) -> Result<(), NbdError> {
-        self.request(proto::CMD_FLUSH, 0, 0, 0, &[]).await.map(drop)
+        self.request(Command::Flush, 0, 0, 0, &[]).await.map(drop)
     }
 
     /// Says goodbye (best effort).
     pub async fn close(mut self) {
         let h = RequestHeader {
             flags: 0,
-            kind: proto::CMD_DISC,
+            command: Command::Disconnect,
             handle: 0,
             offset: 0,
             length: 0,
