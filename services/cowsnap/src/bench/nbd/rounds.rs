@@ -76,6 +76,7 @@ pub(super) async fn measure(
             nbd_uri: String::new(),
             device_allow: Vec::new(),
             io: args.io,
+            writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
         },
         ServeOptions {
             grpc_listen: "127.0.0.1:0".parse().map_err(|e: String| anyhow!(e))?,
