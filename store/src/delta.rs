@@ -127,6 +127,14 @@ impl Origin {
             let (more, cb) = self.exception_spans(b)?;
             spans.extend(more);
             granule = granule.min(cb);
+        } else {
+            // Held writes (D13) whose copies have not started yet are in
+            // the origin's content but not in any table.
+            let cb = granule;
+            for (off, len) in self.held_regions() {
+                let end = (off + len).next_multiple_of(cb).min(self.size());
+                spans.push((off / cb * cb, end));
+            }
         }
         Ok(Delta {
             spans: coalesce(spans),

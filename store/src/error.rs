@@ -56,6 +56,17 @@ pub enum Error {
     NoSnapshot(u64),
     #[error("snapshot {0} is merging: {1}")]
     Merging(u64, &'static str),
+    /// A write acknowledged before it was durable (write-back) did not
+    /// reach the origin; reported by the next FLUSH or FUA write.
+    #[error(
+        "{device}: a write acknowledged earlier (byte {offset}, length {len}) did not reach the device: {detail}"
+    )]
+    WriteBack {
+        device: String,
+        offset: u64,
+        len: u64,
+        detail: String,
+    },
     #[error("{device}: the device has been shut down")]
     Shutdown { device: String },
     /// The io_uring backend was asked for, and the kernel refused a ring
@@ -96,6 +107,7 @@ impl Error {
             | Error::OutOfRange { device, .. }
             | Error::Misaligned { device, .. }
             | Error::Invalid { device, .. }
+            | Error::WriteBack { device, .. }
             | Error::Shutdown { device } => Some(device),
             Error::NoSnapshot(_) | Error::Merging(..) | Error::UringUnavailable(_) => None,
         }

@@ -11,9 +11,13 @@
 //! - [`snapshot`] and [`origin`]: the engine (origin with snapshots, their
 //!   I/O paths), [`table`]: a snapshot's exceptions in memory, [`merge`]:
 //!   rolling the origin back to a snapshot;
+//! - `cow`: copying origin chunks into the snapshots before the origin
+//!   is written; [`writeback`]: origin writes acknowledged before that is
+//!   done, held until it is;
 //! - [`delta`]: where snapshots may differ, from their exception tables;
 //! - [`status`]: `dmsetup status` lines.
 
+pub(crate) mod cow;
 pub mod delta;
 pub mod error;
 pub mod format;
@@ -25,6 +29,7 @@ pub mod scan;
 pub mod snapshot;
 pub mod status;
 pub mod table;
+pub mod writeback;
 
 pub use delta::{Delta, Span};
 pub use error::{Error, Result};
@@ -34,3 +39,4 @@ pub use merge::MergeProgress;
 pub use origin::{AddedSnapshot, IoStats, Origin, SnapshotOptions, SnapshotStatus, Target};
 pub use pstore::{CommitStats, Usage};
 pub use snapshot::SnapId;
+pub use writeback::WriteBackStats;

@@ -41,7 +41,7 @@ impl Origin {
     /// Puts snapshot `id` into merging state (the origin's content becomes
     /// the snapshot's). Idempotent.
     pub async fn start_merge(&self, id: SnapId) -> Result<()> {
-        let _suspended = self.gate().write().await;
+        let _suspended = self.suspend().await;
         let s = self.snapshot(id)?;
         if let Some(m) = self.merging_snapshot()
             && m.id != id
@@ -93,7 +93,7 @@ impl Origin {
                 }
             }
         }
-        let _suspended = self.gate().write().await;
+        let _suspended = self.suspend().await;
         self.remove_snapshot(id);
         self.set_merging(0);
         let mut st = s.lock();

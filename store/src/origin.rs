@@ -8,8 +8,11 @@
 //!   an exception for it (the chunk copied into its COW device and the record
 //!   committed, copies in parallel and the origin chunk read once per chunk
 //!   size); the origin is written only after all of them are committed and no
-//!   snapshot read of the old data is still in flight. A write to a chunk
-//!   whose exception is pending waits for it.
+//!   snapshot read of the old data is still in flight. A plain write that
+//!   needs such copies is held in memory and acknowledged at once; the
+//!   write-back path ([`crate::writeback`]) does the copies, the commit and
+//!   the origin write in the same order later, and FLUSH waits for it. Origin
+//!   reads return held data over what the device holds.
 //! - Snapshot read: the COW chunk when the snapshot has an exception for it,
 //!   else the origin chunk (tracked, so the origin is not overwritten under
 //!   the read).
@@ -21,37 +24,20 @@
 //! suspend/resume: writes acknowledged before it are in the snapshot, writes
 //! started after it are not.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 
 use futures::future::join_all;
 
+use crate::cow::{COW_FULL, CopyOnWrite, finish_exception};
 use crate::error::{Error, Result};
 use crate::format::Record;
 use crate::io::{AlignedBuf, Device};
 use crate::pstore::{CommitStats, PStore, Usage};
 use crate::snapshot::{SnapId, Snapshot};
 use crate::table::ExceptionTable;
-
-/// A snapshot and the COW chunk allocated for a copy.
-type CopyTarget = (Arc<Snapshot>, u64);
-
-/// A snapshot and the (origin chunk, COW chunk) pairs written to it with
-/// one I/O: both sides consecutive.
-type CowWrite = (Arc<Snapshot>, Vec<(u64, u64)>);
-
-/// Longest run of origin chunks copied with one read (and, where the COW
-/// chunks follow on, one write per snapshot): bounds the buffer.
-const MAX_COPY_BYTES: u64 = 1 << 20;
-
-/// Consecutive origin chunks of one chunk size, and who needs each.
-struct CopyRun {
-    chunk_bytes: u64,
-    first: u64,
-    chunks: Vec<(u64, Vec<CopyTarget>)>,
-}
+use crate::writeback::{self, WriteBack, WriteBackStats};
 
 /// What an I/O addresses: the origin, or one of its snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,11 +67,6 @@ pub struct AddedSnapshot {
     pub chunk_sectors: u32,
     pub exceptions: u64,
 }
-
-/// Why a snapshot whose COW device filled up is invalid (the kernel logs
-/// "Unable to allocate exception.").
-const COW_FULL: &str =
-    "its COW device is full: no chunk left for a new exception (Unable to allocate exception)";
 
 /// A snapshot's state, with the numbers `dmsetup status` prints.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -229,7 +210,9 @@ fn piece(c: u64, cb: u64, off: u64, len: u64) -> Range<u64> {
 pub struct Origin {
     dev: Device,
     gate: tokio::sync::RwLock<()>,
-    snaps: RwLock<Arc<Vec<Arc<Snapshot>>>>,
+    /// The device and the snapshot list, shared with the write-back task.
+    cow: Arc<CopyOnWrite>,
+    wb: Arc<WriteBack>,
     /// Id of the merging snapshot, 0 when none.
     merging: AtomicU64,
     /// The I/O alignment (largest logical block size of all devices).
@@ -255,10 +238,12 @@ impl Origin {
             });
         }
         let block_size = dev.block_size();
+        let cow = Arc::new(CopyOnWrite::new(dev.clone()));
         Ok(Origin {
             dev,
             gate: tokio::sync::RwLock::new(()),
-            snaps: RwLock::new(Arc::new(Vec::new())),
+            wb: Arc::new(WriteBack::new(cow.clone(), writeback::DEFAULT_CAP)),
+            cow,
             merging: AtomicU64::new(0),
             io_block: AtomicU64::new(block_size),
             next_id: AtomicU64::new(1),
@@ -286,13 +271,39 @@ impl Origin {
     /// The snapshots, oldest first: a shared copy of the list (it is
     /// replaced, never changed in place, when snapshots come and go).
     pub(crate) fn snapshots(&self) -> Arc<Vec<Arc<Snapshot>>> {
-        self.snaps.read().expect("snapshot list").clone()
+        self.cow.snapshots()
+    }
+
+    /// Sets the most bytes of acknowledged writes held in memory before
+    /// they reach the origin (default [`writeback::DEFAULT_CAP`]); past it
+    /// writes wait.
+    pub fn set_writeback_cap(&self, bytes: u64) {
+        self.wb.set_cap(bytes);
+    }
+
+    /// The byte ranges of the writes held now, as (offset, length).
+    pub(crate) fn held_regions(&self) -> Vec<(u64, u64)> {
+        self.wb.held_regions()
+    }
+
+    /// The write-back path's figures.
+    pub fn writeback_stats(&self) -> WriteBackStats {
+        self.wb.stats()
+    }
+
+    /// Takes the gate's write side once every held write is on the origin:
+    /// no I/O runs until the guard is dropped, and writes acknowledged
+    /// before are in the origin's content (D13).
+    pub(crate) async fn suspend(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        let g = self.gate.write().await;
+        self.wb.drain().await;
+        g
     }
 
     /// Replaces the snapshot list (under the gate's write side) and what
     /// follows from it.
     fn set_snapshots(&self, f: impl FnOnce(&mut Vec<Arc<Snapshot>>)) {
-        let mut guard = self.snaps.write().expect("snapshot list");
+        let mut guard = self.cow.snaps.write().expect("snapshot list");
         let mut list = guard.as_ref().clone();
         f(&mut list);
         let mut retired = self.retired.lock().expect("retired stats");
@@ -343,7 +354,7 @@ impl Origin {
     /// Waits for in-flight writes, flushes the origin, and holds new I/O
     /// until the snapshot is in place.
     pub async fn add_snapshot(&self, cow: Device, opts: SnapshotOptions) -> Result<AddedSnapshot> {
-        let _suspended = self.gate.write().await;
+        let _suspended = self.suspend().await;
         // Reloading the other snapshots of an origin that is merging is
         // fine; taking a new one is not (the origin's content is in flux).
         if let Some(m) = self.merging_snapshot()
@@ -399,7 +410,7 @@ impl Origin {
     /// Detaches a snapshot: the origin stops copying into it. Waits for the
     /// snapshot's in-flight I/O. Returns its COW device.
     pub async fn delete_snapshot(&self, id: SnapId) -> Result<Device> {
-        let _suspended = self.gate.write().await;
+        let _suspended = self.suspend().await;
         let s = self.snapshot(id)?;
         if s.is_merging() {
             return Err(Error::Merging(id, "a merging snapshot cannot be deleted"));
@@ -494,11 +505,14 @@ impl Origin {
         Ok(g)
     }
 
-    /// Stops the engine: waits for the I/O in flight, flushes every device,
-    /// and fails every later request with [`Error::Shutdown`] (ESHUTDOWN).
-    /// Used before a volume's device is released and on process shutdown.
+    /// Stops the engine: waits for the I/O in flight and the held writes
+    /// (D13), flushes every device, and fails every later request with
+    /// [`Error::Shutdown`] (ESHUTDOWN). Used before a volume's device is
+    /// released and on process shutdown; an engine dropped without it (or a
+    /// FLUSH) leaves its held writes to background tasks, and a process that
+    /// exits then loses them, as a crash would.
     pub async fn shutdown(&self) -> Result<()> {
-        let _suspended = self.gate.write().await;
+        let _suspended = self.suspend().await;
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -527,7 +541,7 @@ impl Origin {
         let _io = self.enter().await?;
         let buf = match t {
             Target::Origin => match self.merging_snapshot() {
-                None => self.dev.read(off, len as usize).await,
+                None => self.read_origin(off, len).await,
                 Some(m) => self.read_origin_merging(&m, off, len).await,
             },
             Target::Snapshot(id) => self.read_snapshot(&self.snapshot(id)?, off, len).await,
@@ -545,10 +559,7 @@ impl Origin {
         let _io = self.enter().await?;
         match t {
             Target::Origin => match self.merging_snapshot() {
-                None => {
-                    self.ensure_copied(off, len).await?;
-                    self.dev.write(off, buf, fua).await?;
-                }
+                None => self.wb.write(off, buf, fua).await?,
                 Some(m) => self.write_origin_merging(&m, off, buf, fua).await?,
             },
             Target::Snapshot(id) => {
@@ -590,164 +601,30 @@ impl Origin {
         Ok(())
     }
 
-    /// Makes every acknowledged write durable: the origin and every COW
-    /// device (a write may have landed in either).
+    /// Makes every acknowledged write durable: waits for the held writes
+    /// acknowledged before it to reach the origin, then flushes the origin
+    /// and every COW device (a write may have landed in either). A held
+    /// write that failed since the last FLUSH fails this one.
     pub async fn flush(&self) -> Result<()> {
         let _io = self.enter().await?;
-        self.flush_devices().await
+        self.wb.settle().await;
+        self.flush_devices().await?;
+        self.wb.take_failure()
     }
 
-    /// Makes sure every valid, non-merging snapshot has a committed exception
-    /// for every chunk of `[off, off+len)` and that no snapshot read of those
-    /// origin chunks is in flight: after this, the origin range may be
-    /// written (D1 of docs/design.md). Snapshots that cannot take the exception
-    /// (full, or failing) are invalidated durably first; if that cannot be
-    /// made durable, this fails and the origin must not be written.
+    /// Origin bytes outside a merge: the device, under the held writes.
+    async fn read_origin(&self, off: u64, len: u64) -> Result<AlignedBuf> {
+        // Held writes first: one that reaches the device and leaves while
+        // the device is read is still overlaid (with the same bytes).
+        let held = self.wb.held_over(off, len);
+        let mut buf = self.dev.read(off, len as usize).await?;
+        writeback::overlay(&mut buf, off, &held);
+        Ok(buf)
+    }
+
+    /// See [`CopyOnWrite::ensure_copied`].
     pub(crate) async fn ensure_copied(&self, off: u64, len: u64) -> Result<()> {
-        loop {
-            let mut create: Vec<(Arc<Snapshot>, u64, u64)> = Vec::new();
-            let mut wait: Option<(Arc<Snapshot>, u64)> = None;
-            let mut invalidate: Vec<(Arc<Snapshot>, &'static str)> = Vec::new();
-            for s in self.snapshots().iter() {
-                let mut st = s.lock();
-                if st.deleted || st.merging {
-                    continue;
-                }
-                if !s.store.is_valid() {
-                    if !s.store.is_durably_invalid() {
-                        invalidate.push((s.clone(), "the snapshot failed"));
-                    }
-                    continue;
-                }
-                let epoch = Snapshot::epoch(&st);
-                for c in s.chunks(off, len) {
-                    if st.exceptions.contains_key(&c) {
-                        if st.origin_readers.get(c) > 0 && wait.is_none() {
-                            wait = Some((s.clone(), epoch));
-                        }
-                        continue;
-                    }
-                    if st.pending.contains_key(&c) {
-                        if wait.is_none() {
-                            wait = Some((s.clone(), epoch));
-                        }
-                        continue;
-                    }
-                    match s.store.prepare() {
-                        Ok(new) => {
-                            st.pending.insert(c, new);
-                            create.push((s.clone(), c, new));
-                        }
-                        Err(_) => {
-                            invalidate.push((s.clone(), COW_FULL));
-                            break;
-                        }
-                    }
-                }
-            }
-            if create.is_empty() && wait.is_none() && invalidate.is_empty() {
-                return Ok(());
-            }
-            for (s, why) in invalidate {
-                s.invalidate(why).await?;
-            }
-            if !create.is_empty() {
-                self.create_exceptions(create).await?;
-            }
-            if let Some((s, epoch)) = wait {
-                s.wait_change(epoch).await;
-            }
-        }
-    }
-
-    /// Copies origin chunks into the snapshots that need them and commits
-    /// the exceptions. Consecutive origin chunks are read with one I/O (each
-    /// read once per chunk size, whatever the number of snapshots), and
-    /// chunks that are consecutive in a COW device too are written there
-    /// with one I/O: a large write costs a few I/Os, not two per chunk.
-    async fn create_exceptions(&self, list: Vec<(Arc<Snapshot>, u64, u64)>) -> Result<()> {
-        let mut by_chunk: BTreeMap<(u64, u64), Vec<CopyTarget>> = BTreeMap::new();
-        for (s, c, new) in list {
-            by_chunk
-                .entry((s.chunk_bytes(), c))
-                .or_default()
-                .push((s, new));
-        }
-        let mut runs: Vec<CopyRun> = Vec::new();
-        for ((cb, c), targets) in by_chunk {
-            match runs.last_mut() {
-                Some(r)
-                    if r.chunk_bytes == cb
-                        && r.first + r.chunks.len() as u64 == c
-                        && (r.chunks.len() as u64 + 1) * cb <= MAX_COPY_BYTES.max(cb) =>
-                {
-                    r.chunks.push((c, targets))
-                }
-                _ => runs.push(CopyRun {
-                    chunk_bytes: cb,
-                    first: c,
-                    chunks: vec![(c, targets)],
-                }),
-            }
-        }
-        let results = join_all(runs.into_iter().map(|r| self.copy_run(r))).await;
-        results.into_iter().collect()
-    }
-
-    /// Reads a run of origin chunks once and writes each snapshot's share
-    /// of it, in as few writes as its COW chunks allow.
-    async fn copy_run(&self, run: CopyRun) -> Result<()> {
-        let cb = run.chunk_bytes;
-        let n = run.chunks.len() as u64;
-        let start = run.first * cb;
-        let len = (n * cb).min(self.size() - start);
-        let data = match self.dev.read(start, len as usize).await {
-            Ok(d) => d,
-            Err(e) => {
-                for (c, targets) in &run.chunks {
-                    for (s, new) in targets {
-                        s.undo_pending(*c, *new);
-                    }
-                }
-                return Err(e);
-            }
-        };
-        // Per snapshot, stretches where origin and COW chunks both follow on.
-        let mut writes: Vec<CowWrite> = Vec::new();
-        let mut open: BTreeMap<SnapId, usize> = BTreeMap::new();
-        for (c, targets) in run.chunks {
-            for (s, new) in targets {
-                let continues = open.get(&s.id).is_some_and(|&i| {
-                    let &(lc, ln) = writes[i].1.last().expect("never empty");
-                    lc + 1 == c && ln + 1 == new
-                });
-                if continues {
-                    writes[open[&s.id]].1.push((c, new));
-                } else {
-                    open.insert(s.id, writes.len());
-                    writes.push((s, vec![(c, new)]));
-                }
-            }
-        }
-        let whole = writes.len() == 1 && writes[0].1.len() as u64 == n && len == n * cb;
-        let mut data = Some(data);
-        let mut jobs = Vec::with_capacity(writes.len());
-        for (s, recs) in writes {
-            let buf = if whole {
-                data.take().expect("taken once")
-            } else {
-                let src = data.as_ref().expect("kept");
-                let at = ((recs[0].0 - run.first) * cb) as usize;
-                let want = recs.len() * cb as usize;
-                let have = want.min(src.len() - at);
-                let mut b = AlignedBuf::zeroed(want);
-                b[..have].copy_from_slice(&src[at..at + have]);
-                b
-            };
-            jobs.push(finish_exceptions(s, recs, buf));
-        }
-        let results = join_all(jobs).await;
-        results.into_iter().collect()
+        self.cow.ensure_copied(off, len).await
     }
 
     async fn read_snapshot(&self, s: &Arc<Snapshot>, off: u64, len: u64) -> Result<AlignedBuf> {
@@ -1007,65 +884,5 @@ impl Origin {
 
     pub(crate) fn remove_snapshot(&self, id: SnapId) {
         self.set_snapshots(|l| l.retain(|x| x.id != id));
-    }
-}
-
-/// Writes the copy of chunk `c` into COW chunk `new` of `s` and commits the
-/// exception; see [`finish_exceptions`].
-async fn finish_exception(s: Arc<Snapshot>, c: u64, new: u64, buf: AlignedBuf) -> Result<()> {
-    finish_exceptions(s, vec![(c, new)], buf).await
-}
-
-/// Writes `buf`, the copies of origin chunks `recs[i].0`, into COW chunks
-/// `recs[i].1` of `s` (consecutive, so one write) and commits the
-/// exceptions, all in the same group commit; on success each is visible to
-/// lookups. A COW device that fails is invalidated: the call succeeds once
-/// that is durable (the origin may go ahead without this snapshot), and
-/// fails if even that cannot be done.
-async fn finish_exceptions(s: Arc<Snapshot>, recs: Vec<(u64, u64)>, buf: AlignedBuf) -> Result<()> {
-    let cb = s.chunk_bytes();
-    let (first, last) = (recs[0].1, recs[recs.len() - 1].1);
-    debug_assert_eq!(buf.len() as u64, (last - first + 1) * cb);
-    let mut committed = vec![false; recs.len()];
-    let failure = match s.store.device().write(first * cb, buf, false).await {
-        Err(e) => {
-            for &(_, new) in &recs {
-                s.store.abandon(new);
-            }
-            Some(if first == last {
-                format!("Error writing COW chunk {first}: {e}")
-            } else {
-                format!("Error writing COW chunks {first}-{last}: {e}")
-            })
-        }
-        Ok(_) => {
-            let results = join_all(
-                recs.iter()
-                    .map(|&(old, new)| s.store.commit(Record { old, new })),
-            )
-            .await;
-            let mut failure = None;
-            for (ok, r) in committed.iter_mut().zip(results) {
-                match r {
-                    Ok(()) => *ok = true,
-                    Err(e) => failure = failure.or(Some(format!("{e}"))),
-                }
-            }
-            failure
-        }
-    };
-    {
-        let mut st = s.lock();
-        for (&(c, new), ok) in recs.iter().zip(committed) {
-            st.pending.remove(&c);
-            if ok {
-                st.exceptions.insert(c, new);
-            }
-        }
-        s.changed(&mut st);
-    }
-    match failure {
-        None => Ok(()),
-        Some(why) => s.invalidate(&why).await,
     }
 }

@@ -37,6 +37,8 @@ fn io_stats_count_reads_writes_and_commits_of_gone_snapshots() {
         )
         .await
         .unwrap();
+        // The write was held (write-back): FLUSH puts it on the device.
+        o.flush().await.unwrap();
         o.read(Target::Snapshot(s1), 0, 8192).await.unwrap();
         o.read(Target::Origin, 4096, 4096).await.unwrap();
         let st = o.io_stats();

@@ -177,6 +177,9 @@ impl World {
     async fn verify_all(&self) {
         let size = ORIGIN_UNITS * UNIT;
         self.check_read(Target::Origin, None, 0, size).await;
+        // Held writes (write-back) make their exceptions, or find a snapshot
+        // full, in the background: FLUSH waits for them.
+        self.origin.flush().await.unwrap();
         for (i, s) in self.snaps.iter().enumerate() {
             self.check_read(Target::Snapshot(s.id), Some(i), 0, size)
                 .await;
@@ -246,6 +249,11 @@ impl World {
                             }
                         }
                     }
+                }
+                // A held origin write (write-back) finds its snapshot full
+                // in the background; by the next FLUSH at the latest.
+                if self.snaps.iter().zip(&before).any(|(s, &b)| b && !s.valid) {
+                    self.origin.flush().await.unwrap();
                 }
             }
             Step::Read(t, off, len) => {
@@ -365,6 +373,8 @@ impl World {
     }
 
     async fn restart(&mut self) {
+        // A clean stop: held writes (write-back) reach the devices first.
+        self.origin.shutdown().await.unwrap();
         let dev = self.backend.open(&self.origin_path, true).unwrap();
         self.origin = Arc::new(Origin::new(dev).unwrap());
         for s in &mut self.snaps {

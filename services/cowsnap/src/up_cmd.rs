@@ -24,7 +24,7 @@ use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{parse_flag, run_until_signal};
-use crate::worker_cmd::{NbdLimitArgs, NbdTlsArgs};
+use crate::worker_cmd::{NbdLimitArgs, NbdTlsArgs, WriteBackArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -68,6 +68,8 @@ pub struct UpArgs {
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
     nbd_tls: NbdTlsArgs,
+    #[command(flatten)]
+    writeback: WriteBackArgs,
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<u8> {
@@ -94,6 +96,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
         nbd_uri: String::new(),
         device_allow: Vec::new(),
         io,
+        writeback_cap: args.writeback.cap()?,
     };
     let serve = ServeOptions {
         grpc_listen: parse_flag(&worker_sock.display().to_string(), &worker_addr)?,

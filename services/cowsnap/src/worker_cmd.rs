@@ -10,7 +10,7 @@ use cowsnap_csi::node::NodeConfig;
 use cowsnap_csi::node::grpc::NodeGrpc;
 use cowsnap_worker::nbd::{NbdLimits, NbdTlsConfig, TlsMode};
 use cowsnap_worker::server::{ServeOptions, hostname, start};
-use cowsnap_worker::worker::WorkerConfig;
+use cowsnap_worker::worker::{DEFAULT_WRITEBACK_CAP, WorkerConfig};
 use serde::Deserialize;
 
 use crate::service::{config_file, parse_flag, run_until_signal, tls_files};
@@ -26,8 +26,8 @@ pub struct WorkerArgs {
     /// grpc_listen, nbd_listen, nbd_advertise, device_allow, node, io,
     /// tls_cert, tls_key, tls_ca, nbd_tls_cert, nbd_tls_key, nbd_tls_ca,
     /// nbd_tls_mode, nbd_max_connections, nbd_idle_timeout,
-    /// nbd_buffer_budget, csi_endpoint, kubelet_dir, register_with,
-    /// advertise, register_token_file, register_interval).
+    /// nbd_buffer_budget, writeback_cap, csi_endpoint, kubelet_dir,
+    /// register_with, advertise, register_token_file, register_interval).
     #[arg(long, env = "COWSNAP_CONFIG")]
     config: Option<PathBuf>,
     /// The worker's state and, on the embedded default, its devices
@@ -100,6 +100,37 @@ pub struct WorkerArgs {
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
     nbd_tls: NbdTlsArgs,
+    #[command(flatten)]
+    writeback: WriteBackArgs,
+}
+
+/// The engines' write-back, on `cowsnap worker` and `cowsnap up`.
+#[derive(clap::Args, Debug)]
+pub struct WriteBackArgs {
+    /// Memory per volume for writes acknowledged before they reach the
+    /// device (plain writes that need copy-on-write; FLUSH and FUA wait
+    /// for them), e.g. 128m or 1g; past it writes wait [default: 128m].
+    #[arg(long, env = "COWSNAP_WRITEBACK_CAP")]
+    writeback_cap: Option<String>,
+}
+
+impl WriteBackArgs {
+    /// The cap from this flag, then the config file's key, then the
+    /// default.
+    fn resolve(self, file: Option<Size>) -> anyhow::Result<u64> {
+        let cap = match self.writeback_cap.map(Size::Text).or(file) {
+            None => DEFAULT_WRITEBACK_CAP,
+            Some(Size::Bytes(n)) => n,
+            Some(Size::Text(t)) => crate::admin::size("--writeback-cap", &t)?,
+        };
+        anyhow::ensure!(cap > 0, "--writeback-cap must be positive");
+        Ok(cap)
+    }
+
+    /// The cap from this flag alone (`cowsnap up` has no config file).
+    pub fn cap(self) -> anyhow::Result<u64> {
+        self.resolve(None)
+    }
 }
 
 /// Self-registration settings, before the worker id is known.
@@ -265,6 +296,7 @@ struct FileConfig {
     nbd_max_connections: Option<usize>,
     nbd_idle_timeout: Option<u64>,
     nbd_buffer_budget: Option<Size>,
+    writeback_cap: Option<Size>,
     nbd_tls_cert: Option<PathBuf>,
     nbd_tls_key: Option<PathBuf>,
     nbd_tls_ca: Option<PathBuf>,
@@ -354,6 +386,7 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<Resolved> {
         nbd_uri: String::new(),
         device_allow,
         io,
+        writeback_cap: args.writeback.resolve(file.writeback_cap)?,
     };
     let nbd_limits = args.nbd_limits.resolve(
         file.nbd_max_connections,

@@ -13,7 +13,6 @@ const FIGURES: &[&str] = &[
     "snapshot_read_cow",
     "snapshot_read_origin",
     "exceptions_per_commit",
-    "first_write_8_vs_1",
     "first_write_8_bound",
     "load_time",
     "ram_per_exception",

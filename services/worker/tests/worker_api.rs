@@ -83,9 +83,11 @@ async fn volume_and_snapshot_lifecycle() {
     assert!(info.free_bytes > 0 && info.capacity_bytes >= info.free_bytes);
     assert!(["io_uring", "portable"].contains(&info.io_backend.as_str()));
 
-    // Writing to the volume copies into the snapshot: usage shows it.
+    // Writing to the volume copies into the snapshot: usage shows it once
+    // the held write (write-back) is flushed.
     let mut n = nbd(w.nbd, "volumes/v1");
     n.write_ok(0, &pattern(64 << 10, 1));
+    assert_eq!(n.call(0, common::CMD_FLUSH, 0, 0, &[]).error, 0);
     let s = c
         .get_snapshot(pb::GetSnapshotRequest {
             name: s.name.clone(),

@@ -125,6 +125,7 @@ pub fn worker_config(data_dir: PathBuf, node: &str) -> WorkerConfig {
             .unwrap_or_default()
             .parse()
             .unwrap(),
+        writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
     }
 }
 

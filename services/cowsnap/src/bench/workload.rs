@@ -34,6 +34,14 @@ impl IoPath {
             IoPath::Engine(o, t) => o.write(*t, off, buf, false).await,
         }
     }
+
+    /// FLUSH: every write acknowledged so far is durable on return.
+    pub async fn flush(&self) -> cowsnap_store::Result<()> {
+        match self {
+            IoPath::Raw(d) => d.flush().await,
+            IoPath::Engine(o, _) => o.flush().await,
+        }
+    }
 }
 
 /// What one timed run did.

@@ -52,6 +52,7 @@ impl Worker {
                 .unwrap_or_default()
                 .parse()
                 .unwrap(),
+            writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
         };
         let opts = ServeOptions {
             grpc_listen: address.parse().unwrap(),

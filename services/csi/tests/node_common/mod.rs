@@ -37,6 +37,7 @@ impl Fixture {
             nbd_uri: String::new(),
             device_allow: vec![],
             io: io.parse().unwrap(),
+            writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
         };
         let opts = ServeOptions {
             grpc_listen: format!("unix:{}", dir.path().join("grpc.sock").display())

@@ -268,11 +268,7 @@ impl Worker {
             .cloned()
             .ok_or_else(|| WorkerError::NotFound(format!("{} vanished", rec.target)))?;
         self.prepare_device(&v.device, v.file_backed, v.size_bytes)?;
-        let dst = Arc::new(Origin::new(self.open_sized(
-            &v.device,
-            v.file_backed,
-            v.size_bytes,
-        )?)?);
+        let dst = Arc::new(self.open_engine(&v.device, v.file_backed, v.size_bytes)?);
         let (src_vol, target) = match rec.kind {
             TaskKind::Restore => {
                 let (sv, ss) = names::parse_snapshot(&rec.source)

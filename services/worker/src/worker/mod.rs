@@ -71,7 +71,13 @@ pub struct WorkerConfig {
     /// Globs of the raw block devices it may use.
     pub device_allow: Vec<String>,
     pub io: BackendChoice,
+    /// Bytes of acknowledged writes each volume's engine may hold before
+    /// they reach its device (D13 of docs/design.md).
+    pub writeback_cap: u64,
 }
+
+/// The default of [`WorkerConfig::writeback_cap`].
+pub const DEFAULT_WRITEBACK_CAP: u64 = cowsnap_store::writeback::DEFAULT_CAP;
 
 /// What the worker's lock guards: the records (as saved) and the engines
 /// running on them, by volume id.

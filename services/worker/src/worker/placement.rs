@@ -68,6 +68,19 @@ impl Worker {
         })
     }
 
+    /// The engine over a volume's device, `size` bytes of it, with the
+    /// configured write-back cap.
+    pub(super) fn open_engine(
+        &self,
+        path: &Path,
+        file_backed: bool,
+        size: u64,
+    ) -> Result<cowsnap_store::Origin> {
+        let origin = cowsnap_store::Origin::new(self.open_sized(path, file_backed, size)?)?;
+        origin.set_writeback_cap(self.cfg.writeback_cap);
+        Ok(origin)
+    }
+
     /// Creates (file) or zeroes (raw device) a device of `size` bytes.
     pub(super) fn prepare_device(&self, path: &Path, file_backed: bool, size: u64) -> Result<()> {
         if file_backed {

@@ -94,10 +94,7 @@ impl Worker {
             }
             v.phase = Phase::Ready;
         }
-        let origin = match self
-            .open_sized(&v.device, v.file_backed, v.size_bytes)
-            .and_then(|d| Origin::new(d).map_err(WorkerError::from))
-        {
+        let origin = match self.open_engine(&v.device, v.file_backed, v.size_bytes) {
             Ok(o) => Arc::new(o),
             Err(e) => {
                 self.fail_volume(inner, &v.id, "cannot open its device", &e);

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use cowsnap_proto::names;
-use cowsnap_store::Origin;
 use cowsnap_store::format::DEFAULT_CHUNK_SECTORS;
 
 use super::copy::is_clone_temp;
@@ -87,7 +86,7 @@ impl Worker {
         self.save(&mut inner)?;
         let origin = self
             .prepare_device(&path, file_backed, size)
-            .and_then(|()| Ok(Origin::new(self.open_sized(&path, file_backed, size)?)?));
+            .and_then(|()| self.open_engine(&path, file_backed, size));
         let origin = match origin {
             Ok(o) => Arc::new(o),
             Err(e) => {

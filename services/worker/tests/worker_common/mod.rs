@@ -68,6 +68,7 @@ impl Worker {
             nbd_uri: String::new(),
             device_allow: device_allow.iter().map(|s| s.to_string()).collect(),
             io: io(),
+            writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
         };
         let opts = ServeOptions {
             grpc_listen: "127.0.0.1:0".parse().unwrap(),

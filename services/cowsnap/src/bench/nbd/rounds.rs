@@ -81,6 +81,7 @@ impl Ours {
                 nbd_uri: String::new(),
                 device_allow: Vec::new(),
                 io: args.io,
+                writeback_cap: cowsnap_worker::worker::DEFAULT_WRITEBACK_CAP,
             },
             opts: ServeOptions {
                 grpc_listen: "127.0.0.1:0".parse().map_err(|e: String| anyhow!(e))?,
