@@ -17,18 +17,24 @@ impl DeviceIo for MemIo {
     fn submit(&self, mut req: Request) {
         let off = req.offset as usize;
         let mut img = self.0.lock().expect("image");
-        match (req.op, req.buf.as_mut()) {
+        // Every op named: a new one must be taught here, not dropped.
+        let result = match (req.op, req.buf.as_mut()) {
             (Op::Read, Some(buf)) => {
                 let len = buf.len();
                 buf.copy_from_slice(&img[off..off + len]);
+                Ok(())
             }
-            (Op::Write { .. }, Some(buf)) => {
+            (Op::Write { .. } | Op::FlushWrite, Some(buf)) => {
                 img[off..off + buf.len()].copy_from_slice(&buf[..]);
+                Ok(())
             }
-            _ => {}
-        }
+            (Op::Flush, _) => Ok(()),
+            (op @ (Op::Read | Op::Write { .. } | Op::FlushWrite), None) => Err(
+                std::io::Error::other(format!("{} without a buffer", op.name())),
+            ),
+        };
         drop(img);
-        req.complete(Ok(()));
+        req.complete(result);
     }
 }
 
