@@ -752,7 +752,7 @@ fn table(args: &ApiArgs, r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "worker state.json at the end: {:.1} MB (rewritten whole on every create and delete); {}",
+        "worker state.json at the end: {:.1} MB (rewritten whole, once per snapshot create or delete); {}",
         r.worker_state_bytes as f64 / 1e6,
         r.fd_limit
     );
