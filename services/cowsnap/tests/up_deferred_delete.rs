@@ -16,22 +16,11 @@ use cowsnap_proto::cowsnap::v1 as pb;
 use tonic::Code;
 use up_common::*;
 
-/// Runs qemu-io on `uri` with one command; returns (success, output).
+/// [`up_common::qemu_io`], failed too when qemu-io reports a failure but
+/// exits 0.
 fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
-    let mut args = vec!["-f", "raw", uri, "-c", cmd];
-    if cmd.starts_with("read") {
-        args.insert(0, "-r");
-    }
-    let out = Command::new("qemu-io")
-        .args(args)
-        .output()
-        .expect("qemu-io (apt install qemu-utils)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && !text.contains("failed"), text)
+    let (ok, text) = up_common::qemu_io(uri, cmd);
+    (ok && !text.contains("failed"), text)
 }
 
 fn write(uri: &str, cmd: &str) {

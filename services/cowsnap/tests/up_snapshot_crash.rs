@@ -35,23 +35,10 @@ fn fio_storm(uri: &str) -> Child {
         .expect("fio (apt install fio)")
 }
 
-/// Runs one qemu-io command on `uri` (read-only for a read: snapshots are
-/// exported read-only).
+/// [`up_common::qemu_io`], which must succeed; what it printed.
 fn qemu_io(uri: &str, cmd: &str) -> String {
-    let mut args = vec!["-f", "raw", uri, "-c", cmd];
-    if cmd.starts_with("read") {
-        args.insert(0, "-r");
-    }
-    let out = Command::new("qemu-io")
-        .args(args)
-        .output()
-        .expect("qemu-io (apt install qemu-utils)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-io {cmd}: {text}");
+    let (ok, text) = up_common::qemu_io(uri, cmd);
+    assert!(ok, "qemu-io {cmd}: {text}");
     text
 }
 

@@ -10,31 +10,11 @@
 
 mod up_common;
 
-use std::process::Command;
-
 use cowsnap_proto::cowsnap::v1 as pb;
 use tonic::Code;
 use up_common::*;
 
 const MIB: u64 = 1024 * 1024;
-
-/// Runs qemu-io on `uri` with one command; returns (success, output).
-fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
-    let mut args = vec!["-f", "raw", uri, "-c", cmd];
-    if cmd.starts_with("read") {
-        args.insert(0, "-r");
-    }
-    let out = Command::new("qemu-io")
-        .args(args)
-        .output()
-        .expect("qemu-io (apt install qemu-utils)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 async fn restart_armed(up: &mut Up, point: Option<&str>) {
     match point {

@@ -418,6 +418,25 @@ impl Api {
     }
 }
 
+/// Runs qemu-io on the NBD `uri` with one command (opened read-only for a
+/// `read`): whether it exited 0, and what it printed.
+pub fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
+    let mut args = vec!["-f", "raw", uri, "-c", cmd];
+    if cmd.starts_with("read") {
+        args.insert(0, "-r");
+    }
+    let out = Command::new("qemu-io")
+        .args(args)
+        .output()
+        .expect("qemu-io (apt install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs one shell command line; returns (exit code, stdout, stderr).
 pub fn sh(line: &str, envs: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new("bash")
