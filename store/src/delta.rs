@@ -83,7 +83,7 @@ pub fn from_offset(spans: &[Span], start: u64, granule: u64) -> Vec<Span> {
 /// Where snapshots may differ: see the module doc.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delta {
-    /// Sorted, merged, within the origin's size.
+    /// Sorted, merged, within the target snapshot's size.
     pub spans: Vec<Span>,
     /// The smallest chunk size of the snapshots compared: every span starts
     /// and ends on a multiple of it (or at the origin's end).
@@ -92,10 +92,10 @@ pub struct Delta {
 
 impl Origin {
     /// The origin chunks `id` has an exception for, completed or in the
-    /// making, and its chunk size. Refused for an invalid snapshot (its
+    /// making, its chunk size and its size. Refused for an invalid snapshot (its
     /// content is gone) and a merging one (its table shrinks as the origin
     /// takes its chunks, so it says nothing stable).
-    fn exception_spans(&self, id: SnapId) -> Result<(Vec<Span>, u64)> {
+    fn exception_spans(&self, id: SnapId) -> Result<(Vec<Span>, u64, u64)> {
         let s: Arc<Snapshot> = self.snapshot(id)?;
         if !s.store.is_valid() {
             return Err(s.invalid_error());
@@ -115,31 +115,40 @@ impl Origin {
             .chain(st.pending.keys().copied())
             .collect();
         drop(st);
-        Ok((chunk_spans(chunks, cb, self.size()), cb))
+        Ok((chunk_spans(chunks, cb, s.size()), cb, s.size()))
     }
 
     /// Where snapshot `target` may differ from the origin as it is now
     /// (`base` `None`) or from snapshot `base` of this origin, read from
     /// the live exception tables (see the module doc for the rule).
+    ///
+    /// Snapshots taken before and after the origin grew differ in size:
+    /// the spans stay within `target`'s size, and a base smaller than
+    /// `target` differs in all of `target` past the base's end.
     pub fn delta(&self, target: SnapId, base: Option<SnapId>) -> Result<Delta> {
-        let (mut spans, mut granule) = self.exception_spans(target)?;
+        let (mut spans, mut granule, size) = self.exception_spans(target)?;
         if let Some(b) = base {
-            let (more, cb) = self.exception_spans(b)?;
+            let (more, cb, base_size) = self.exception_spans(b)?;
             spans.extend(more);
             granule = granule.min(cb);
+            if base_size < size {
+                spans.push((base_size, size));
+            }
         } else {
             // Held writes (D13) whose copies have not started yet are in
             // the origin's content but not in any table.
             let cb = granule;
             for (off, len) in self.held_regions() {
-                let end = (off + len).next_multiple_of(cb).min(self.size());
+                let end = (off + len).next_multiple_of(cb).min(size);
                 spans.push((off / cb * cb, end));
             }
         }
-        Ok(Delta {
-            spans: coalesce(spans),
-            granule,
-        })
+        let spans = coalesce(spans)
+            .into_iter()
+            .map(|(s, e)| (s, e.min(size)))
+            .filter(|(s, e)| s < e)
+            .collect();
+        Ok(Delta { spans, granule })
     }
 }
 

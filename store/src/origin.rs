@@ -54,6 +54,11 @@ pub struct SnapshotOptions {
     /// The snapshot was merging when the origin was last open: it resumes in
     /// merging state (call [`Origin::merge`] to finish it).
     pub merging: bool,
+    /// The snapshot's size in bytes, recorded when it was taken (the
+    /// origin has grown since); `None`: the origin's size now. The COW
+    /// format does not hold it (nor does the kernel's: it is the
+    /// snapshot target's length in the table).
+    pub size: Option<u64>,
 }
 
 /// What [`Origin::add_snapshot`] did.
@@ -257,9 +262,42 @@ impl Origin {
         &self.dev
     }
 
-    /// Size of the origin (and of every snapshot) in bytes.
+    /// Size of the origin in bytes (a snapshot taken before the origin
+    /// grew is smaller: [`Origin::target_size`]).
     pub fn size(&self) -> u64 {
         self.dev.size()
+    }
+
+    /// Size in bytes of the origin or of one of its snapshots.
+    pub fn target_size(&self, t: Target) -> Result<u64> {
+        match t {
+            Target::Origin => Ok(self.size()),
+            Target::Snapshot(id) => Ok(self.snapshot(id)?.size()),
+        }
+    }
+
+    /// Grows the origin to `size` bytes, online: I/O pauses while held
+    /// writes drain, then clients may address the new bytes. The device
+    /// must already hold them (a file extended, a raw device large
+    /// enough) and read as zeros there. Snapshots keep their size: origin
+    /// writes past a snapshot's end need no copy into it (as the kernel's
+    /// origin target, which copies only chunks within each snapshot's
+    /// length). Growing to the current size does nothing; shrinking is
+    /// refused.
+    pub async fn grow(&self, size: u64) -> Result<()> {
+        let _suspended = self.suspend().await;
+        let now = self.size();
+        if size < now || !size.is_multiple_of(self.block_size()) {
+            return Err(Error::Invalid {
+                device: self.dev.name().to_string(),
+                detail: format!(
+                    "cannot resize the origin from {now} to {size} bytes: it only grows, in multiples of {} bytes",
+                    self.block_size()
+                ),
+            });
+        }
+        self.dev.grow(size);
+        Ok(())
     }
 
     /// The alignment every I/O must respect: the largest logical block size
@@ -366,11 +404,22 @@ impl Origin {
                 "no new snapshot can be taken while one merges into the origin",
             ));
         }
+        let size = opts.size.unwrap_or(self.size());
+        if size == 0 || size > self.size() || !size.is_multiple_of(self.dev.block_size()) {
+            return Err(Error::Invalid {
+                device: cow.name().to_string(),
+                detail: format!(
+                    "snapshot size {size} bytes: not a positive multiple of the logical block size {} within the origin's {} bytes",
+                    self.dev.block_size(),
+                    self.size()
+                ),
+            });
+        }
         self.dev.flush().await?;
         // Collect the records, then build the table once at its final size
         // (growing it record by record rehashes it ~20 times for 1 M).
         let mut records: Vec<(u64, u64)> = Vec::new();
-        let opened = PStore::open(cow, opts.chunk_sectors, Some(self.size()), |r: Record| {
+        let opened = PStore::open(cow, opts.chunk_sectors, Some(size), |r: Record| {
             records.push((r.old, r.new));
             true
         })
@@ -393,7 +442,13 @@ impl Origin {
                 device: opened.store.device().name().to_string(),
             });
         }
-        let snap = Arc::new(Snapshot::new(id, opened.store, exceptions, opts.merging));
+        let snap = Arc::new(Snapshot::new(
+            id,
+            opened.store,
+            exceptions,
+            opts.merging,
+            size,
+        ));
         self.set_snapshots(|l| l.push(snap));
         if opts.merging {
             self.set_merging(id);
@@ -473,7 +528,7 @@ impl Origin {
         }
     }
 
-    fn check_io(&self, off: u64, len: u64) -> Result<()> {
+    fn check_io(&self, t: Target, off: u64, len: u64) -> Result<()> {
         let bs = self.block_size();
         if !off.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
             return Err(Error::Misaligned {
@@ -483,12 +538,16 @@ impl Origin {
                 align: bs,
             });
         }
-        if off.checked_add(len).is_none_or(|e| e > self.size()) {
+        let size = self.target_size(t)?;
+        if off.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange {
-                device: self.dev.name().to_string(),
+                device: match t {
+                    Target::Origin => self.dev.name().to_string(),
+                    Target::Snapshot(id) => self.snapshot(id)?.device_name().to_string(),
+                },
                 offset: off,
                 len,
-                size: self.size(),
+                size,
             });
         }
         Ok(())
@@ -537,7 +596,7 @@ impl Origin {
 
     /// Reads `len` bytes at `off` of the origin or a snapshot.
     pub async fn read(&self, t: Target, off: u64, len: u64) -> Result<AlignedBuf> {
-        self.check_io(off, len)?;
+        self.check_io(t, off, len)?;
         let _io = self.enter().await?;
         let buf = match t {
             Target::Origin => match self.merging_snapshot() {
@@ -555,7 +614,7 @@ impl Origin {
     /// durable on return.
     pub async fn write(&self, t: Target, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
         let len = buf.len() as u64;
-        self.check_io(off, len)?;
+        self.check_io(t, off, len)?;
         let _io = self.enter().await?;
         match t {
             Target::Origin => match self.merging_snapshot() {
@@ -575,7 +634,7 @@ impl Origin {
     /// Writes zeros over `[off, off+len)`, through the same copy-on-write
     /// path as any write.
     pub async fn write_zeroes(&self, t: Target, off: u64, len: u64, fua: bool) -> Result<()> {
-        self.check_io(off, len)?;
+        self.check_io(t, off, len)?;
         const STEP: u64 = 1 << 20;
         let mut at = off;
         while at < off + len {
@@ -592,7 +651,7 @@ impl Origin {
     /// `BLKDISCARD`); this engine leaves it unchanged, so a discard never
     /// triggers copy-on-write into the snapshots and never frees space.
     pub async fn discard(&self, t: Target, off: u64, len: u64) -> Result<()> {
-        self.check_io(off, len)?;
+        self.check_io(t, off, len)?;
         if let Target::Snapshot(id) = t {
             let s = self.snapshot(id)?;
             let st = s.lock();

@@ -63,6 +63,9 @@ pub struct Snapshot {
     pub id: SnapId,
     pub(crate) store: Arc<PStore>,
     pub(crate) layout: Layout,
+    /// Bytes: the origin's size when the snapshot was taken. An origin
+    /// grown since is larger; its chunks past this need no copy here.
+    size: u64,
     st: Mutex<SnapState>,
     changed: Notify,
 }
@@ -73,9 +76,11 @@ impl Snapshot {
         store: Arc<PStore>,
         exceptions: ExceptionTable,
         merging: bool,
+        size: u64,
     ) -> Snapshot {
         Snapshot {
             id,
+            size,
             layout: store.layout(),
             store,
             st: Mutex::new(SnapState {
@@ -121,10 +126,17 @@ impl Snapshot {
         }
     }
 
-    /// The chunks of this snapshot's size that cover bytes `[off, off+len)`.
+    /// The chunks of this snapshot's size that cover bytes `[off, off+len)`
+    /// (none past its end: an origin grown since it was taken).
     pub(crate) fn chunks(&self, off: u64, len: u64) -> Range<u64> {
-        let shift = self.layout.chunk_shift();
-        (off >> shift)..(off + len).div_ceil(self.layout.chunk_bytes())
+        let cb = self.layout.chunk_bytes();
+        let end = (off + len).min(self.size).div_ceil(cb);
+        (off >> self.layout.chunk_shift()).min(end)..end
+    }
+
+    /// Size in bytes (the origin's when it was taken).
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     pub fn chunk_bytes(&self) -> u64 {

@@ -34,6 +34,7 @@ fn large_writes_copy_runs_with_the_right_content_in_every_snapshot() {
                 SnapshotOptions {
                     chunk_sectors: Some(8),
                     merging: false,
+                    size: None,
                 },
             )
             .await
@@ -45,6 +46,7 @@ fn large_writes_copy_runs_with_the_right_content_in_every_snapshot() {
                 SnapshotOptions {
                     chunk_sectors: Some(128),
                     merging: false,
+                    size: None,
                 },
             )
             .await

@@ -83,6 +83,7 @@ async fn build(
         let opts = SnapshotOptions {
             chunk_sectors: Some(chunk_sectors),
             merging: false,
+            size: None,
         };
         let id = origin
             .add_snapshot(backend.open(&cow_path, true).unwrap(), opts)

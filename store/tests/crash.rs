@@ -192,6 +192,7 @@ impl Run {
         let opts = SnapshotOptions {
             chunk_sectors: Some(chunk_sectors),
             merging: false,
+            size: None,
         };
         match self.origin.add_snapshot(dev, opts).await {
             Ok(a) => {
@@ -469,6 +470,7 @@ impl Run {
                     SnapshotOptions {
                         chunk_sectors: None,
                         merging: s.merging,
+                        size: None,
                     },
                 )
                 .await
@@ -637,6 +639,7 @@ fn merged_chunk_rewritten_during_merge_survives_a_cut() {
                     SnapshotOptions {
                         chunk_sectors: Some(8),
                         merging: false,
+                        size: None,
                     },
                 )
                 .await
@@ -682,6 +685,7 @@ fn merged_chunk_rewritten_during_merge_survives_a_cut() {
                     SnapshotOptions {
                         chunk_sectors: None,
                         merging: true,
+                        size: None,
                     },
                 )
                 .await

@@ -21,6 +21,7 @@ fn io_stats_count_reads_writes_and_commits_of_gone_snapshots() {
         let opts = SnapshotOptions {
             chunk_sectors: Some(8),
             merging: false,
+            size: None,
         };
         let s1 = o
             .add_snapshot(b.open(&cow_path, true).unwrap(), opts)

@@ -288,6 +288,7 @@ impl World {
                         SnapshotOptions {
                             chunk_sectors: Some(chunk_sectors),
                             merging: false,
+                            size: None,
                         },
                     )
                     .await

@@ -22,6 +22,7 @@ const CB: u64 = 4096;
 const OPTS: SnapshotOptions = SnapshotOptions {
     chunk_sectors: Some(8),
     merging: false,
+    size: None,
 };
 
 /// An origin file of `chunks` 4 KiB chunks holding pattern 1, and a COW

@@ -180,6 +180,7 @@ fn run_commands(
                     SnapshotOptions {
                         chunk_sectors: args.chunk_sectors,
                         merging: false,
+                        size: None,
                     },
                 )
                 .await?;

@@ -213,15 +213,35 @@ impl Devices {
         Ok(())
     }
 
+    /// Grows an existing file to `size` bytes (the new part reads as
+    /// zeros), durably.
+    pub fn extend_file(&self, path: &Path, size: u64) -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        if f.metadata()?.len() < size {
+            f.set_len(size)
+                .with_context(|| format!("{}: cannot grow to {size} bytes", path.display()))?;
+        }
+        f.sync_all()?;
+        Ok(())
+    }
+
     /// Zeroes `[0, len)` of a raw device (BLKZEROOUT: offloaded where the
     /// device can). `path` is a canonical path from [`Devices::check_raw`];
     /// what is zeroed is the block device opened at `path` itself, never one
     /// a link put there (see [`open_checked`]).
     pub fn zero_raw(&self, path: &Path, len: u64) -> Result<()> {
+        self.zero_raw_range(path, 0, len)
+    }
+
+    /// Zeroes `[start, start+len)` of a raw device, as [`Devices::zero_raw`].
+    pub fn zero_raw_range(&self, path: &Path, start: u64, len: u64) -> Result<()> {
         let f =
             open_checked(path, true).with_context(|| format!("{}: cannot open", path.display()))?;
         const BLKZEROOUT: libc::c_ulong = 0x127f;
-        let range: [u64; 2] = [0, len];
+        let range: [u64; 2] = [start, len];
         // SAFETY: BLKZEROOUT reads two u64s through the pointer.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
         if r < 0 {

@@ -24,9 +24,10 @@ pub struct Export {
 }
 
 impl Export {
-    /// Size in bytes (the origin's; every snapshot has its origin's size).
+    /// Size in bytes now: the origin's (it may grow), or the snapshot's
+    /// (the origin's when it was taken). 0 once the snapshot is gone.
     pub fn size(&self) -> u64 {
-        self.origin.size()
+        self.origin.target_size(self.target).unwrap_or(0)
     }
 
     /// The alignment every request must respect.

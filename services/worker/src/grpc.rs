@@ -68,6 +68,7 @@ pub fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
     pb::Snapshot {
         nbd_export: s.name.clone(),
         name: s.name,
+        size_bytes: s.size_bytes,
         cow_size_bytes: s.cow_size_bytes,
         chunk_sectors: s.chunk_sectors,
         device: s.device,
@@ -231,6 +232,12 @@ impl WorkerService for WorkerGrpc {
 
     async fn retire_volume(&self, r: Request<pb::RetireVolumeRequest>) -> Rpc<pb::Volume> {
         let v = self.worker.retire_volume(&r.into_inner().name).await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
+    async fn expand_volume(&self, r: Request<pb::ExpandVolumeRequest>) -> Rpc<pb::Volume> {
+        let r = r.into_inner();
+        let v = self.worker.expand_volume(&r.name, r.size_bytes).await?;
         Ok(Response::new(volume_pb(v)))
     }
 

@@ -32,6 +32,11 @@ pub enum Phase {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRec {
     pub id: String,
+    /// The volume's size when the snapshot was taken (the volume may have
+    /// grown since). Absent in files written before volumes could grow:
+    /// [`StateFile::load`] fills in the volume's size, which it still is.
+    #[serde(default)]
+    pub size_bytes: u64,
     pub cow_size_bytes: u64,
     pub chunk_sectors: u32,
     pub device: PathBuf,
@@ -165,8 +170,16 @@ impl StateFile {
     /// The saved state, or an empty one on first start.
     pub fn load(&self) -> anyhow::Result<WorkerState> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("{}: corrupt worker state", self.path.display())),
+            Ok(bytes) => {
+                let mut st: WorkerState = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}: corrupt worker state", self.path.display()))?;
+                for v in st.volumes.values_mut() {
+                    for s in v.snapshots.iter_mut().filter(|s| s.size_bytes == 0) {
+                        s.size_bytes = v.size_bytes;
+                    }
+                }
+                Ok(st)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WorkerState::default()),
             Err(e) => Err(e).with_context(|| format!("{}: cannot read", self.path.display())),
         }
@@ -285,6 +298,8 @@ mod tests {
         assert_eq!(v.snapshots[0].phase, Phase::Creating);
         assert_eq!(v.snapshots[0].device, Path::new("/data/devices/v1.s1.cow"));
         assert!(!v.retired && v.snapshots[0].error.is_none());
+        // Written before volumes could grow: the snapshot has the volume's size.
+        assert_eq!(v.snapshots[0].size_bytes, 1048576);
         f.save(&st).unwrap();
         let compact = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
         assert!(!compact.contains('\n'), "{compact}");

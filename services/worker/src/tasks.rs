@@ -173,7 +173,7 @@ pub async fn copy_volume(
     dst: Arc<Origin>,
     task: Arc<TaskHandle>,
 ) -> cowsnap_store::Result<()> {
-    let size = src.size();
+    let size = src.target_size(target)?;
     let step = COPY_STEP.max(src.block_size());
     task.progress(0, size);
     let mut done = 0u64;

@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::oneshot;
 
@@ -102,7 +103,8 @@ pub struct Device {
 struct DeviceInner {
     name: String,
     io: Arc<dyn DeviceIo>,
-    size: u64,
+    /// Only grows ([`Device::grow`]).
+    size: AtomicU64,
     block_size: u64,
     writable: bool,
 }
@@ -121,7 +123,7 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 name,
                 io: Arc::from(io),
-                size,
+                size: AtomicU64::new(size),
                 block_size,
                 writable,
             }),
@@ -139,7 +141,7 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 name: self.inner.name.clone(),
                 io: self.inner.io.clone(),
-                size: size.min(self.inner.size),
+                size: AtomicU64::new(size.min(self.size())),
                 block_size: self.inner.block_size,
                 writable: self.inner.writable,
             }),
@@ -153,7 +155,14 @@ impl Device {
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Acquire)
+    }
+
+    /// Lets I/O reach `size` bytes (every handle of this device sees it).
+    /// The caller has made the device itself at least that large (a file
+    /// extended, a raw device checked); never shrinks.
+    pub fn grow(&self, size: u64) {
+        self.inner.size.fetch_max(size, Ordering::AcqRel);
     }
 
     /// Logical block size: offsets and lengths of every I/O are multiples.
@@ -175,15 +184,13 @@ impl Device {
                 align: bs,
             });
         }
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.inner.size)
-        {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::OutOfRange {
                 device: self.inner.name.clone(),
                 offset,
                 len,
-                size: self.inner.size,
+                size,
             });
         }
         Ok(())
@@ -291,7 +298,7 @@ impl Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Device({}, {} bytes)", self.inner.name, self.inner.size)
+        write!(f, "Device({}, {} bytes)", self.inner.name, self.size())
     }
 }
 

@@ -246,6 +246,7 @@ async fn measure(
     let opts = SnapshotOptions {
         chunk_sectors: Some(layout.chunk_sectors()),
         merging: false,
+        size: None,
     };
     let origin = Arc::new(Origin::new(origin_dev.clone())?);
     let added = origin.add_snapshot(cows[0].clone(), opts).await?;

@@ -65,7 +65,7 @@ impl Worker {
         let source = Source {
             kind: TaskKind::Restore,
             name: source_snapshot,
-            size: v.size_bytes,
+            size: s.size_bytes,
             chunk_sectors: v.chunk_sectors,
         };
         if s.phase != Phase::Ready || v.merging.as_deref() == Some(s.id.as_str()) {
@@ -314,6 +314,7 @@ impl Worker {
         let size = full_cow_bytes(v.size_bytes, layout);
         inner.volume_mut(vol).snapshots.push(SnapshotRec {
             id: temp.to_string(),
+            size_bytes: v.size_bytes,
             cow_size_bytes: size,
             chunk_sectors: layout.chunk_sectors(),
             device: path.clone(),

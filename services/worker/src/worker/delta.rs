@@ -19,11 +19,11 @@ pub const MAX_RANGES: u32 = 65536;
 /// One page of a snapshot's ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RangePage {
-    /// The volume's (and the snapshot's) size.
+    /// The snapshot's size (its volume's when it was taken).
     pub size_bytes: u64,
     /// Every range starts on a multiple of it.
     pub block_bytes: u64,
-    /// Sorted, apart from each other, within the volume.
+    /// Sorted, apart from each other, within the snapshot.
     pub ranges: Vec<Span>,
     /// Where the next page starts; 0 when this one is the last.
     pub next_offset: u64,
@@ -34,7 +34,7 @@ fn page(d: &Delta, size_bytes: u64, start: u64, max: u32) -> Result<RangePage> {
     if start > size_bytes {
         return Err(WorkerError::invalid(
             "starting_offset",
-            format!("{start} is past the end of the volume ({size_bytes} bytes)"),
+            format!("{start} is past the end of the snapshot ({size_bytes} bytes)"),
         ));
     }
     let max = match max {
@@ -56,7 +56,7 @@ fn page(d: &Delta, size_bytes: u64, start: u64, max: u32) -> Result<RangePage> {
     })
 }
 
-/// The engine id of snapshot `name` and its volume's id and size, for a
+/// The engine id of snapshot `name`, its volume's id and its size, for a
 /// snapshot that is ready and loaded.
 fn loaded(inner: &Inner, name: &str) -> Result<(String, u64, cowsnap_store::SnapId)> {
     let (v, s) = inner.snapshot(name)?;
@@ -72,7 +72,7 @@ fn loaded(inner: &Inner, name: &str) -> Result<(String, u64, cowsnap_store::Snap
         .ok_or_else(|| {
             WorkerError::FailedPrecondition(format!("{name} is not loaded in its volume's engine"))
         })?;
-    Ok((v.id.clone(), v.size_bytes, id))
+    Ok((v.id.clone(), s.size_bytes, id))
 }
 
 /// A store error about a snapshot that went away under the call is a

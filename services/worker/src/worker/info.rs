@@ -27,6 +27,8 @@ pub enum ResState {
 #[derive(Clone, Debug)]
 pub struct SnapshotInfo {
     pub name: String,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
     pub cow_size_bytes: u64,
     pub chunk_sectors: u32,
     pub device: String,
@@ -191,13 +193,14 @@ pub(super) fn snapshot_info(v: &VolumeRec, s: &SnapshotRec, live: Option<&Live>)
     SnapshotInfo {
         error,
         name: names::snapshot(&v.id, &s.id),
+        size_bytes: s.size_bytes,
         cow_size_bytes: s.cow_size_bytes,
         chunk_sectors: s.chunk_sectors,
         device: s.device.display().to_string(),
         state,
         usage,
         exceptions: status.as_ref().map_or(0, |st| st.exceptions),
-        status_line: dm_status_line(Some(v.size_bytes / 512), if valid { usage } else { None }),
+        status_line: dm_status_line(Some(s.size_bytes / 512), if valid { usage } else { None }),
         writable: s.writable,
         create_time: s.create_time,
     }

@@ -45,6 +45,16 @@ impl Worker {
             }
             None => {}
         }
+        if s.size_bytes != v.size_bytes {
+            // Merging would leave the volume's bytes past the snapshot's
+            // end as they are now: not the snapshot's image.
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} has {} bytes but {} has grown to {} since it was taken: merging would not give the snapshot's image; restore it into a new volume instead",
+                s.size_bytes,
+                names::volume(&vol),
+                v.size_bytes
+            )));
+        }
         if let Some(t) = self.tasks.running_for(&names::volume(&vol)) {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{} is busy with task tasks/{}",

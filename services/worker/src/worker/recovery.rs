@@ -165,6 +165,7 @@ impl Worker {
         let opts = SnapshotOptions {
             chunk_sectors: None,
             merging: v.merging.as_deref() == Some(s.id.as_str()),
+            size: Some(s.size_bytes),
         };
         match origin.add_snapshot(dev, opts).await {
             Ok(a) => {

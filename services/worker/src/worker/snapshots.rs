@@ -106,6 +106,7 @@ impl Worker {
         }
         let s = SnapshotRec {
             id: snapshot_id.to_string(),
+            size_bytes: v.size_bytes,
             cow_size_bytes: size,
             chunk_sectors: layout.chunk_sectors(),
             device: path.clone(),
@@ -196,6 +197,7 @@ impl Worker {
                 SnapshotOptions {
                     chunk_sectors: Some(layout.chunk_sectors()),
                     merging: false,
+                    size: None,
                 },
             )
             .await?;

@@ -127,6 +127,88 @@ impl Worker {
             .collect()
     }
 
+    /// Grows a volume online to `size_bytes` (idempotent: asking for the
+    /// size it has returns it; smaller is refused). Its snapshots keep
+    /// their size. The device grows first (a file extended and synced, the
+    /// new part of a raw device zeroed), then the record (D8 of
+    /// docs/design.md), then the engine: a crash between the first two
+    /// leaves a device larger than its volume, which is harmless (a raw
+    /// device may be larger than its volume anyway), and the grow was not
+    /// acknowledged. Connections open before keep the size they were told
+    /// at their handshake (NBD has no resize notice); new ones see the new
+    /// size.
+    pub async fn expand_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        let mut inner = self.inner.lock().await;
+        let v = inner.volume(name)?.clone();
+        if size_bytes == v.size_bytes {
+            return Ok(self.volume_info(&inner, &v));
+        }
+        if size_bytes < v.size_bytes {
+            return Err(WorkerError::invalid(
+                "size_bytes",
+                format!(
+                    "{size_bytes} is smaller than the {} bytes {name} has: volumes only grow",
+                    v.size_bytes
+                ),
+            ));
+        }
+        let layout = chunk_layout("chunk_sectors", v.chunk_sectors, DEFAULT_CHUNK_SECTORS)?;
+        if !size_bytes.is_multiple_of(4096) || !size_bytes.is_multiple_of(layout.chunk_bytes()) {
+            return Err(WorkerError::invalid(
+                "size_bytes",
+                format!(
+                    "{size_bytes} is not a multiple of 4096 and of the chunk size ({} bytes)",
+                    layout.chunk_bytes()
+                ),
+            ));
+        }
+        if v.phase != Phase::Ready || v.retired || v.merging.is_some() {
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is not ready (merging, being created or deleted, or retired)"
+            )));
+        }
+        if let Some(t) = self.tasks.running_for(name) {
+            let t = t.get();
+            return Err(WorkerError::FailedPrecondition(format!(
+                "{name} is used by task tasks/{} ({} of {})",
+                t.id,
+                t.kind.as_str(),
+                t.target
+            )));
+        }
+        let origin = inner.origin(&v.id)?;
+        let more = size_bytes - v.size_bytes;
+        if v.file_backed {
+            let (_, free) = self.devices.fs_space()?;
+            let room = free.saturating_sub(self.committed_unallocated(&inner.st));
+            if more > room {
+                return Err(WorkerError::ResourceExhausted(format!(
+                    "no room to grow {name} by {more} bytes on this worker: {room} bytes left"
+                )));
+            }
+            self.devices.extend_file(&v.device, size_bytes)?;
+        } else {
+            let have = crate::devices::raw_size(&v.device).map_err(anyhow::Error::from)?;
+            if have < size_bytes {
+                return Err(WorkerError::ResourceExhausted(format!(
+                    "{name} is on a raw device of {have} bytes: it cannot grow to {size_bytes}"
+                )));
+            }
+            self.devices.zero_raw_range(&v.device, v.size_bytes, more)?;
+        }
+        cowsnap_proto::kill_point::reached("worker:expand_volume:device");
+        inner.volume_mut(&v.id).size_bytes = size_bytes;
+        if let Err(e) = self.save(&mut inner) {
+            inner.volume_mut(&v.id).size_bytes = v.size_bytes;
+            return Err(e);
+        }
+        cowsnap_proto::kill_point::reached("worker:expand_volume:recorded");
+        origin.grow(size_bytes).await?;
+        tracing::info!(volume = %name, from = v.size_bytes, to = size_bytes, "volume expanded");
+        let v = inner.volume(name)?;
+        Ok(self.volume_info(&inner, v))
+    }
+
     /// Retires a volume (idempotent): records it (D8), then closes its
     /// export and ends the connections using it. Its engine stays up so its
     /// snapshots read through it; a restart exports only the snapshots.
