@@ -116,6 +116,8 @@ pub struct Usage {
 pub struct Snapshot {
     pub volume_id: String,
     pub id: String,
+    /// Its volume's size when it was taken (the volume may have grown).
+    pub size_bytes: u64,
     pub cow_size_bytes: u64,
     pub chunk_sectors: u32,
     pub writable: bool,
@@ -210,10 +212,11 @@ pub enum OpKind {
     MergeSnapshot,
     RestoreVolume,
     CloneVolume,
+    ExpandVolume,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 7] = [
+    pub const ALL: [OpKind; 8] = [
         OpKind::CreateVolume,
         OpKind::DeleteVolume,
         OpKind::CreateSnapshot,
@@ -221,6 +224,7 @@ impl OpKind {
         OpKind::MergeSnapshot,
         OpKind::RestoreVolume,
         OpKind::CloneVolume,
+        OpKind::ExpandVolume,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -232,6 +236,7 @@ impl OpKind {
             OpKind::MergeSnapshot => "merge_snapshot",
             OpKind::RestoreVolume => "restore_volume",
             OpKind::CloneVolume => "clone_volume",
+            OpKind::ExpandVolume => "expand_volume",
         }
     }
 

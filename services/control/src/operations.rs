@@ -301,6 +301,7 @@ impl Operations {
             OpKind::DeleteSnapshot => self.drive_delete_snapshot(op, &w).await,
             OpKind::MergeSnapshot => self.drive_merge(op, &w).await,
             OpKind::RestoreVolume | OpKind::CloneVolume => self.drive_copy(op, &w).await,
+            OpKind::ExpandVolume => self.drive_expand_volume(op, &w).await,
         }
     }
 
@@ -317,6 +318,8 @@ impl Operations {
                 let prior = op.args.prior_state.unwrap_or(State::Ready);
                 catalog::volumes::set_state(&mut tx, op.target.volume(), prior, "", now).await?;
             }
+            // Its size changes only once the worker has grown it.
+            OpKind::ExpandVolume => {}
             OpKind::CreateSnapshot => {
                 let (v, s) = op.target.snapshot()?;
                 catalog::snapshots::delete(&mut tx, v, s).await?;
@@ -352,6 +355,27 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let mut tx = self.catalog.write().await?;
                 catalog::volumes::set_state(&mut tx, &id, State::Ready, "", now_ms()).await?;
+                let r = self.volume_result(&mut tx, &id).await?;
+                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.commit(tx, op).await
+            }
+            Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
+            Err(e) => self.fail_undo(op, e).await,
+        }
+    }
+
+    /// Grows the volume on its worker (idempotent there: a repeat after a
+    /// crash finds it grown), then records the new size.
+    async fn drive_expand_volume(&self, op: &Operation, w: &WorkerClient) -> Result<Operation> {
+        let id = op.target.volume().to_string();
+        match w
+            .expand_volume(&op.target.to_string(), op.args.size_bytes)
+            .await
+        {
+            Ok(_) => {
+                self.crash_at(op, CrashPoint::AfterWorker)?;
+                let mut tx = self.catalog.write().await?;
+                catalog::volumes::set_size(&mut tx, &id, op.args.size_bytes, now_ms()).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
                 self.commit(tx, op).await

@@ -463,6 +463,7 @@ fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {
     Snapshot {
         volume_id: ws.volume_id.clone(),
         id: ws.id.clone(),
+        size_bytes: ws.size_bytes,
         cow_size_bytes: ws.cow_size_bytes,
         chunk_sectors: if ws.chunk_sectors == 0 {
             chunk

@@ -121,6 +121,8 @@ impl Control {
         let s = Snapshot {
             volume_id: vol.to_string(),
             id: snapshot_id.to_string(),
+            // The volume's lock is held: no grow runs until this is taken.
+            size_bytes: v.size_bytes,
             cow_size_bytes: spec.cow_size_bytes,
             chunk_sectors: v.chunk_sectors,
             writable: spec.writable,

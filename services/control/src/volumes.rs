@@ -202,6 +202,80 @@ impl Control {
         self.made_volume(&op).await
     }
 
+    /// Grows a volume online to `size_bytes`, as a recorded operation
+    /// (ExpandVolume: the worker grows it, then the catalog takes the new
+    /// size; after a crash the operation is carried on, and the worker
+    /// finds it already grown). Idempotent: the size it has returns it.
+    /// This is what CSI ControllerExpandVolume calls.
+    pub async fn expand_volume(&self, name: &str, size_bytes: u64) -> Result<Volume> {
+        let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
+        let _g = self.ops.lock(&[id]).await;
+        let mut v = self.volume(id).await?;
+        if let Some(op) = v.operation {
+            let o = self.ops.get(op).await?;
+            if o.kind != OpKind::ExpandVolume {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "{name} is in use by {} ({}); wait for it to end",
+                    o.name(),
+                    o.kind.as_str()
+                )));
+            }
+            // An expand interrupted (by a crash, or its worker): finish it
+            // first, then see whether this one is still needed.
+            let o = self.ops.drive(op).await?;
+            if let Some(e) = failure(&o)
+                && o.args.size_bytes == size_bytes
+            {
+                return Err(e);
+            }
+            v = self.volume(id).await?;
+        }
+        if size_bytes == v.size_bytes {
+            return Ok(v);
+        }
+        model::check_size("size_bytes", size_bytes, v.chunk_sectors)?;
+        if size_bytes < v.size_bytes {
+            return Err(ControlError::invalid(
+                "size_bytes",
+                format!(
+                    "{size_bytes} is smaller than the {} bytes {name} has: volumes only grow",
+                    v.size_bytes
+                ),
+            ));
+        }
+        if v.state != State::Ready {
+            return Err(ControlError::FailedPrecondition(format!(
+                "{name} is {}; only a READY volume grows",
+                v.state.as_str().to_uppercase()
+            )));
+        }
+        self.ensure_reachable(&v.worker_id).await?;
+        let now = now_ms();
+        let mut tx = self.catalog.write().await?;
+        let args = OpArgs {
+            size_bytes,
+            chunk_sectors: v.chunk_sectors,
+            ..Default::default()
+        };
+        let op = catalog::operations::insert(
+            &mut tx,
+            NewOp {
+                kind: OpKind::ExpandVolume,
+                target: name,
+                source: "",
+                volume_id: id,
+                worker_id: &v.worker_id,
+                args: &args,
+            },
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        self.ops.notify();
+        let op = self.ops.drive(op).await?;
+        self.made_volume(&op).await
+    }
+
     pub async fn get_volume(&self, name: &str) -> Result<Volume> {
         let id = names::parse_volume(name).map_err(|e| ControlError::invalid("name", e))?;
         self.volume(id).await

@@ -301,6 +301,186 @@ async fn a_file_outlives_snapshot_and_restore_into_a_new_volume() {
     rig.assert_nothing_left();
 }
 
+/// Bytes of the file system mounted at `path` (statvfs: blocks × size).
+fn fs_bytes(path: &str) -> u64 {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: statvfs fills the zeroed struct; `c` is NUL-terminated.
+    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut v) },
+        0,
+        "statvfs {path}"
+    );
+    v.f_blocks as u64 * v.f_frsize as u64
+}
+
+fn grow_to(vol: &str, bytes: u64, fs: Option<&str>) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: vol.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(capability(fs)),
+        ..Default::default()
+    }
+}
+
+fn node_grow(vol: &str, path: &str, bytes: u64) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: vol.into(),
+        volume_path: path.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Offline expansion as Kubernetes drives it: the controller grows a
+/// volume that has a snapshot while it is not published, the next stage
+/// grows its file system (NodeExpandVolume then finds nothing left to do),
+/// the snapshot keeps its size, a restore into a larger volume gets a grown
+/// file system too, and a node asked to grow a device attached before the
+/// volume grew says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_with_a_snapshot_grows_and_its_file_system_follows() {
+    let rig = Rig::start().await;
+    let mut c = rig.controller().await;
+    let vol = rig
+        .create_volume(create("pvc-grow", Some("ext4")))
+        .await
+        .volume_id;
+    let mut n = rig.node().await;
+    let (staging, target) = (rig.path("staging/grow"), rig.path("pods/p/grow"));
+    n.node_stage_volume(stage(&vol, &staging, Some("ext4")))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish(&vol, &staging, &target, Some("ext4")))
+        .await
+        .unwrap();
+    write_synced(&Path::new(&target).join("data.txt"), b"before the grow");
+    let small = fs_bytes(&target);
+    assert!(small < 64 * MIB, "{small}");
+    unpublish_unstage(&mut n, &vol, &staging, &target).await;
+    let snap = c
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: "snap-grow".into(),
+            source_volume_id: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.size_bytes, (64 * MIB) as i64);
+
+    let r = c
+        .controller_expand_volume(grow_to(&vol, 128 * MIB - 1000, Some("ext4")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, (128 * MIB) as i64, "rounded up");
+    assert!(r.node_expansion_required);
+    // Repeated, or asked for less: nothing changes (volumes never shrink).
+    for ask in [128 * MIB, 32 * MIB] {
+        let r = c
+            .controller_expand_volume(grow_to(&vol, ask, Some("ext4")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, (128 * MIB) as i64);
+    }
+    let mut over = grow_to(&vol, 256 * MIB, None);
+    over.capacity_range.as_mut().unwrap().limit_bytes = (200 * MIB) as i64;
+    let e = c.controller_expand_volume(over).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+
+    n.node_stage_volume(stage(&vol, &staging, Some("ext4")))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish(&vol, &staging, &target, Some("ext4")))
+        .await
+        .unwrap();
+    let grown = fs_bytes(&target);
+    assert!(
+        grown > 100 * MIB,
+        "the stage grew the file system: {small} -> {grown}"
+    );
+    let r = n
+        .node_expand_volume(node_grow(&vol, &target, 128 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, (128 * MIB) as i64);
+    assert_eq!(fs_bytes(&target), grown, "nothing left to grow");
+    assert_eq!(
+        std::fs::read(Path::new(&target).join("data.txt")).unwrap(),
+        b"before the grow"
+    );
+    let listed = c
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sizes: Vec<_> = listed
+        .entries
+        .iter()
+        .map(|e| e.snapshot.as_ref().unwrap().size_bytes)
+        .collect();
+    assert_eq!(sizes, [(64 * MIB) as i64], "the snapshot kept its size");
+
+    // Grown while published: the device was attached at 128 MiB.
+    let r = c
+        .controller_expand_volume(grow_to(&vol, 160 * MIB, Some("ext4")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, (160 * MIB) as i64);
+    let e = n
+        .node_expand_volume(node_grow(&vol, &target, 160 * MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("stage it again"), "{}", e.message());
+    unpublish_unstage(&mut n, &vol, &staging, &target).await;
+
+    // A restore into a larger volume: made at the snapshot's size, grown,
+    // and its file system grown at stage.
+    let mut req = create("pvc-grow-restored", Some("ext4"));
+    req.capacity_range.as_mut().unwrap().required_bytes = (96 * MIB) as i64;
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let restored = rig.create_volume(req).await;
+    assert_eq!(restored.capacity_bytes, (96 * MIB) as i64);
+    let restored = restored.volume_id;
+    let (staging2, target2) = (rig.path("staging/grown"), rig.path("pods/q/grown"));
+    n.node_stage_volume(stage(&restored, &staging2, Some("ext4")))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish(&restored, &staging2, &target2, Some("ext4")))
+        .await
+        .unwrap();
+    let restored_fs = fs_bytes(&target2);
+    assert!(restored_fs > 80 * MIB, "{restored_fs}");
+    assert_eq!(
+        std::fs::read(Path::new(&target2).join("data.txt")).unwrap(),
+        b"before the grow"
+    );
+    unpublish_unstage(&mut n, &restored, &staging2, &target2).await;
+    rig.assert_nothing_left();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_after_kill9_between_stage_and_publish_finds_the_staged_volume() {
     let mut rig = Rig::start().await;

@@ -1,8 +1,8 @@
 //! The CSI Identity service: the plugin's name and version, what it offers
-//! (the controller service when this endpoint serves it, the snapshot
-//! metadata service beside it when asked to advertise it, and topology
-//! constraints: a volume is reachable from its worker's node), and whether
-//! it is ready (the catalog answers).
+//! (the controller service when this endpoint serves it, with OFFLINE
+//! volume expansion, and the snapshot metadata service beside it when asked
+//! to advertise it; topology constraints: a volume is reachable from its
+//! worker's node), and whether it is ready (the catalog answers).
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use cowsnap_control::control::Control;
 use cowsnap_proto::csi::v1 as csi;
 use csi::identity_server::Identity as IdentityService;
 use csi::plugin_capability::service::Type as ServiceType;
+use csi::plugin_capability::volume_expansion::Type as ExpansionType;
 use tonic::{Request, Response, Status};
 
 use crate::PLUGIN_NAME;
@@ -52,6 +53,14 @@ fn service(t: ServiceType) -> csi::PluginCapability {
     }
 }
 
+fn volume_expansion(t: ExpansionType) -> csi::PluginCapability {
+    csi::PluginCapability {
+        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+            csi::plugin_capability::VolumeExpansion { r#type: t as i32 },
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl IdentityService for Identity {
     async fn get_plugin_info(
@@ -72,6 +81,10 @@ impl IdentityService for Identity {
         let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
         if self.control.is_some() {
             capabilities.insert(0, service(ServiceType::ControllerService));
+            // The export grows online, but a node's device learns its size
+            // when it attaches (see node::expand): the CO grows volumes
+            // that are not published.
+            capabilities.push(volume_expansion(ExpansionType::Offline));
             if self.snapshot_metadata {
                 capabilities.push(service(ServiceType::SnapshotMetadataService));
             }

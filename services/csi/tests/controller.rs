@@ -61,6 +61,19 @@ async fn identity_reports_the_plugin_and_its_readiness() {
             Type::VolumeAccessibilityConstraints as i32
         ]
     );
+    use csi::plugin_capability::volume_expansion::Type as Expansion;
+    let expansion: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::plugin_capability::Type::VolumeExpansion(e)) => Some(e.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expansion,
+        [Expansion::Offline as i32],
+        "a node's device learns its size at attach: offline"
+    );
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
     let mut c = stack.controller().await;
@@ -80,10 +93,7 @@ async fn identity_reports_the_plugin_and_its_readiness() {
         .collect();
     assert!(rpcs.contains(&(Cap::CreateDeleteSnapshot as i32)));
     assert!(rpcs.contains(&(Cap::CloneVolume as i32)));
-    assert!(
-        !rpcs.contains(&(Cap::ExpandVolume as i32)),
-        "expansion is not built: it must not be advertised"
-    );
+    assert!(rpcs.contains(&(Cap::ExpandVolume as i32)));
     assert!(
         rpcs.iter().all(|&r| r <= Cap::ModifyVolume as i32),
         "only capabilities csi-sanity (spec v1.10) knows: {rpcs:?}"
@@ -414,11 +424,23 @@ async fn bad_input_gets_the_right_codes() {
     let (k, _) = code(
         c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: "nope".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 8 * MIB as i64,
+                limit_bytes: 0,
+            }),
             ..Default::default()
         })
         .await,
     );
-    assert_eq!(k, Code::Unimplemented);
+    assert_eq!(k, Code::NotFound);
+    let (k, m) = code(
+        c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "nope".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(k, Code::InvalidArgument, "{m}");
 
     // Nothing above made a volume.
     let vols = c

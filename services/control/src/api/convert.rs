@@ -101,6 +101,7 @@ pub fn snapshot(s: Snapshot) -> pb::Snapshot {
             String::new()
         },
         name,
+        size_bytes: s.size_bytes,
         cow_size_bytes: s.cow_size_bytes,
         chunk_sectors: s.chunk_sectors,
         labels: s.labels.into_iter().collect(),
@@ -150,6 +151,7 @@ pub fn op_kind(k: OpKind) -> i32 {
         OpKind::DeleteSnapshot => pb::OperationKind::DeleteSnapshot,
         OpKind::MergeSnapshot => pb::OperationKind::MergeSnapshot,
         OpKind::RestoreVolume => pb::OperationKind::RestoreVolume,
+        OpKind::ExpandVolume => pb::OperationKind::ExpandVolume,
         OpKind::CloneVolume => pb::OperationKind::CloneVolume,
     }) as i32
 }

@@ -26,6 +26,12 @@ impl VolumeService for Api {
         Ok(Response::new(volume(v)))
     }
 
+    async fn expand_volume(&self, r: Request<pb::ExpandVolumeRequest>) -> Rpc<pb::Volume> {
+        let r = r.into_inner();
+        let v = self.control.expand_volume(&r.name, r.size_bytes).await?;
+        Ok(Response::new(volume(v)))
+    }
+
     async fn get_volume(&self, r: Request<pb::GetVolumeRequest>) -> Rpc<pb::Volume> {
         let v = self.control.get_volume(&r.into_inner().name).await?;
         Ok(Response::new(volume(v)))

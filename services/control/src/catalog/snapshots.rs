@@ -9,6 +9,7 @@ use crate::model::{Reported, Snapshot, State, Usage};
 struct Row {
     volume_id: String,
     id: String,
+    size_bytes: i64,
     cow_size_bytes: i64,
     chunk_sectors: i64,
     writable: i64,
@@ -46,6 +47,7 @@ impl Row {
         Ok(Snapshot {
             volume_id: self.volume_id,
             id: self.id,
+            size_bytes: self.size_bytes as u64,
             cow_size_bytes: self.cow_size_bytes as u64,
             chunk_sectors: self.chunk_sectors as u32,
             writable: self.writable != 0,
@@ -63,7 +65,7 @@ impl Row {
 pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<Option<Snapshot>> {
     let row = sqlx::query_as!(
         Row,
-        r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
+        r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
                   s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
                   s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
                   (SELECT MAX(o.id) FROM operations o
@@ -110,7 +112,7 @@ pub async fn list(
                 std::cmp::Ordering::Greater => i64::MAX,
             };
             sqlx::query!(
-                r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable,
+                r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
                           s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes,
                           s.exceptions, s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
                           (SELECT MAX(o.id) FROM operations o
@@ -134,6 +136,7 @@ pub async fn list(
                 row: Row {
                     volume_id: r.volume_id,
                     id: r.id,
+                    size_bytes: r.size_bytes,
                     cow_size_bytes: r.cow_size_bytes,
                     chunk_sectors: r.chunk_sectors,
                     writable: r.writable,
@@ -153,7 +156,7 @@ pub async fn list(
             .collect()
         }
         None => sqlx::query!(
-            r#"SELECT s.volume_id, s.id, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
+            r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
                       s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
                       s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
                       (SELECT MAX(o.id) FROM operations o
@@ -177,6 +180,7 @@ pub async fn list(
             row: Row {
                 volume_id: r.volume_id,
                 id: r.id,
+                size_bytes: r.size_bytes,
                 cow_size_bytes: r.cow_size_bytes,
                 chunk_sectors: r.chunk_sectors,
                 writable: r.writable,
@@ -211,7 +215,8 @@ pub async fn count(c: &mut SqliteConnection, volume_id: &str) -> Result<u64> {
 }
 
 pub async fn insert(c: &mut SqliteConnection, s: &Snapshot, now: i64) -> Result<()> {
-    let (cow, chunk, writable, labels, state) = (
+    let (size, cow, chunk, writable, labels, state) = (
+        s.size_bytes as i64,
         s.cow_size_bytes as i64,
         i64::from(s.chunk_sectors),
         i64::from(s.writable),
@@ -219,12 +224,13 @@ pub async fn insert(c: &mut SqliteConnection, s: &Snapshot, now: i64) -> Result<
         s.state.as_str(),
     );
     sqlx::query!(
-        "INSERT INTO snapshots (volume_id, id, cow_size_bytes, chunk_sectors, writable, labels,
-                                state, seq, create_time, update_time)
-         VALUES (?, ?, ?, ?, ?, ?, ?,
+        "INSERT INTO snapshots (volume_id, id, size_bytes, cow_size_bytes, chunk_sectors,
+                                writable, labels, state, seq, create_time, update_time)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?,
                  (SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE volume_id = ?), ?, ?)",
         s.volume_id,
         s.id,
+        size,
         cow,
         chunk,
         writable,

@@ -47,7 +47,8 @@ pub async fn get(c: &mut SqliteConnection, id: &str) -> Result<Option<Volume>> {
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.volume_id = v.id AND o.state IN ('pending', 'running')
                       AND o.kind IN ('create_volume', 'delete_volume', 'merge_snapshot',
-                                     'restore_volume', 'clone_volume')) AS "operation?: i64"
+                                     'restore_volume', 'clone_volume',
+                                     'expand_volume')) AS "operation?: i64"
            FROM volumes v JOIN workers w ON w.id = v.worker_id
            WHERE v.id = ?"#,
         id
@@ -67,7 +68,8 @@ pub async fn list_after(c: &mut SqliteConnection, after: &str, limit: i64) -> Re
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.volume_id = v.id AND o.state IN ('pending', 'running')
                       AND o.kind IN ('create_volume', 'delete_volume', 'merge_snapshot',
-                                     'restore_volume', 'clone_volume')) AS "operation?: i64"
+                                     'restore_volume', 'clone_volume',
+                                     'expand_volume')) AS "operation?: i64"
            FROM volumes v JOIN workers w ON w.id = v.worker_id
            WHERE v.id > ?
            ORDER BY v.id
@@ -88,7 +90,8 @@ pub async fn list_on_worker(c: &mut SqliteConnection, worker_id: &str) -> Result
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.volume_id = v.id AND o.state IN ('pending', 'running')
                       AND o.kind IN ('create_volume', 'delete_volume', 'merge_snapshot',
-                                     'restore_volume', 'clone_volume')) AS "operation?: i64"
+                                     'restore_volume', 'clone_volume',
+                                     'expand_volume')) AS "operation?: i64"
            FROM volumes v JOIN workers w ON w.id = v.worker_id
            WHERE v.worker_id = ?
            ORDER BY v.id"#,
@@ -138,6 +141,19 @@ pub async fn set_state(
         "UPDATE volumes SET state = ?, error = ?, update_time = ? WHERE id = ?",
         s,
         error,
+        now,
+        id
+    )
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_size(c: &mut SqliteConnection, id: &str, size_bytes: u64, now: i64) -> Result<()> {
+    let size = size_bytes as i64;
+    sqlx::query!(
+        "UPDATE volumes SET size_bytes = ?, update_time = ? WHERE id = ?",
+        size,
         now,
         id
     )

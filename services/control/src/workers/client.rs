@@ -52,6 +52,8 @@ pub struct WorkerVolume {
 pub struct WorkerSnapshot {
     pub volume_id: String,
     pub id: String,
+    /// Its volume's size when it was taken.
+    pub size_bytes: u64,
     pub cow_size_bytes: u64,
     pub chunk_sectors: u32,
     pub writable: bool,
@@ -105,6 +107,7 @@ fn snapshot(s: wpb::Snapshot) -> Result<WorkerSnapshot> {
     Ok(WorkerSnapshot {
         volume_id: vol.to_string(),
         id: id.to_string(),
+        size_bytes: s.size_bytes,
         cow_size_bytes: s.cow_size_bytes,
         chunk_sectors: s.chunk_sectors,
         writable: s.writable,
@@ -264,6 +267,14 @@ impl WorkerClient {
     pub async fn retire_volume(&self, name: &str) -> Result<WorkerVolume> {
         let r = wpb::RetireVolumeRequest { name: name.into() };
         volume(self.call(self.api().retire_volume(r)).await?)
+    }
+
+    pub async fn expand_volume(&self, name: &str, size_bytes: u64) -> Result<WorkerVolume> {
+        let r = wpb::ExpandVolumeRequest {
+            name: name.into(),
+            size_bytes,
+        };
+        volume(self.call(self.api().expand_volume(r)).await?)
     }
 
     pub async fn create_snapshot(

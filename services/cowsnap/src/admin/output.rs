@@ -199,6 +199,10 @@ pub fn snapshot(json: bool, s: &pb::Snapshot) -> anyhow::Result<()> {
     detail(vec![
         ("name", s.name.clone()),
         ("state", state(s.state)),
+        (
+            "size",
+            format!("{} ({} bytes)", bytes(s.size_bytes), s.size_bytes),
+        ),
         ("cow size", bytes(s.cow_size_bytes)),
         ("chunk", format!("{} sectors", s.chunk_sectors)),
         ("used", usage(s.usage.as_ref())),

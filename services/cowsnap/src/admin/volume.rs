@@ -32,6 +32,15 @@ enum Cmd {
     },
     /// Show a volume.
     Get { name: String },
+    /// Grow a volume online to a new size (its snapshots keep theirs);
+    /// clients connecting afterwards see the new size.
+    Expand {
+        name: String,
+        /// The new size, e.g. 2g (a multiple of 4096 and of the chunk size;
+        /// never smaller than now).
+        #[arg(long)]
+        size: String,
+    },
     /// List volumes (every page).
     List {
         /// e.g. `state=READY`, `labels.team=db`, `worker=workers/node1`,
@@ -106,6 +115,17 @@ pub fn run_command(c: VolumeCommand) -> anyhow::Result<u8> {
                     .volumes
                     .get_volume(pb::GetVolumeRequest {
                         name: volume_name(&name),
+                    })
+                    .await?
+                    .into_inner();
+                output::volume(api.json, &v)?;
+            }
+            Cmd::Expand { name, size: sz } => {
+                let v = api
+                    .volumes
+                    .expand_volume(pb::ExpandVolumeRequest {
+                        name: volume_name(&name),
+                        size_bytes: size("--size", &sz)?,
                     })
                     .await?
                     .into_inner();

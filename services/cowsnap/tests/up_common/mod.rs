@@ -418,6 +418,21 @@ impl Api {
     }
 }
 
+/// `cowsnap ARGS --server API` against `up`; returns (exit code, stdout,
+/// stderr).
+pub fn cowsnap_cli(up: &Up, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
+        .args(args)
+        .args(["--server", &up.api()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs qemu-io on the NBD `uri` with one command (opened read-only for a
 /// `read`): whether it exited 0, and what it printed.
 pub fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {

@@ -5,7 +5,7 @@
 //!
 //! - [`volumes`]: CreateVolume (empty, restore, clone), DeleteVolume,
 //!   ListVolumes, ControllerGetVolume, ValidateVolumeCapabilities,
-//!   GetCapacity;
+//!   GetCapacity, ControllerExpandVolume;
 //! - [`snapshots`]: CreateSnapshot, DeleteSnapshot, ListSnapshots,
 //!   GetSnapshot;
 //! - [`params`]: StorageClass / VolumeSnapshotClass parameters and
@@ -13,8 +13,7 @@
 //!   [`topology`]: placement on a node's worker.
 //!
 //! Not offered: ControllerPublish/Unpublish (a node reaches a volume's NBD
-//! export itself), ControllerExpandVolume (the engine cannot grow a volume
-//! yet), ControllerModifyVolume.
+//! export itself), ControllerModifyVolume.
 
 pub mod capabilities;
 pub mod params;
@@ -37,7 +36,7 @@ type Rpc<T> = Result<Response<T>, Status>;
 /// The capabilities ControllerGetCapabilities reports. GetSnapshot (alpha
 /// in v1.12) is served but not advertised: csi-sanity, built on spec v1.10,
 /// fails a driver that reports a capability it does not know.
-pub const CAPABILITIES: [Cap; 7] = [
+pub const CAPABILITIES: [Cap; 8] = [
     Cap::CreateDeleteVolume,
     Cap::ListVolumes,
     Cap::GetCapacity,
@@ -45,6 +44,7 @@ pub const CAPABILITIES: [Cap; 7] = [
     Cap::ListSnapshots,
     Cap::CloneVolume,
     Cap::GetVolume,
+    Cap::ExpandVolume,
 ];
 
 /// The CSI Controller service over the control service's domain.
@@ -183,11 +183,9 @@ impl ControllerService for Controller {
 
     async fn controller_expand_volume(
         &self,
-        _: Request<csi::ControllerExpandVolumeRequest>,
+        r: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Rpc<csi::ControllerExpandVolumeResponse> {
-        Err(unimplemented(
-            "ControllerExpandVolume (volumes cannot grow yet)",
-        ))
+        Ok(Response::new(self.expand_volume(r.into_inner()).await?))
     }
 
     async fn controller_get_volume(

@@ -123,17 +123,25 @@ pub fn volume_size(range: Option<&csi::CapacityRange>, align: u64) -> Result<u64
     Ok(size)
 }
 
-/// Checks that a restored or cloned volume, whose size is its source's
-/// (`size`), meets `range` (cowsnap cannot grow a volume yet).
-pub fn copy_size(range: Option<&csi::CapacityRange>, size: u64) -> Result<(), Status> {
+/// The size of a volume that has (or starts with) `size` bytes, for
+/// `range`: `required_bytes` rounded up to `align`, or `size` when that is
+/// not more (a restored or cloned volume starts at its source's size and
+/// is grown once made; a volume never shrinks). OUT_OF_RANGE when
+/// `limit_bytes` is below the result.
+pub fn size_at_least(
+    range: Option<&csi::CapacityRange>,
+    size: u64,
+    align: u64,
+) -> Result<u64, Status> {
     let (required, limit) = bounds(range)?;
-    if required > size || (limit > 0 && limit < size) {
+    let want = size.max(required.div_ceil(align).saturating_mul(align));
+    if limit > 0 && limit < want {
         return Err(Status::out_of_range(format!(
-            "capacity range [{required}, {limit}] cannot be met: a volume made from this source \
-             has the source's size, {size} bytes (volumes cannot grow yet)"
+            "capacity range [{required}, {limit}] cannot be met: the volume has at least \
+             {size} bytes (its source's, or its own: volumes never shrink), in multiples of {align}"
         )));
     }
-    Ok(())
+    Ok(want)
 }
 
 /// `(required, limit)` of a range, 0 for unset; negative ones refused.
@@ -196,20 +204,33 @@ mod tests {
     }
 
     #[test]
-    fn copies_keep_their_source_size() {
-        assert!(copy_size(None, 1 << 20).is_ok());
-        assert!(copy_size(Some(&range(1 << 20, 0)), 1 << 20).is_ok());
+    fn sizes_only_grow_and_round_up() {
+        const M: u64 = 1 << 20;
+        // No range, or one asking for no more: the size it has.
+        assert_eq!(size_at_least(None, M, 4096).unwrap(), M);
         assert_eq!(
-            copy_size(Some(&range((1 << 20) + 1, 0)), 1 << 20)
-                .unwrap_err()
-                .code(),
-            Code::OutOfRange
+            size_at_least(Some(&range(M as i64, 0)), M, 4096).unwrap(),
+            M
         );
+        assert_eq!(size_at_least(Some(&range(4096, 0)), M, 4096).unwrap(), M);
+        // More: rounded up to the alignment.
         assert_eq!(
-            copy_size(Some(&range(0, 4096)), 1 << 20)
+            size_at_least(Some(&range(M as i64 + 1, 0)), M, 16384).unwrap(),
+            M + 16384
+        );
+        // A limit below the source's size, or below the rounded size.
+        for r in [range(0, 4096), range(M as i64 + 1, M as i64 + 4096)] {
+            assert_eq!(
+                size_at_least(Some(&r), M, 16384).unwrap_err().code(),
+                Code::OutOfRange,
+                "{r:?}"
+            );
+        }
+        assert_eq!(
+            size_at_least(Some(&range(-1, 0)), M, 4096)
                 .unwrap_err()
                 .code(),
-            Code::OutOfRange
+            Code::InvalidArgument
         );
     }
 

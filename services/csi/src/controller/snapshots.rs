@@ -1,7 +1,8 @@
 //! CreateSnapshot, DeleteSnapshot, ListSnapshots and GetSnapshot through
 //! the control service's snapshot calls. A snapshot is cut before
 //! CreateSnapshot answers, so it is ready to use at once; its `size_bytes`
-//! is its volume's size (what a volume restored from it gets).
+//! is its volume's size when it was taken (what a volume restored from it
+//! gets; the volume may have grown since).
 
 use cowsnap_control::error::ControlError;
 use cowsnap_control::model::{Snapshot, State};
@@ -23,10 +24,10 @@ fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-/// The CSI view of a snapshot of a volume of `volume_size` bytes.
-pub fn snapshot(s: &Snapshot, volume_size: u64) -> csi::Snapshot {
+/// The CSI view of a snapshot.
+pub fn snapshot(s: &Snapshot) -> csi::Snapshot {
     csi::Snapshot {
-        size_bytes: volume_size as i64,
+        size_bytes: s.size_bytes as i64,
         snapshot_id: ids::snapshot_id(&s.volume_id, &s.id),
         source_volume_id: s.volume_id.clone(),
         creation_time: Some(timestamp(s.create_time)),
@@ -91,7 +92,7 @@ impl Controller {
             .create_snapshot(&names::volume(&v.id), &snap_id, spec)
             .await
             .map_err(status)?;
-        Ok(snapshot(&s, v.size_bytes))
+        Ok(snapshot(&s))
     }
 
     /// DeleteSnapshot: what is not there (or cannot be an id of ours) is
@@ -114,11 +115,11 @@ impl Controller {
         let Some(id) = ids::parse_volume_id(volume_id) else {
             return Ok(Vec::new());
         };
-        let v = match self.control.get_volume(&names::volume(id)).await {
-            Ok(v) if visible_volume(&v) || v.state == State::DeletedWithSnapshots => v,
+        match self.control.get_volume(&names::volume(id)).await {
+            Ok(v) if visible_volume(&v) || v.state == State::DeletedWithSnapshots => {}
             Ok(_) | Err(ControlError::NotFound(_)) => return Ok(Vec::new()),
             Err(e) => return Err(status(e)),
-        };
+        }
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
@@ -127,11 +128,7 @@ impl Controller {
                 .list_snapshots(&names::volume(id), 1000, &token)
                 .await
                 .map_err(status)?;
-            out.extend(
-                page.iter()
-                    .filter(|s| visible(s))
-                    .map(|s| snapshot(s, v.size_bytes)),
-            );
+            out.extend(page.iter().filter(|s| visible(s)).map(snapshot));
             if next.is_empty() {
                 return Ok(out);
             }
@@ -187,7 +184,6 @@ impl Controller {
             });
         }
         // Every snapshot, paged with the control service's tokens.
-        let sizes = self.volume_sizes().await?;
         let mut entries = Vec::new();
         let mut token = r.starting_token.clone();
         loop {
@@ -207,7 +203,7 @@ impl Controller {
             entries.extend(
                 page.iter()
                     .filter(|s| visible(s))
-                    .map(|s| entry(snapshot(s, sizes.get(&s.volume_id).copied().unwrap_or(0)))),
+                    .map(|s| entry(snapshot(s))),
             );
             token = next;
             if token.is_empty() || (r.max_entries > 0 && entries.len() as i32 >= r.max_entries) {
@@ -218,23 +214,5 @@ impl Controller {
             entries,
             next_token: token,
         })
-    }
-
-    /// Every volume's size, by id.
-    async fn volume_sizes(&self) -> Result<std::collections::HashMap<String, u64>, Status> {
-        let mut out = std::collections::HashMap::new();
-        let mut token = String::new();
-        loop {
-            let (vols, next) = self
-                .control
-                .list_volumes(1000, &token, "")
-                .await
-                .map_err(status)?;
-            out.extend(vols.into_iter().map(|v| (v.id, v.size_bytes)));
-            if next.is_empty() {
-                return Ok(out);
-            }
-            token = next;
-        }
     }
 }

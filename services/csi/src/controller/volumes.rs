@@ -203,7 +203,30 @@ impl Controller {
         if matches!(src, Type::Volume(_)) && !visible(&sv) {
             return Err(Status::not_found(format!("source {source_name} not found")));
         }
-        params::copy_size(range, sv.size_bytes)?;
+        // A restore starts at the snapshot's size (its volume may have grown
+        // since), a clone at the volume's; either is grown once made when
+        // the range asks for more.
+        let src_size = match &src {
+            Type::Snapshot(_) => {
+                self.control
+                    .get_snapshot(&source_name)
+                    .await
+                    .map_err(|e| match e {
+                        ControlError::NotFound(_) => {
+                            Status::not_found(format!("source {source_name} not found"))
+                        }
+                        e => status(e),
+                    })?
+                    .size_bytes
+            }
+            Type::Volume(_) => sv.size_bytes,
+        };
+        let chunk = if chunk_sectors == 0 {
+            sv.chunk_sectors
+        } else {
+            chunk_sectors
+        };
+        let size = params::size_at_least(range, src_size, params::alignment(chunk))?;
         if !candidates.is_empty() && !candidates.contains(&sv.worker_id) {
             return Err(Status::resource_exhausted(format!(
                 "{source_name} is on workers/{}, which the topology requirement does not allow \
@@ -228,7 +251,58 @@ impl Controller {
                 .await
                 .map_err(status)?
         };
-        self.made(id, &source_name, op).await
+        let v = self.made(id, &source_name, op).await?;
+        if v.size_bytes >= size {
+            return Ok(v);
+        }
+        self.control
+            .expand_volume(&names::volume(id), size)
+            .await
+            .map_err(status)
+    }
+
+    /// ControllerExpandVolume: grows the volume online on its worker (its
+    /// snapshots keep their size) to `capacity_range`, rounded up to its
+    /// alignment; one already that large is left as it is (volumes never
+    /// shrink). A file system then needs growing on the node; a block
+    /// volume does not.
+    pub(super) async fn expand_volume(
+        &self,
+        r: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse, Status> {
+        required("volume_id", &r.volume_id)?;
+        let range = r
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        let block = match r.volume_capability.as_ref() {
+            Some(cap) => {
+                capabilities::check(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+                matches!(
+                    cap.access_type,
+                    Some(csi::volume_capability::AccessType::Block(_))
+                )
+            }
+            None => false,
+        };
+        let v = self.visible_volume(&r.volume_id).await?;
+        let size = params::size_at_least(
+            Some(range),
+            v.size_bytes,
+            params::alignment(v.chunk_sectors),
+        )?;
+        let v = if size > v.size_bytes {
+            self.control
+                .expand_volume(&v.name(), size)
+                .await
+                .map_err(status)?
+        } else {
+            v
+        };
+        Ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: v.size_bytes as i64,
+            node_expansion_required: !block,
+        })
     }
 
     /// The volume a restore or clone made, its error, or ABORTED while it

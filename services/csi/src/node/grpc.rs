@@ -283,13 +283,34 @@ impl NodeApi for NodeGrpc {
 
     async fn node_expand_volume(
         &self,
-        _req: Request<csi::NodeExpandVolumeRequest>,
+        req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        // nbdfuse learns the export's size once, at connection: growing an
-        // attached volume needs a re-attach, which is not built.
-        Err(Status::unimplemented(
-            "NodeExpandVolume is not supported by this node plugin (EXPAND_VOLUME is not advertised)",
-        ))
+        let r = req.into_inner();
+        required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
+        if let Some(cap) = r.volume_capability.as_ref() {
+            access(Some(cap))?;
+        }
+        let required_bytes = match r.capacity_range {
+            Some(c) => u64::try_from(c.required_bytes).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "capacity_range.required_bytes is negative ({})",
+                    c.required_bytes
+                ))
+            })?,
+            None => 0,
+        };
+        let id = r.volume_id;
+        if !self.node.is_staged(&id) {
+            self.volume(&id).await?;
+        }
+        let path = std::path::PathBuf::from(&r.volume_path);
+        let size = self
+            .run(move |n| n.expand(&id, &path, required_bytes))
+            .await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        }))
     }
 
     async fn node_get_capabilities(
@@ -300,6 +321,7 @@ impl NodeApi for NodeGrpc {
             capabilities: vec![
                 rpc_cap(RpcType::StageUnstageVolume),
                 rpc_cap(RpcType::GetVolumeStats),
+                rpc_cap(RpcType::ExpandVolume),
             ],
         }))
     }

@@ -4,9 +4,9 @@
 //! plugin finds it again.
 //!
 //! - [`attach`]: NBD export → block device (nbdfuse + loop device);
-//! - [`mounts`]: mountinfo, mount/umount/mkfs/blkid;
-//! - [`state`]: the saved state; [`stage`], [`publish`], [`stats`] and
-//!   [`recover`]: the node's operations on it;
+//! - [`mounts`]: mountinfo, mount/umount/mkfs/blkid, file system growth;
+//! - [`state`]: the saved state; [`stage`], [`publish`], [`stats`],
+//!   [`expand`] and [`recover`]: the node's operations on it;
 //! - [`grpc`]: the `csi.v1.Node` service over them.
 //!
 //! Every operation runs under one lock (the state's), blocking: callers
@@ -14,6 +14,7 @@
 
 pub mod attach;
 pub mod error;
+pub mod expand;
 pub mod grpc;
 pub mod mounts;
 pub mod publish;

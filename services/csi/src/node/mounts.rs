@@ -184,6 +184,20 @@ pub fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
     run(cmd.arg(device)).map(drop)
 }
 
+/// Grows the `fs_type` file system of `device`, mounted at `mount_point`,
+/// to the whole device, online (resize2fs on a mounted ext file system,
+/// xfs_growfs on the mount point). One that fills the device already is
+/// left as it is (both tools succeed without a change).
+pub fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
+    match fs_type {
+        "ext4" | "ext3" | "ext2" => run(Command::new("resize2fs").arg(device)).map(drop),
+        "xfs" => run(Command::new("xfs_growfs").arg("-d").arg(mount_point)).map(drop),
+        other => Err(NodeError::invalid(format!(
+            "file system type {other:?} cannot be grown (ext4, ext3, ext2, xfs)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

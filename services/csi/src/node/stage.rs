@@ -59,7 +59,14 @@ impl Node {
         };
         let done = self
             .first_use(&staged)
-            .and_then(|()| self.mount_staging(&staged))
+            .and_then(|made| {
+                self.mount_staging(&staged)?;
+                if made {
+                    Ok(())
+                } else {
+                    grow_to_device(&staged)
+                }
+            })
             .and_then(|()| {
                 st.volumes.insert(req.volume.clone(), staged.clone());
                 self.file.save(&st).inspect_err(|_| {
@@ -83,18 +90,19 @@ impl Node {
     }
 
     /// Makes the file system of a mount volume if the device holds none
-    /// (blkid finds nothing): never over existing data.
-    fn first_use(&self, s: &Staged) -> Result<()> {
+    /// (blkid finds nothing): never over existing data. Whether it made
+    /// one.
+    fn first_use(&self, s: &Staged) -> Result<bool> {
         let Access::Mount { fs_type, .. } = &s.access else {
-            return Ok(());
+            return Ok(false);
         };
         let dev = &s.attachment.loop_device;
         match mounts::probe_fs(dev)? {
             None => {
                 tracing::info!(device = %dev.display(), "making a {fs_type} file system (first use)");
-                mounts::mkfs(dev, fs_type)
+                mounts::mkfs(dev, fs_type).map(|()| true)
             }
-            Some(t) if &t == fs_type => Ok(()),
+            Some(t) if &t == fs_type => Ok(false),
             Some(t) => Err(NodeError::FailedPrecondition(format!(
                 "the volume holds a {t} file system, {fs_type} was asked; not formatting over it"
             ))),
@@ -157,6 +165,19 @@ impl Node {
         tracing::info!(volume, "unstaged");
         Ok(())
     }
+}
+
+/// Grows an existing file system of a staged mount volume to its device
+/// (a volume grown while unstaged, or restored into a larger one), unless
+/// it is mounted read-only.
+fn grow_to_device(s: &Staged) -> Result<()> {
+    let Access::Mount { fs_type, flags } = &s.access else {
+        return Ok(());
+    };
+    if flags.iter().any(|f| f == "ro") {
+        return Ok(());
+    }
+    mounts::grow_fs(&s.attachment.loop_device, &s.staging_path, fs_type)
 }
 
 /// Detaches whatever lies under `fuse_dir` though no record owns it: loop

@@ -82,7 +82,7 @@ fn fs_stats(path: &Path) -> Result<VolumeStats> {
 }
 
 /// The size of a block device, from sysfs (512-byte sectors).
-fn block_size(dev: &Path) -> Result<u64> {
+pub(super) fn block_size(dev: &Path) -> Result<u64> {
     let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let p = format!("/sys/block/{name}/size");
     std::fs::read_to_string(&p)

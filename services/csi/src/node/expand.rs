@@ -1,0 +1,52 @@
+//! NodeExpandVolume: grows the file system of a staged volume to its
+//! device, which has the volume's new size once it was attached after the
+//! volume grew. cowsnap expands volumes OFFLINE for Kubernetes: the export
+//! grows online on its worker, but a node's device is an nbdfuse file
+//! behind a loop device, and nbdfuse learns the export's size once, when
+//! it connects (NBD tells no client of a resize). So the CO grows the
+//! volume while it is not published, and the node grows the file system
+//! after the next stage (stage itself grows a file system smaller than
+//! its device, e.g. a restore into a larger volume).
+
+use std::path::Path;
+
+use super::Node;
+use super::error::{NodeError, Result};
+use super::mounts;
+use super::state::Access;
+use super::stats::block_size;
+
+impl Node {
+    /// Grows the file system of `volume` (staged here, available at `path`:
+    /// its staging path or a target it is published at) to its device, and
+    /// returns the device's size. `required` bytes more than the device
+    /// has is FAILED_PRECONDITION: the device was attached before the
+    /// volume grew and must be staged again.
+    pub fn expand(&self, volume: &str, path: &Path, required: u64) -> Result<u64> {
+        let path = super::resolve(path);
+        let st = self.lock();
+        let s = st.volumes.get(volume).ok_or_else(|| {
+            NodeError::NotFound(format!("volume {volume} is not staged on this node"))
+        })?;
+        if s.staging_path != path && !s.published.contains_key(&path) {
+            return Err(NodeError::NotFound(format!(
+                "{} is neither the staging path nor a target of volume {volume}",
+                path.display()
+            )));
+        }
+        let dev = &s.attachment.loop_device;
+        let size = block_size(dev)?;
+        if required > size {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {volume} is attached with {size} bytes, fewer than the {required} asked: \
+                 it grew after it was staged; unpublish and unstage it, then stage it again \
+                 (cowsnap volumes grow offline on a node)"
+            )));
+        }
+        if let Access::Mount { fs_type, .. } = &s.access {
+            mounts::grow_fs(dev, &s.staging_path, fs_type)?;
+            tracing::info!(volume, device = %dev.display(), size, "file system grown to its device");
+        }
+        Ok(size)
+    }
+}
