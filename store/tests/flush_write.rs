@@ -143,15 +143,10 @@ fn a_bad_flush_write_is_an_error_not_a_panic() {
 fn a_cut_between_the_flush_and_the_write_keeps_the_flush_only() {
     let rt = common::runtime();
     for seed in 0..32 {
-        let Unflushed {
-            _dir,
-            path,
-            ctl,
-            dev,
-            copy,
-        } = unflushed(&rt, seed);
+        let u = unflushed(&rt, seed);
+        let (path, ctl, copy) = (&u.path, &u.ctl, &u.copy);
         ctl.cut_after(1);
-        let e = rt.block_on(cut_flush_write(&dev));
+        let e = rt.block_on(cut_flush_write(&u.dev));
         assert!(e.to_string().contains("Input/output error"), "{e}");
         assert!(ctl.is_cut());
         assert_eq!(ctl.ops(), 2, "the plain write and the flush half ran");
@@ -161,9 +156,9 @@ fn a_cut_between_the_flush_and_the_write_keeps_the_flush_only() {
             (0, 0),
             "nothing was volatile after the flush"
         );
-        assert_eq!(read_file(&path, 4 * BLOCK, BLOCK), copy, "seed {seed}");
+        assert_eq!(read_file(path, 4 * BLOCK, BLOCK), *copy, "seed {seed}");
         assert_eq!(
-            read_file(&path, BLOCK, BLOCK),
+            read_file(path, BLOCK, BLOCK),
             vec![0; BLOCK],
             "seed {seed}"
         );
@@ -178,19 +173,14 @@ fn a_cut_at_the_flush_loses_the_write_and_may_lose_what_was_unflushed() {
     let rt = common::runtime();
     let (mut survived, mut lost) = (0, 0);
     for seed in 0..32 {
-        let Unflushed {
-            _dir,
-            path,
-            ctl,
-            dev,
-            copy,
-        } = unflushed(&rt, seed);
+        let u = unflushed(&rt, seed);
+        let (path, ctl, copy) = (&u.path, &u.ctl, &u.copy);
         ctl.cut_after(0);
-        rt.block_on(cut_flush_write(&dev));
+        rt.block_on(cut_flush_write(&u.dev));
         assert_eq!(ctl.ops(), 1, "only the plain write ran");
         let (kept, dropped) = ctl.crash(&mut StdRng::seed_from_u64(seed)).unwrap();
         assert_eq!(kept + dropped, (BLOCK / 512) as u64);
-        let got = read_file(&path, 4 * BLOCK, BLOCK);
+        let got = read_file(path, 4 * BLOCK, BLOCK);
         for (s, (g, c)) in got.chunks(512).zip(copy.chunks(512)).enumerate() {
             if g == c {
                 survived += 1;
@@ -204,7 +194,7 @@ fn a_cut_at_the_flush_loses_the_write_and_may_lose_what_was_unflushed() {
             }
         }
         assert_eq!(
-            read_file(&path, BLOCK, BLOCK),
+            read_file(path, BLOCK, BLOCK),
             vec![0; BLOCK],
             "seed {seed}"
         );

@@ -84,9 +84,7 @@ async fn check_kept(up: &Up, snaps: &[(&str, &str)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let mut api = up.clients().await;
     api.create_volume("v", 16 * MIB).await;
     let vol_uri = format!("nbd://{}/volumes/v", up.nbd());
@@ -203,9 +201,7 @@ fn has_device(up: &Up, name: &str) -> bool {
 /// snapshot lives and reclaimed once none does, and nothing leaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_deferred_delete() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
 
     // The deferral.
     for (i, point) in ["delete_volume:before_worker", "delete_volume:after_worker"]

@@ -28,9 +28,7 @@ async fn listed(api: &mut Api, vol: &str) -> pb::Snapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_snapshot_reports_fresh_usage_and_records_a_change() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let mut api = up.clients().await;
     api.create_volume("v", 4 * MIB).await;
     api.create_snapshot("v", "s").await.unwrap();

@@ -45,9 +45,7 @@ fn reads(up: &Up, name: &str, pattern: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_snapshot_create() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "create_snapshot:before_worker",
         "worker:create_snapshot:attached",
@@ -93,9 +91,7 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_snapshot_delete() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "delete_snapshot:before_worker",
         "worker:delete_snapshot:recorded",

@@ -63,6 +63,15 @@ pub struct Up {
     umask: Option<u32>,
 }
 
+/// `cowsnap up` started on a new scratch data dir, and serving; the dir
+/// goes when the first is dropped.
+pub async fn up_in_scratch() -> (tempfile::TempDir, Up) {
+    let tmp = scratch();
+    let mut up = Up::start(&tmp.path().join("data"));
+    up.ready().await;
+    (tmp, up)
+}
+
 impl Up {
     pub fn start(dir: &Path) -> Up {
         Up::start_with_env(dir, &[])
