@@ -176,9 +176,10 @@ pub fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
         "ext4" | "ext3" | "ext2" => cmd.args(["-q", "-F"]),
         "xfs" => cmd.arg("-q"),
         other => {
-            return Err(NodeError::invalid(format!(
-                "file system type {other:?} is not supported (ext4, ext3, ext2, xfs)"
-            )));
+            return Err(NodeError::invalid(
+                "volume_capability.mount.fs_type",
+                format!("file system type {other:?} is not supported (ext4, ext3, ext2, xfs)"),
+            ));
         }
     };
     run(cmd.arg(device)).map(drop)
