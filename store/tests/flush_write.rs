@@ -157,11 +157,7 @@ fn a_cut_between_the_flush_and_the_write_keeps_the_flush_only() {
             "nothing was volatile after the flush"
         );
         assert_eq!(read_file(path, 4 * BLOCK, BLOCK), *copy, "seed {seed}");
-        assert_eq!(
-            read_file(path, BLOCK, BLOCK),
-            vec![0; BLOCK],
-            "seed {seed}"
-        );
+        assert_eq!(read_file(path, BLOCK, BLOCK), vec![0; BLOCK], "seed {seed}");
     }
 }
 
@@ -193,11 +189,7 @@ fn a_cut_at_the_flush_loses_the_write_and_may_lose_what_was_unflushed() {
                 lost += 1;
             }
         }
-        assert_eq!(
-            read_file(path, BLOCK, BLOCK),
-            vec![0; BLOCK],
-            "seed {seed}"
-        );
+        assert_eq!(read_file(path, BLOCK, BLOCK), vec![0; BLOCK], "seed {seed}");
     }
     assert!(
         survived > 0 && lost > 0,
