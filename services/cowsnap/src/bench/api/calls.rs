@@ -2,7 +2,7 @@
 //! call from `clients` concurrent clients for a set time and counts the
 //! calls per second. Every call is a real gRPC call over TCP to the
 //! `cowsnap up` under test; a failed call is counted as an error, not as
-//! a call.
+//! a call. [`rates`] measures every kind at every concurrency level.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
