@@ -22,6 +22,19 @@ pub fn invalid_argument(field: &str, description: &str) -> Status {
     )
 }
 
+/// An INVALID_ARGUMENT status whose message, `message`, already names
+/// request field `field` in words (as the CSI driver's do, in the CSI
+/// spec's field names); the details carry a field violation for `field`
+/// with the same words as its description.
+pub fn field_error(field: &str, message: impl Into<String>) -> Status {
+    let message = status_message(message.into());
+    Status::with_error_details(
+        Code::InvalidArgument,
+        message.clone(),
+        ErrorDetails::with_bad_request_violation(field, message),
+    )
+}
+
 /// The field and description of the first field violation in `status`'s
 /// details; `None` when it carries none.
 pub fn field_violation(status: &Status) -> Option<(String, String)> {
@@ -56,6 +69,23 @@ mod tests {
         let wire = s.clone().into_http::<()>();
         let back = Status::from_header_map(wire.headers()).unwrap();
         assert_eq!(field_violation(&back), field_violation(&s));
+    }
+
+    #[test]
+    fn a_field_error_keeps_its_message_and_carries_its_field() {
+        let s = field_error(
+            "volume_capabilities",
+            "volume_capabilities: at least one is required",
+        );
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "volume_capabilities: at least one is required");
+        assert_eq!(
+            field_violation(&s),
+            Some((
+                "volume_capabilities".to_string(),
+                "volume_capabilities: at least one is required".to_string()
+            ))
+        );
     }
 
     #[test]

@@ -6,10 +6,13 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use cowsnap_store::io::fault::FaultController;
-use cowsnap_store::{AlignedBuf, Backend, BackendChoice, Error};
+use cowsnap_store::{AlignedBuf, Backend, BackendChoice, Device, Error};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use tokio::runtime::Runtime;
 
 const BLOCK: usize = 4096;
 
@@ -30,8 +33,45 @@ fn backends() -> Vec<(Backend, Option<bool>, &'static str)> {
     v
 }
 
-fn read_file(path: &std::path::Path, off: usize, len: usize) -> Vec<u8> {
+fn read_file(path: &Path, off: usize, len: usize) -> Vec<u8> {
     std::fs::read(path).unwrap()[off..off + len].to_vec()
+}
+
+/// What both power-cut tests start from: a 16-block file behind the fault
+/// layer, with block 4 written (`copy`, from `seed`) and not flushed.
+struct Unflushed {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    ctl: FaultController,
+    dev: Device,
+    copy: Vec<u8>,
+}
+
+fn unflushed(rt: &Runtime, seed: u64) -> Unflushed {
+    let dir = common::scratch();
+    let path = common::sparse_file(&dir.path().join("cow"), 16 * BLOCK as u64);
+    let ctl = FaultController::new();
+    let dev = ctl.open(&path).unwrap();
+    let copy = common::pattern(BLOCK, 10 + seed);
+    rt.block_on(dev.write(4 * BLOCK as u64, AlignedBuf::from_slice(&copy), false))
+        .unwrap();
+    Unflushed {
+        _dir: dir,
+        path,
+        ctl,
+        dev,
+        copy,
+    }
+}
+
+/// The flush + write of an area block (block 1) that a power cut stops.
+async fn cut_flush_write(dev: &Device) -> Error {
+    dev.flush_write(
+        BLOCK as u64,
+        AlignedBuf::from_slice(&common::pattern(BLOCK, 99)),
+    )
+    .await
+    .unwrap_err()
 }
 
 #[test]
@@ -103,25 +143,11 @@ fn a_bad_flush_write_is_an_error_not_a_panic() {
 fn a_cut_between_the_flush_and_the_write_keeps_the_flush_only() {
     let rt = common::runtime();
     for seed in 0..32 {
-        let dir = common::scratch();
-        let path = common::sparse_file(&dir.path().join("cow"), 16 * BLOCK as u64);
-        let ctl = FaultController::new();
-        let dev = ctl.open(&path).unwrap();
-        let copy = common::pattern(BLOCK, 10 + seed);
-        rt.block_on(async {
-            dev.write(4 * BLOCK as u64, AlignedBuf::from_slice(&copy), false)
-                .await
-                .unwrap();
-            ctl.cut_after(1);
-            let e = dev
-                .flush_write(
-                    BLOCK as u64,
-                    AlignedBuf::from_slice(&common::pattern(BLOCK, 99)),
-                )
-                .await
-                .unwrap_err();
-            assert!(e.to_string().contains("Input/output error"), "{e}");
-        });
+        let u = unflushed(&rt, seed);
+        let (path, ctl, copy) = (&u.path, &u.ctl, &u.copy);
+        ctl.cut_after(1);
+        let e = rt.block_on(cut_flush_write(&u.dev));
+        assert!(e.to_string().contains("Input/output error"), "{e}");
         assert!(ctl.is_cut());
         assert_eq!(ctl.ops(), 2, "the plain write and the flush half ran");
         let (kept, dropped) = ctl.crash(&mut StdRng::seed_from_u64(seed)).unwrap();
@@ -130,12 +156,8 @@ fn a_cut_between_the_flush_and_the_write_keeps_the_flush_only() {
             (0, 0),
             "nothing was volatile after the flush"
         );
-        assert_eq!(read_file(&path, 4 * BLOCK, BLOCK), copy, "seed {seed}");
-        assert_eq!(
-            read_file(&path, BLOCK, BLOCK),
-            vec![0; BLOCK],
-            "seed {seed}"
-        );
+        assert_eq!(read_file(path, 4 * BLOCK, BLOCK), *copy, "seed {seed}");
+        assert_eq!(read_file(path, BLOCK, BLOCK), vec![0; BLOCK], "seed {seed}");
     }
 }
 
@@ -147,27 +169,14 @@ fn a_cut_at_the_flush_loses_the_write_and_may_lose_what_was_unflushed() {
     let rt = common::runtime();
     let (mut survived, mut lost) = (0, 0);
     for seed in 0..32 {
-        let dir = common::scratch();
-        let path = common::sparse_file(&dir.path().join("cow"), 16 * BLOCK as u64);
-        let ctl = FaultController::new();
-        let dev = ctl.open(&path).unwrap();
-        let copy = common::pattern(BLOCK, 10 + seed);
-        rt.block_on(async {
-            dev.write(4 * BLOCK as u64, AlignedBuf::from_slice(&copy), false)
-                .await
-                .unwrap();
-            ctl.cut_after(0);
-            dev.flush_write(
-                BLOCK as u64,
-                AlignedBuf::from_slice(&common::pattern(BLOCK, 99)),
-            )
-            .await
-            .unwrap_err();
-        });
+        let u = unflushed(&rt, seed);
+        let (path, ctl, copy) = (&u.path, &u.ctl, &u.copy);
+        ctl.cut_after(0);
+        rt.block_on(cut_flush_write(&u.dev));
         assert_eq!(ctl.ops(), 1, "only the plain write ran");
         let (kept, dropped) = ctl.crash(&mut StdRng::seed_from_u64(seed)).unwrap();
         assert_eq!(kept + dropped, (BLOCK / 512) as u64);
-        let got = read_file(&path, 4 * BLOCK, BLOCK);
+        let got = read_file(path, 4 * BLOCK, BLOCK);
         for (s, (g, c)) in got.chunks(512).zip(copy.chunks(512)).enumerate() {
             if g == c {
                 survived += 1;
@@ -180,11 +189,7 @@ fn a_cut_at_the_flush_loses_the_write_and_may_lose_what_was_unflushed() {
                 lost += 1;
             }
         }
-        assert_eq!(
-            read_file(&path, BLOCK, BLOCK),
-            vec![0; BLOCK],
-            "seed {seed}"
-        );
+        assert_eq!(read_file(path, BLOCK, BLOCK), vec![0; BLOCK], "seed {seed}");
     }
     assert!(
         survived > 0 && lost > 0,

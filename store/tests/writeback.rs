@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,15 +43,40 @@ fn fill(len: u64, v: u8) -> AlignedBuf {
     AlignedBuf::from_slice(&vec![v; len as usize])
 }
 
+/// The origin on `origin_path` and a snapshot on `cow_path`, both behind
+/// a new fault layer.
+async fn on_faults(origin_path: &Path, cow_path: &Path) -> (FaultController, Origin, SnapId) {
+    let ctl = FaultController::new();
+    let o = Origin::new(ctl.open(origin_path).unwrap()).unwrap();
+    let s = snapshot(&o, ctl.open(cow_path).unwrap()).await;
+    (ctl, o, s)
+}
+
+/// The origin on `path` as a fresh engine on the backend under test sees
+/// it (after a shutdown or a power cut).
+fn reopened(path: &Path) -> Origin {
+    Origin::new(common::backend().open(path, true).unwrap()).unwrap()
+}
+
+/// Asserts that every byte of chunk `c` of `img` is `byte(c)`, for each
+/// `c` in `chunks`.
+fn assert_chunks(img: &[u8], chunks: Range<u64>, byte: impl Fn(u64) -> u8, what: &str) {
+    for c in chunks {
+        let at = (c * CB) as usize;
+        assert!(
+            img[at..at + CB as usize].iter().all(|&x| x == byte(c)),
+            "{what}: chunk {c}"
+        );
+    }
+}
+
 #[test]
 fn reads_see_held_writes_snapshots_never_do_and_a_lost_one_fails_the_next_flush() {
     let dir = common::scratch();
     let (origin_path, cow_path) = files(dir.path(), 16);
     let old = common::pattern(16 * CB as usize, 1);
     common::runtime().block_on(async {
-        let ctl = FaultController::new();
-        let o = Origin::new(ctl.open(&origin_path).unwrap()).unwrap();
-        let s = snapshot(&o, ctl.open(&cow_path).unwrap()).await;
+        let (ctl, o, s) = on_faults(&origin_path, &cow_path).await;
         // Every write to the origin file fails from now on: held data that
         // a read returns can only come from memory.
         ctl.add_rule(FailRule {
@@ -107,9 +133,7 @@ fn a_fua_write_reports_an_earlier_lost_write() {
     let dir = common::scratch();
     let (origin_path, cow_path) = files(dir.path(), 16);
     common::runtime().block_on(async {
-        let ctl = FaultController::new();
-        let o = Origin::new(ctl.open(&origin_path).unwrap()).unwrap();
-        snapshot(&o, ctl.open(&cow_path).unwrap()).await;
+        let (ctl, o, _) = on_faults(&origin_path, &cow_path).await;
         ctl.add_rule(FailRule {
             device: "vol-a".into(),
             op: Some(FaultOp::Write),
@@ -173,8 +197,10 @@ fn overlapping_held_writes_reach_the_device_newest_last() {
         let snap = o.read(Target::Snapshot(s), 0, chunks * CB).await.unwrap();
         assert!(snap[..] == old[..], "the snapshot kept its content");
         o.shutdown().await.unwrap();
-        let fresh = Origin::new(b.open(&origin_path, true).unwrap()).unwrap();
-        let dev = fresh.read(Target::Origin, 0, chunks * CB).await.unwrap();
+        let dev = reopened(&origin_path)
+            .read(Target::Origin, 0, chunks * CB)
+            .await
+            .unwrap();
         assert!(
             dev[..] == model[..],
             "the device has the newest byte everywhere"
@@ -191,9 +217,7 @@ fn flush_and_fua_make_held_writes_durable() {
         let (origin_path, cow_path) = files(dir.path(), 32);
         let old = common::pattern(32 * CB as usize, 1);
         common::runtime().block_on(async {
-            let ctl = FaultController::new();
-            let o = Origin::new(ctl.open(&origin_path).unwrap()).unwrap();
-            let s = snapshot(&o, ctl.open(&cow_path).unwrap()).await;
+            let (ctl, o, s) = on_faults(&origin_path, &cow_path).await;
             // Plain writes to chunks 0..8, then FLUSH.
             for c in 0..8 {
                 o.write(Target::Origin, c * CB, fill(CB, 0x10 + c as u8), false)
@@ -214,32 +238,30 @@ fn flush_and_fua_make_held_writes_durable() {
                 .unwrap();
             let mut rng = StdRng::seed_from_u64(seed);
             ctl.crash(&mut rng).unwrap();
-            let b = common::backend();
-            let o = Origin::new(b.open(&origin_path, true).unwrap()).unwrap();
+            let o = reopened(&origin_path);
             let s2 = o
-                .add_snapshot(b.open(&cow_path, true).unwrap(), OPTS)
+                .add_snapshot(common::backend().open(&cow_path, true).unwrap(), OPTS)
                 .await
                 .unwrap();
             assert_eq!(s2.id, s);
             let got = o.read(Target::Origin, 0, 32 * CB).await.unwrap();
-            for c in 0..8u64 {
-                let at = (c * CB) as usize;
-                assert!(
-                    got[at..at + CB as usize]
-                        .iter()
-                        .all(|&x| x == 0x10 + c as u8),
-                    "seed {seed}: chunk {c} written before the FLUSH was lost"
-                );
-            }
-            let at = (20 * CB) as usize;
-            assert!(
-                got[at..at + CB as usize].iter().all(|&x| x == 0x20),
-                "seed {seed}: FUA write lost"
+            assert_chunks(
+                &got,
+                0..8,
+                |c| 0x10 + c as u8,
+                &format!("seed {seed}: written before the FLUSH, lost"),
             );
-            let at = (25 * CB) as usize;
-            assert!(
-                got[at..at + CB as usize].iter().all(|&x| x == 0x31),
-                "seed {seed}: FUA write over a held write lost"
+            assert_chunks(
+                &got,
+                20..21,
+                |_| 0x20,
+                &format!("seed {seed}: FUA write lost"),
+            );
+            assert_chunks(
+                &got,
+                25..26,
+                |_| 0x31,
+                &format!("seed {seed}: FUA write over a held write lost"),
             );
             // Chunk 24 (plain, after the FLUSH) may hold the old or the new
             // data, in each sector (a cut tears writes).
@@ -295,13 +317,7 @@ fn held_bytes_never_pass_the_cap() {
         );
         o.flush().await.unwrap();
         let got = o.read(Target::Origin, 0, chunks * CB).await.unwrap();
-        for c in 0..chunks {
-            let at = (c * CB) as usize;
-            assert!(
-                got[at..at + CB as usize].iter().all(|&x| x == c as u8),
-                "chunk {c}"
-            );
-        }
+        assert_chunks(&got, 0..chunks, |c| c as u8, "after the storm");
     });
 }
 
@@ -314,9 +330,7 @@ fn a_snapshot_taken_after_held_writes_contains_them() {
     let cow2_path = common::sparse_file(&dir.path().join("snap-b"), 128 * CB);
     let old = common::pattern(32 * CB as usize, 1);
     common::runtime().block_on(async {
-        let ctl = FaultController::new();
-        let o = Origin::new(ctl.open(&origin_path).unwrap()).unwrap();
-        let s1 = snapshot(&o, ctl.open(&cow_path).unwrap()).await;
+        let (ctl, o, s1) = on_faults(&origin_path, &cow_path).await;
         for c in 0..16 {
             o.write(Target::Origin, c * CB, fill(CB, 0x40 + c as u8), false)
                 .await
@@ -326,31 +340,16 @@ fn a_snapshot_taken_after_held_writes_contains_them() {
         let s2 = snapshot(&o, ctl.open(&cow2_path).unwrap()).await;
         assert_eq!(o.writeback_stats().held_bytes, 0, "creation drained them");
         let img = o.read(Target::Snapshot(s2), 0, 32 * CB).await.unwrap();
-        for c in 0..16u64 {
-            let at = (c * CB) as usize;
-            assert!(
-                img[at..at + CB as usize]
-                    .iter()
-                    .all(|&x| x == 0x40 + c as u8),
-                "chunk {c}"
-            );
-        }
+        assert_chunks(&img, 0..16, |c| 0x40 + c as u8, "the new snapshot");
         let img1 = o.read(Target::Snapshot(s1), 0, 32 * CB).await.unwrap();
         assert!(img1[..] == old[..]);
         // Power cut right after creation: the origin content it captured is
         // durable.
         ctl.crash(&mut StdRng::seed_from_u64(1)).unwrap();
-        let b = common::backend();
-        let o = Origin::new(b.open(&origin_path, true).unwrap()).unwrap();
-        let got = o.read(Target::Origin, 0, 16 * CB).await.unwrap();
-        for c in 0..16u64 {
-            let at = (c * CB) as usize;
-            assert!(
-                got[at..at + CB as usize]
-                    .iter()
-                    .all(|&x| x == 0x40 + c as u8),
-                "chunk {c}"
-            );
-        }
+        let got = reopened(&origin_path)
+            .read(Target::Origin, 0, 16 * CB)
+            .await
+            .unwrap();
+        assert_chunks(&got, 0..16, |c| 0x40 + c as u8, "the origin after the cut");
     });
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use cowsnap_proto::bad_request::field_violation;
 use cowsnap_proto::csi::v1 as csi;
 use tonic::transport::Channel;
 use up_common::{MIB, Up, scratch};
@@ -697,6 +698,17 @@ async fn cowsnap_worker_serves_identity_and_node_on_its_csi_endpoint() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // The field at fault travels as data (`google.rpc.BadRequest`).
+    let (field, _) = field_violation(&e).expect("a field violation in the details");
+    assert_eq!(field, "staging_target_path", "{e}");
+    let mut bad = stage("wv1", &staging, None);
+    bad.volume_capability = None;
+    let e = n.node_stage_volume(bad).await.unwrap_err();
+    assert_eq!(
+        field_violation(&e).map(|(f, _)| f).as_deref(),
+        Some("volume_capability"),
+        "{e}"
+    );
     let e = n
         .node_stage_volume(stage("nope", &staging, None))
         .await

@@ -84,31 +84,13 @@ async fn check_kept(up: &Up, snaps: &[(&str, &str)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let mut api = up.clients().await;
-    api.volumes
-        .create_volume(pb::CreateVolumeRequest {
-            volume_id: "v".into(),
-            volume: Some(pb::Volume {
-                size_bytes: 16 * MIB,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    api.create_volume("v", 16 * MIB).await;
     let vol_uri = format!("nbd://{}/volumes/v", up.nbd());
     for (snap, pattern) in [("s1", "0x11"), ("s2", "0x22")] {
         write(&vol_uri, &format!("write -P {pattern} 0 16M"));
-        api.snapshots
-            .create_snapshot(pb::CreateSnapshotRequest {
-                parent: "volumes/v".into(),
-                snapshot_id: snap.into(),
-                snapshot: Some(pb::Snapshot::default()),
-            })
-            .await
-            .unwrap();
+        api.create_snapshot("v", snap).await.unwrap();
     }
     write(&vol_uri, "write -P 0x33 0 16M");
 
@@ -143,12 +125,7 @@ async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() 
 
     // One snapshot deleted: still kept for the other.
     let mut api = up.clients().await;
-    api.snapshots
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            name: "volumes/v/snapshots/s1".into(),
-        })
-        .await
-        .unwrap();
+    api.delete_snapshot("volumes/v/snapshots/s1").await.unwrap();
     check_kept(&up, &[("s2", "0x22")]).await;
     up.kill9();
     up.restart().await;
@@ -157,12 +134,7 @@ async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() 
 
     // The last one: reclaimed.
     let mut api = up.clients().await;
-    api.snapshots
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            name: "volumes/v/snapshots/s2".into(),
-        })
-        .await
-        .unwrap();
+    api.delete_snapshot("volumes/v/snapshots/s2").await.unwrap();
     let e = api
         .volumes
         .get_volume(pb::GetVolumeRequest {
@@ -178,40 +150,14 @@ async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() 
     assert_eq!(up.terminate().code(), Some(0), "{}", up.log_text());
 }
 
-/// Starts it again (after a kill) with the kill hook set to `point`, or
-/// unset.
-async fn restart_armed(up: &mut Up, point: Option<&str>) {
-    match point {
-        Some(p) => up.set_env(&[("COWSNAP_TEST_KILL_AT", p)]),
-        None => up.set_env(&[]),
-    }
-    up.restart().await;
-}
-
 /// Volume `vol` with snapshots s1 and s2 (written with different data).
 async fn volume_with_two_snapshots(up: &Up, vol: &str) {
     let mut api = up.clients().await;
-    api.volumes
-        .create_volume(pb::CreateVolumeRequest {
-            volume_id: vol.into(),
-            volume: Some(pb::Volume {
-                size_bytes: 4 * MIB,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    api.create_volume(vol, 4 * MIB).await;
     let uri = format!("nbd://{}/volumes/{vol}", up.nbd());
     for (snap, pattern) in [("s1", "0x11"), ("s2", "0x22")] {
         write(&uri, &format!("write -P {pattern} 0 4M"));
-        api.snapshots
-            .create_snapshot(pb::CreateSnapshotRequest {
-                parent: format!("volumes/{vol}"),
-                snapshot_id: snap.into(),
-                snapshot: Some(pb::Snapshot::default()),
-            })
-            .await
-            .unwrap();
+        api.create_snapshot(vol, snap).await.unwrap();
     }
 }
 
@@ -228,12 +174,7 @@ async fn volume_state(up: &Up, vol: &str) -> Result<pb::State, Code> {
 }
 
 async fn delete_snapshot(up: &Up, name: String) -> Result<(), tonic::Status> {
-    up.clients()
-        .await
-        .snapshots
-        .delete_snapshot(pb::DeleteSnapshotRequest { name })
-        .await
-        .map(drop)
+    up.clients().await.delete_snapshot(&name).await
 }
 
 async fn defer_delete(up: &Up, vol: &str) -> Result<(), tonic::Status> {
@@ -260,9 +201,7 @@ fn has_device(up: &Up, name: &str) -> bool {
 /// snapshot lives and reclaimed once none does, and nothing leaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_deferred_delete() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
 
     // The deferral.
     for (i, point) in ["delete_volume:before_worker", "delete_volume:after_worker"]
@@ -272,11 +211,11 @@ async fn kill9_at_each_step_of_a_deferred_delete() {
         let vol = format!("d{i}");
         volume_with_two_snapshots(&up, &vol).await;
         up.kill9();
-        restart_armed(&mut up, Some(point)).await;
+        up.restart_armed(Some(point)).await;
         let r = defer_delete(&up, &vol).await;
         assert!(r.is_err(), "{point}: killed during the call");
         assert!(!up.exited().success());
-        restart_armed(&mut up, None).await;
+        up.restart_armed(None).await;
         up.settle().await;
         assert_eq!(
             volume_state(&up, &vol).await,
@@ -317,7 +256,7 @@ async fn kill9_at_each_step_of_a_deferred_delete() {
             .await
             .unwrap();
         up.kill9();
-        restart_armed(&mut up, Some(point)).await;
+        up.restart_armed(Some(point)).await;
         assert_eq!(
             volume_state(&up, &vol).await,
             Ok(pb::State::DeletedWithSnapshots),
@@ -341,7 +280,7 @@ async fn kill9_at_each_step_of_a_deferred_delete() {
                 "{point}: the volume's device went before the worker was asked"
             );
         }
-        restart_armed(&mut up, None).await;
+        up.restart_armed(None).await;
         up.settle().await;
         assert_eq!(
             volume_state(&up, &vol).await,

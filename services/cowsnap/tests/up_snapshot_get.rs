@@ -4,19 +4,11 @@
 
 mod up_common;
 
-use std::process::Command;
-
 use cowsnap_proto::cowsnap::v1 as pb;
 use up_common::*;
 
-const MIB: u64 = 1024 * 1024;
-
 async fn get(api: &mut Api, name: &str) -> pb::Snapshot {
-    api.snapshots
-        .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
+    api.get_snapshot(name).await.unwrap()
 }
 
 async fn listed(api: &mut Api, vol: &str) -> pb::Snapshot {
@@ -36,28 +28,10 @@ async fn listed(api: &mut Api, vol: &str) -> pb::Snapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_snapshot_reports_fresh_usage_and_records_a_change() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let mut api = up.clients().await;
-    api.volumes
-        .create_volume(pb::CreateVolumeRequest {
-            volume_id: "v".into(),
-            volume: Some(pb::Volume {
-                size_bytes: 4 * MIB,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    api.snapshots
-        .create_snapshot(pb::CreateSnapshotRequest {
-            parent: "volumes/v".into(),
-            snapshot_id: "s".into(),
-            snapshot: Some(pb::Snapshot::default()),
-        })
-        .await
-        .unwrap();
+    api.create_volume("v", 4 * MIB).await;
+    api.create_snapshot("v", "s").await.unwrap();
     let name = "volumes/v/snapshots/s";
     let before = get(&mut api, name).await;
     assert_eq!(before.usage.as_ref().unwrap().exceptions, 0);
@@ -68,17 +42,11 @@ async fn get_snapshot_reports_fresh_usage_and_records_a_change() {
         0,
         "an unchanged report leaves the catalog as it was"
     );
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &format!("nbd://{}/volumes/v", up.nbd()),
-            "-c",
-            "write -P 0x77 0 1M",
-        ])
-        .output()
-        .expect("qemu-io (apt install qemu-utils)");
-    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = qemu_io(
+        &format!("nbd://{}/volumes/v", up.nbd()),
+        "write -P 0x77 0 1M",
+    );
+    assert!(ok, "{text}");
     let after = get(&mut api, name).await;
     let exceptions = after.usage.as_ref().unwrap().exceptions;
     assert!(exceptions > 0, "{after:?}");

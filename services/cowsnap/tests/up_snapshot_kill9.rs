@@ -14,51 +14,19 @@ use cowsnap_proto::cowsnap::v1 as pb;
 use tonic::Code;
 use up_common::*;
 
-const MIB: u64 = 1024 * 1024;
-
-async fn restart_armed(up: &mut Up, point: Option<&str>) {
-    match point {
-        Some(p) => up.set_env(&[("COWSNAP_TEST_KILL_AT", p)]),
-        None => up.set_env(&[]),
-    }
-    up.restart().await;
-}
-
 async fn create_volume(up: &Up, vol: &str) {
-    up.clients()
-        .await
-        .volumes
-        .create_volume(pb::CreateVolumeRequest {
-            volume_id: vol.into(),
-            volume: Some(pb::Volume {
-                size_bytes: 4 * MIB,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    up.clients().await.create_volume(vol, 4 * MIB).await;
 }
 
 async fn create_snapshot(up: &Up, vol: &str, snap: &str) -> Result<pb::Snapshot, tonic::Status> {
-    up.clients()
-        .await
-        .snapshots
-        .create_snapshot(pb::CreateSnapshotRequest {
-            parent: format!("volumes/{vol}"),
-            snapshot_id: snap.into(),
-            snapshot: Some(pb::Snapshot::default()),
-        })
-        .await
-        .map(|r| r.into_inner())
+    up.clients().await.create_snapshot(vol, snap).await
 }
 
 async fn get_snapshot(up: &Up, name: &str) -> Result<pb::Snapshot, Code> {
     up.clients()
         .await
-        .snapshots
-        .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
+        .get_snapshot(name)
         .await
-        .map(|r| r.into_inner())
         .map_err(|s| s.code())
 }
 
@@ -77,9 +45,7 @@ fn reads(up: &Up, name: &str, pattern: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_snapshot_create() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "create_snapshot:before_worker",
         "worker:create_snapshot:attached",
@@ -90,7 +56,7 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
         create_volume(&up, &vol).await;
         write(&up, &vol, "0x33");
         up.kill9();
-        restart_armed(&mut up, Some(point)).await;
+        up.restart_armed(Some(point)).await;
         let r = create_snapshot(&up, &vol, "s").await;
         assert!(r.is_err(), "{point}: killed during the call");
         assert!(!up.exited().success());
@@ -101,7 +67,7 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
                 "{point}: the COW file exists, its record does not"
             );
         }
-        restart_armed(&mut up, None).await;
+        up.restart_armed(None).await;
         up.settle().await;
         // The create was recorded by the control service before the worker
         // was asked: reconciliation finishes it, of the volume as it is.
@@ -125,9 +91,7 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_snapshot_delete() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "delete_snapshot:before_worker",
         "worker:delete_snapshot:recorded",
@@ -142,17 +106,12 @@ async fn kill9_at_each_step_of_a_snapshot_delete() {
         create_snapshot(&up, &vol, "kept").await.unwrap();
         write(&up, &vol, "0x66");
         up.kill9();
-        restart_armed(&mut up, Some(point)).await;
+        up.restart_armed(Some(point)).await;
         let gone = format!("volumes/{vol}/snapshots/gone");
-        let r = up
-            .clients()
-            .await
-            .snapshots
-            .delete_snapshot(pb::DeleteSnapshotRequest { name: gone.clone() })
-            .await;
+        let r = up.clients().await.delete_snapshot(&gone).await;
         assert!(r.is_err(), "{point}: killed during the call");
         assert!(!up.exited().success());
-        restart_armed(&mut up, None).await;
+        up.restart_armed(None).await;
         up.settle().await;
         assert_eq!(
             get_snapshot(&up, &gone).await.map(|s| s.state()),
@@ -168,7 +127,7 @@ async fn kill9_at_each_step_of_a_snapshot_delete() {
         // file still holds it in Deleting) writes both changes at once.
         create_snapshot(&up, &vol, "again").await.unwrap();
         up.kill9();
-        restart_armed(&mut up, None).await;
+        up.restart_armed(None).await;
         let (ok, text) = reads(&up, &format!("volumes/{vol}/snapshots/again"), "0x66");
         assert!(ok, "{point}: {text}");
         up.assert_consistent().await;

@@ -223,27 +223,11 @@ async fn deltas_and_allocated_maps_match_what_was_written_and_the_offline_tool()
     up.ready().await;
     let mut api = up.clients().await;
     for v in ["v", "w"] {
-        api.volumes
-            .create_volume(pb::CreateVolumeRequest {
-                volume_id: v.into(),
-                volume: Some(pb::Volume {
-                    size_bytes: SIZE,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        api.create_volume(v, SIZE).await;
     }
     let uri = format!("nbd://{}/volumes/v", up.nbd());
     let snap = async |api: &mut Api, vol: &str, id: &str| {
-        api.snapshots
-            .create_snapshot(pb::CreateSnapshotRequest {
-                parent: format!("volumes/{vol}"),
-                snapshot_id: id.into(),
-                snapshot: Some(pb::Snapshot::default()),
-            })
-            .await
-            .unwrap();
+        api.create_snapshot(vol, id).await.unwrap();
     };
     // Byte ranges written after each snapshot: whole chunks, runs, a write
     // inside one chunk, one across a chunk boundary, the last chunk.

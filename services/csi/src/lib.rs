@@ -31,9 +31,10 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.cowsnap.io/node";
 /// empty: the spec's answer to every missing required field.
 pub(crate) fn required(field: &str, value: &str) -> Result<(), tonic::Status> {
     if value.is_empty() {
-        return Err(tonic::Status::invalid_argument(format!(
-            "{field} is required"
-        )));
+        return Err(cowsnap_proto::bad_request::field_error(
+            field,
+            format!("{field} is required"),
+        ));
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use cowsnap_control::control::Control;
 use cowsnap_control::error::ControlError;
 use cowsnap_control::model::RangePage;
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names;
 use csi::snapshot_metadata_server::SnapshotMetadata as SnapshotMetadataService;
@@ -57,10 +58,13 @@ impl SnapshotMetadata {
 fn snapshot_name(field: &str, id: &str) -> Result<String, Status> {
     required(field, id)?;
     let (v, s) = ids::parse_snapshot_id(id).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "{field} {} is not a cowsnap snapshot id (VOLUME/SNAPSHOT)",
-            names::quote(id)
-        ))
+        field_error(
+            field,
+            format!(
+                "{field} {} is not a cowsnap snapshot id (VOLUME/SNAPSHOT)",
+                names::quote(id)
+            ),
+        )
     })?;
     Ok(names::snapshot(v, s))
 }
@@ -71,7 +75,7 @@ fn window(starting_offset: i64, max_results: i32) -> Result<(u64, u32), Status> 
         Status::out_of_range(format!("starting_offset {starting_offset} is negative"))
     })?;
     let max = u32::try_from(max_results)
-        .map_err(|_| Status::invalid_argument("max_results must not be negative"))?;
+        .map_err(|_| field_error("max_results", "max_results must not be negative"))?;
     Ok((start, max))
 }
 

@@ -13,12 +13,28 @@ use cowsnap_control::error::ControlError;
 use cowsnap_control::model::{OpKind, State};
 use cowsnap_control::operations::{CrashAt, CrashPoint};
 use cowsnap_csi::TOPOLOGY_NODE_KEY;
+use cowsnap_proto::bad_request::field_violation;
 use cowsnap_proto::csi::v1 as csi;
 use tonic::Code;
 
 fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
     let s = r.expect_err("the call should fail");
     (s.code(), s.message().to_string())
+}
+
+/// The field the failed call's `google.rpc.BadRequest` details name, read
+/// from the status as it came over the socket.
+fn field_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> String {
+    let s = r.expect_err("the call should fail");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let (field, description) =
+        field_violation(&s).unwrap_or_else(|| panic!("no field violation in the details: {s:?}"));
+    assert_eq!(
+        description,
+        s.message(),
+        "the details say what the message says"
+    );
+    field
 }
 
 fn topology(worker: &str) -> csi::Topology {
@@ -326,6 +342,29 @@ async fn bad_input_gets_the_right_codes() {
         code(c.create_volume(create_request("", 4 * MIB)).await).0,
         Code::InvalidArgument
     );
+
+    // Each INVALID_ARGUMENT names its request field in its details.
+    let mut r = create_request("p1", 4 * MIB);
+    r.parameters.insert("chunkSize".into(), "64".into());
+    assert_eq!(field_of(c.create_volume(r).await), "parameters.chunkSize");
+    let mut r = create_request("p1", 4 * MIB);
+    r.parameters.insert("chunkSectors".into(), "48".into());
+    assert_eq!(
+        field_of(c.create_volume(r).await),
+        "parameters.chunkSectors"
+    );
+    let mut r = create_request("p1", 4 * MIB);
+    r.volume_capabilities.clear();
+    assert_eq!(field_of(c.create_volume(r).await), "volume_capabilities");
+    let r = create_request("", 4 * MIB);
+    assert_eq!(field_of(c.create_volume(r).await), "name");
+    let r = csi::ListVolumesRequest {
+        max_entries: -1,
+        ..Default::default()
+    };
+    assert_eq!(field_of(c.list_volumes(r).await), "max_entries");
+    let r = csi::DeleteVolumeRequest::default();
+    assert_eq!(field_of(c.delete_volume(r).await), "volume_id");
 
     // A limit below the engine's alignment cannot be met.
     let mut r = create_request("p1", 4 * MIB);

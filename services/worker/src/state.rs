@@ -101,9 +101,6 @@ pub struct TaskRec {
     pub done_units: u64,
     pub total_units: u64,
     pub create_time: u64,
-    /// The clone's temporary snapshot id on the source volume.
-    #[serde(default)]
-    pub temp_snapshot: Option<String>,
 }
 
 impl TaskRec {

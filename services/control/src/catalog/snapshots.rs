@@ -6,9 +6,12 @@ use super::{labels_from, labels_json};
 use crate::error::Result;
 use crate::model::{Reported, Snapshot, State, Usage};
 
+/// A snapshot row as every query here selects it (`query_as!` maps the
+/// columns by name), with its position in its volume's list order.
 struct Row {
     volume_id: String,
     id: String,
+    seq: i64,
     size_bytes: i64,
     cow_size_bytes: i64,
     chunk_sectors: i64,
@@ -27,7 +30,8 @@ struct Row {
 }
 
 impl Row {
-    fn into_snapshot(self) -> Result<Snapshot> {
+    /// The snapshot, and its position in list order.
+    fn into_snapshot(self) -> Result<(Snapshot, i64)> {
         let usage = match (
             self.allocated_bytes,
             self.total_bytes,
@@ -44,7 +48,7 @@ impl Row {
             }),
             _ => None,
         };
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             volume_id: self.volume_id,
             id: self.id,
             size_bytes: self.size_bytes as u64,
@@ -58,15 +62,16 @@ impl Row {
             nbd_base: self.nbd_base,
             operation: self.operation,
             error: self.error,
-        })
+        };
+        Ok((snapshot, self.seq))
     }
 }
 
 pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<Option<Snapshot>> {
     let row = sqlx::query_as!(
         Row,
-        r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
-                  s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
+        r#"SELECT s.volume_id, s.id, s.seq, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
+                  s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
                   s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
                   (SELECT MAX(o.id) FROM operations o
                     WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
@@ -80,13 +85,7 @@ pub async fn get(c: &mut SqliteConnection, volume_id: &str, id: &str) -> Result<
     )
     .fetch_optional(&mut *c)
     .await?;
-    row.map(Row::into_snapshot).transpose()
-}
-
-/// A snapshot row with its position in list order.
-struct ListRow {
-    seq: i64,
-    row: Row,
+    Ok(row.map(Row::into_snapshot).transpose()?.map(|(s, _)| s))
 }
 
 /// Snapshots of a volume (or of every volume when `volume_id` is `None`),
@@ -101,20 +100,22 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<(Snapshot, i64)>> {
     let (after_vol, after_seq) = after;
-    let rows: Vec<ListRow> = match volume_id {
-        Some(vol) => {
-            // The position in (volume id, seq) order, as in the list of
-            // every volume: a cursor before this volume starts at its first
-            // snapshot, one after it has nothing left.
-            let after_seq = match after_vol.cmp(vol) {
-                std::cmp::Ordering::Less => 0,
-                std::cmp::Ordering::Equal => after_seq,
-                std::cmp::Ordering::Greater => i64::MAX,
-            };
-            sqlx::query!(
-                r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
+    let rows =
+        match volume_id {
+            Some(vol) => {
+                // The position in (volume id, seq) order, as in the list of
+                // every volume: a cursor before this volume starts at its first
+                // snapshot, one after it has nothing left.
+                let after_seq = match after_vol.cmp(vol) {
+                    std::cmp::Ordering::Less => 0,
+                    std::cmp::Ordering::Equal => after_seq,
+                    std::cmp::Ordering::Greater => i64::MAX,
+                };
+                sqlx::query_as!(
+                Row,
+                r#"SELECT s.volume_id, s.id, s.seq, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
                           s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes,
-                          s.exceptions, s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
+                          s.exceptions, s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
                           (SELECT MAX(o.id) FROM operations o
                             WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
                               AND o.state IN ('pending', 'running')) AS "operation?: i64",
@@ -130,35 +131,12 @@ pub async fn list(
             )
             .fetch_all(&mut *c)
             .await?
-            .into_iter()
-            .map(|r| ListRow {
-                seq: r.seq,
-                row: Row {
-                    volume_id: r.volume_id,
-                    id: r.id,
-                    size_bytes: r.size_bytes,
-                    cow_size_bytes: r.cow_size_bytes,
-                    chunk_sectors: r.chunk_sectors,
-                    writable: r.writable,
-                    labels: r.labels,
-                    state: r.state,
-                    allocated_bytes: r.allocated_bytes,
-                    total_bytes: r.total_bytes,
-                    metadata_bytes: r.metadata_bytes,
-                    exceptions: r.exceptions,
-                    usage_time: r.usage_time,
-                    create_time: r.create_time,
-                    nbd_base: r.nbd_base,
-                    operation: r.operation,
-                    error: r.error,
-                },
-            })
-            .collect()
-        }
-        None => sqlx::query!(
-            r#"SELECT s.volume_id, s.id, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable, s.labels,
-                      s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes, s.exceptions,
-                      s.usage_time, s.create_time, s.seq, w.nbd_uri AS nbd_base,
+            }
+            None => sqlx::query_as!(
+                Row,
+                r#"SELECT s.volume_id, s.id, s.seq, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
+                      s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes,
+                      s.exceptions, s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
                       (SELECT MAX(o.id) FROM operations o
                         WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
                           AND o.state IN ('pending', 'running')) AS "operation?: i64",
@@ -168,40 +146,14 @@ pub async fn list(
                WHERE (s.volume_id, s.seq) > (?1, ?2)
                ORDER BY s.volume_id, s.seq
                LIMIT ?3"#,
-            after_vol,
-            after_seq,
-            limit
-        )
-        .fetch_all(&mut *c)
-        .await?
-        .into_iter()
-        .map(|r| ListRow {
-            seq: r.seq,
-            row: Row {
-                volume_id: r.volume_id,
-                id: r.id,
-                size_bytes: r.size_bytes,
-                cow_size_bytes: r.cow_size_bytes,
-                chunk_sectors: r.chunk_sectors,
-                writable: r.writable,
-                labels: r.labels,
-                state: r.state,
-                allocated_bytes: r.allocated_bytes,
-                total_bytes: r.total_bytes,
-                metadata_bytes: r.metadata_bytes,
-                exceptions: r.exceptions,
-                usage_time: r.usage_time,
-                create_time: r.create_time,
-                nbd_base: r.nbd_base,
-                operation: r.operation,
-                error: r.error,
-            },
-        })
-        .collect(),
-    };
-    rows.into_iter()
-        .map(|r| r.row.into_snapshot().map(|s| (s, r.seq)))
-        .collect()
+                after_vol,
+                after_seq,
+                limit
+            )
+            .fetch_all(&mut *c)
+            .await?,
+        };
+    rows.into_iter().map(Row::into_snapshot).collect()
 }
 
 pub async fn count(c: &mut SqliteConnection, volume_id: &str) -> Result<u64> {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use cowsnap_proto::cowsnap::v1 as pb;
 use cowsnap_proto::worker::v1 as wpb;
+use tonic::Status;
 use tonic::transport::Channel;
 
 pub const MIB: u64 = 1 << 20;
@@ -60,6 +61,15 @@ pub struct Up {
     env: Vec<(String, String)>,
     /// The umask it runs with (the test's own when unset).
     umask: Option<u32>,
+}
+
+/// `cowsnap up` started on a new scratch data dir, and serving; the dir
+/// goes when the first is dropped.
+pub async fn up_in_scratch() -> (tempfile::TempDir, Up) {
+    let tmp = scratch();
+    let mut up = Up::start(&tmp.path().join("data"));
+    up.ready().await;
+    (tmp, up)
 }
 
 impl Up {
@@ -200,6 +210,16 @@ impl Up {
     pub async fn restart(&mut self) {
         self.spawn();
         self.ready().await;
+    }
+
+    /// Starts it again (after a kill) with its `COWSNAP_TEST_KILL_AT` hook
+    /// set to `point`, or unset.
+    pub async fn restart_armed(&mut self, point: Option<&str>) {
+        match point {
+            Some(p) => self.set_env(&[("COWSNAP_TEST_KILL_AT", p)]),
+            None => self.set_env(&[]),
+        }
+        self.restart().await;
     }
 
     pub async fn clients(&self) -> Api {
@@ -367,6 +387,47 @@ impl Api {
             snapshots: pb::snapshot_service_client::SnapshotServiceClient::new(ch.clone()),
             operations: pb::operation_service_client::OperationServiceClient::new(ch),
         }
+    }
+
+    /// Creates volume `id` of `size_bytes`; panics if that fails.
+    pub async fn create_volume(&mut self, id: &str, size_bytes: u64) -> pb::Volume {
+        self.volumes
+            .create_volume(pb::CreateVolumeRequest {
+                volume_id: id.into(),
+                volume: Some(pb::Volume {
+                    size_bytes,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create volumes/{id}: {e}"))
+            .into_inner()
+    }
+
+    /// Creates snapshot `id` of volume id `vol`.
+    pub async fn create_snapshot(&mut self, vol: &str, id: &str) -> Result<pb::Snapshot, Status> {
+        self.snapshots
+            .create_snapshot(pb::CreateSnapshotRequest {
+                parent: format!("volumes/{vol}"),
+                snapshot_id: id.into(),
+                snapshot: Some(pb::Snapshot::default()),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn get_snapshot(&mut self, name: &str) -> Result<pb::Snapshot, Status> {
+        self.snapshots
+            .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn delete_snapshot(&mut self, name: &str) -> Result<(), Status> {
+        self.snapshots
+            .delete_snapshot(pb::DeleteSnapshotRequest { name: name.into() })
+            .await
+            .map(drop)
     }
 
     /// Every volume and snapshot listed, with its state.

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names::quote;
 use tonic::Status;
@@ -42,28 +43,29 @@ pub struct VolumeParams {
 
 fn number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, Status> {
     value.trim().parse().map_err(|_| {
-        Status::invalid_argument(format!(
-            "parameter {key}: {} is not a whole number",
-            quote(value)
-        ))
+        field_error(
+            &format!("parameters.{key}"),
+            format!("parameter {key}: {} is not a whole number", quote(value)),
+        )
     })
 }
 
 fn cow_size(value: &str) -> Result<u64, Status> {
     let n: u64 = number("cowSizeBytes", value)?;
     if !n.is_multiple_of(4096) {
-        return Err(Status::invalid_argument(format!(
-            "parameter cowSizeBytes: {n} is not a multiple of 4096"
-        )));
+        return Err(field_error(
+            "parameters.cowSizeBytes",
+            format!("parameter cowSizeBytes: {n} is not a multiple of 4096"),
+        ));
     }
     Ok(n)
 }
 
 fn unknown(key: &str, known: &str) -> Status {
-    Status::invalid_argument(format!(
-        "unknown parameter {}: cowsnap takes {known}",
-        quote(key)
-    ))
+    field_error(
+        &format!("parameters.{key}"),
+        format!("unknown parameter {}: cowsnap takes {known}", quote(key)),
+    )
 }
 
 /// The StorageClass parameters of a CreateVolume (or GetCapacity).
@@ -74,9 +76,12 @@ pub fn volume_params(params: &HashMap<String, String>) -> Result<VolumeParams, S
             "chunkSectors" => {
                 let cs: u32 = number(k, v)?;
                 if !cs.is_power_of_two() || !(8..=1024).contains(&cs) {
-                    return Err(Status::invalid_argument(format!(
-                        "parameter chunkSectors: {cs} is not a power of two from 8 to 1024"
-                    )));
+                    return Err(field_error(
+                        "parameters.chunkSectors",
+                        format!(
+                            "parameter chunkSectors: {cs} is not a power of two from 8 to 1024"
+                        ),
+                    ));
                 }
                 p.chunk_sectors = cs;
             }
@@ -151,7 +156,10 @@ fn bounds(range: Option<&csi::CapacityRange>) -> Result<(u64, u64), Status> {
     };
     let field = |name: &str, n: i64| {
         u64::try_from(n).map_err(|_| {
-            Status::invalid_argument(format!("capacity_range.{name} is negative ({n})"))
+            field_error(
+                &format!("capacity_range.{name}"),
+                format!("capacity_range.{name} is negative ({n})"),
+            )
         })
     };
     let (required, limit) = (

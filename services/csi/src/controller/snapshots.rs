@@ -7,6 +7,7 @@
 use cowsnap_control::error::ControlError;
 use cowsnap_control::model::{Snapshot, State};
 use cowsnap_control::snapshots::NewSnapshot;
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names;
 use tonic::Status;
@@ -54,7 +55,7 @@ impl Controller {
         &self,
         r: csi::CreateSnapshotRequest,
     ) -> Result<csi::Snapshot, Status> {
-        ids::check_name(&r.name).map_err(|e| Status::invalid_argument(format!("name {e}")))?;
+        ids::check_name(&r.name).map_err(|e| field_error("name", format!("name {e}")))?;
         required("source_volume_id", &r.source_volume_id)?;
         let asked_cow = params::snapshot_params(&r.parameters)?;
         let snap_id = ids::id_from_name(&r.name);
@@ -154,7 +155,10 @@ impl Controller {
         r: csi::ListSnapshotsRequest,
     ) -> Result<csi::ListSnapshotsResponse, Status> {
         if r.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
+            return Err(field_error(
+                "max_entries",
+                "max_entries must not be negative",
+            ));
         }
         let entry = |s| csi::list_snapshots_response::Entry { snapshot: Some(s) };
         // One snapshot, or the snapshots of one volume: a single page.

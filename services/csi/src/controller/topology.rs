@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names::quote;
 use tonic::Status;
@@ -19,16 +20,19 @@ pub fn segment(worker_id: &str) -> csi::Topology {
     }
 }
 
-/// The worker a segment names.
-pub fn worker_of(t: &csi::Topology) -> Result<&str, Status> {
+/// The worker a segment names; `field` is where the request holds it.
+pub fn worker_of<'a>(field: &str, t: &'a csi::Topology) -> Result<&'a str, Status> {
     t.segments
         .get(TOPOLOGY_NODE_KEY)
         .map(String::as_str)
         .ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "a topology segment has no {TOPOLOGY_NODE_KEY} key (it has {})",
-                quote(&t.segments.keys().cloned().collect::<Vec<_>>().join(", "))
-            ))
+            field_error(
+                field,
+                format!(
+                    "a topology segment has no {TOPOLOGY_NODE_KEY} key (it has {})",
+                    quote(&t.segments.keys().cloned().collect::<Vec<_>>().join(", "))
+                ),
+            )
         })
 }
 
@@ -42,11 +46,11 @@ pub fn candidates(req: Option<&csi::TopologyRequirement>) -> Result<Vec<String>,
     let requisite = req
         .requisite
         .iter()
-        .map(worker_of)
+        .map(|t| worker_of("accessibility_requirements.requisite", t))
         .collect::<Result<Vec<_>, _>>()?;
     let mut out: Vec<String> = Vec::new();
     for t in &req.preferred {
-        let w = worker_of(t)?;
+        let w = worker_of("accessibility_requirements.preferred", t)?;
         if (requisite.is_empty() || requisite.contains(&w)) && !out.iter().any(|o| o == w) {
             out.push(w.to_string());
         }

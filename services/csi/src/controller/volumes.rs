@@ -8,6 +8,7 @@ use std::time::Duration;
 use cowsnap_control::error::ControlError;
 use cowsnap_control::model::{self, Labels, OpState, Operation, State, Volume};
 use cowsnap_control::volumes::{CopiedVolume, NewVolume};
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::names;
 use tonic::Status;
@@ -116,8 +117,9 @@ impl Controller {
         r: csi::CreateVolumeRequest,
         wait: Duration,
     ) -> Result<csi::Volume, Status> {
-        ids::check_name(&r.name).map_err(|e| Status::invalid_argument(format!("name {e}")))?;
-        capabilities::check(&r.volume_capabilities).map_err(Status::invalid_argument)?;
+        ids::check_name(&r.name).map_err(|e| field_error("name", format!("name {e}")))?;
+        capabilities::check(&r.volume_capabilities)
+            .map_err(|e| field_error("volume_capabilities", e))?;
         let p = params::volume_params(&r.parameters)?;
         let candidates = topology::candidates(r.accessibility_requirements.as_ref())?;
         let id = ids::id_from_name(&r.name);
@@ -274,10 +276,11 @@ impl Controller {
         let range = r
             .capacity_range
             .as_ref()
-            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+            .ok_or_else(|| field_error("capacity_range", "capacity_range is required"))?;
         let block = match r.volume_capability.as_ref() {
             Some(cap) => {
-                capabilities::check(std::slice::from_ref(cap)).map_err(Status::invalid_argument)?;
+                capabilities::check(std::slice::from_ref(cap))
+                    .map_err(|e| field_error("volume_capability", e))?;
                 matches!(
                     cap.access_type,
                     Some(csi::volume_capability::AccessType::Block(_))
@@ -367,7 +370,10 @@ impl Controller {
         starting_token: &str,
     ) -> Result<csi::ListVolumesResponse, Status> {
         if max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
+            return Err(field_error(
+                "max_entries",
+                "max_entries must not be negative",
+            ));
         }
         let mut entries = Vec::new();
         let mut token = starting_token.to_string();
@@ -412,7 +418,8 @@ impl Controller {
     ) -> Result<csi::ValidateVolumeCapabilitiesResponse, Status> {
         required("volume_id", &r.volume_id)?;
         if r.volume_capabilities.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(field_error(
+                "volume_capabilities",
                 "volume_capabilities: at least one is required",
             ));
         }
@@ -448,7 +455,7 @@ impl Controller {
         let only = r
             .accessible_topology
             .as_ref()
-            .map(topology::worker_of)
+            .map(|t| topology::worker_of("accessible_topology", t))
             .transpose()?;
         let unsupported = !r.volume_capabilities.is_empty()
             && capabilities::check(&r.volume_capabilities).is_err();

@@ -5,8 +5,9 @@ use std::fmt;
 
 #[derive(Debug)]
 pub enum NodeError {
-    /// A field is missing or malformed, or a path is outside the kubelet dir.
-    InvalidArgument(String),
+    /// Request field `field` (its CSI name) is missing or malformed, or a
+    /// path is outside the kubelet dir.
+    InvalidArgument { field: String, message: String },
     /// No such volume on this node (or no such path).
     NotFound(String),
     /// The call conflicts with what is already staged or published.
@@ -20,8 +21,11 @@ pub enum NodeError {
 pub type Result<T> = std::result::Result<T, NodeError>;
 
 impl NodeError {
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        NodeError::InvalidArgument(msg.into())
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        NodeError::InvalidArgument {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
     pub fn internal(msg: impl Into<String>) -> Self {
         NodeError::Internal(msg.into())
@@ -31,7 +35,7 @@ impl NodeError {
 impl fmt::Display for NodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NodeError::InvalidArgument(m)
+            NodeError::InvalidArgument { message: m, .. }
             | NodeError::NotFound(m)
             | NodeError::AlreadyExists(m)
             | NodeError::FailedPrecondition(m)
@@ -45,7 +49,9 @@ impl std::error::Error for NodeError {}
 impl From<NodeError> for tonic::Status {
     fn from(e: NodeError) -> Self {
         match e {
-            NodeError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            NodeError::InvalidArgument { field, message } => {
+                cowsnap_proto::bad_request::field_error(&field, message)
+            }
             NodeError::NotFound(m) => tonic::Status::not_found(m),
             NodeError::AlreadyExists(m) => tonic::Status::already_exists(m),
             NodeError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),

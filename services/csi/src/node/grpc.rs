@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cowsnap_proto::bad_request::field_error;
 use cowsnap_proto::csi::v1 as csi;
 use cowsnap_proto::csi::v1::node_server::Node as NodeApi;
 use cowsnap_proto::csi::v1::node_service_capability::rpc::Type as RpcType;
@@ -90,7 +91,8 @@ impl NodeGrpc {
 /// The access of a volume capability: INVALID_ARGUMENT when it is missing,
 /// names no access type, or asks a multi-node access mode.
 fn access(cap: Option<&csi::VolumeCapability>) -> Result<Access, Status> {
-    let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    let cap =
+        cap.ok_or_else(|| field_error("volume_capability", "volume_capability is required"))?;
     let mode = cap
         .access_mode
         .as_ref()
@@ -102,15 +104,19 @@ fn access(cap: Option<&csi::VolumeCapability>) -> Result<Access, Status> {
         | Mode::SingleNodeSingleWriter
         | Mode::SingleNodeMultiWriter => {}
         Mode::Unknown => {
-            return Err(Status::invalid_argument(
+            return Err(field_error(
+                "volume_capability.access_mode",
                 "volume_capability.access_mode is required",
             ));
         }
         other => {
-            return Err(Status::invalid_argument(format!(
-                "access mode {} is not supported: a cowsnap volume is attached to one node",
-                other.as_str_name()
-            )));
+            return Err(field_error(
+                "volume_capability.access_mode",
+                format!(
+                    "access mode {} is not supported: a cowsnap volume is attached to one node",
+                    other.as_str_name()
+                ),
+            ));
         }
     }
     match &cap.access_type {
@@ -122,27 +128,34 @@ fn access(cap: Option<&csi::VolumeCapability>) -> Result<Access, Status> {
                 m.fs_type.clone()
             };
             if !matches!(fs_type.as_str(), "ext4" | "ext3" | "ext2" | "xfs") {
-                return Err(Status::invalid_argument(format!(
-                    "fs_type {} is not supported (ext4, ext3, ext2, xfs)",
-                    names::quote(&fs_type)
-                )));
+                return Err(field_error(
+                    "volume_capability.mount.fs_type",
+                    format!(
+                        "fs_type {} is not supported (ext4, ext3, ext2, xfs)",
+                        names::quote(&fs_type)
+                    ),
+                ));
             }
             if let Some(f) = m
                 .mount_flags
                 .iter()
                 .find(|f| f.is_empty() || f.contains(','))
             {
-                return Err(Status::invalid_argument(format!(
-                    "mount flag {} must be one non-empty option",
-                    names::quote(f)
-                )));
+                return Err(field_error(
+                    "volume_capability.mount.mount_flags",
+                    format!(
+                        "mount flag {} must be one non-empty option",
+                        names::quote(f)
+                    ),
+                ));
             }
             Ok(Access::Mount {
                 fs_type,
                 flags: m.mount_flags.clone(),
             })
         }
-        None => Err(Status::invalid_argument(
+        None => Err(field_error(
+            "volume_capability.access_type",
             "volume_capability needs an access type (block or mount)",
         )),
     }
@@ -293,10 +306,13 @@ impl NodeApi for NodeGrpc {
         }
         let required_bytes = match r.capacity_range {
             Some(c) => u64::try_from(c.required_bytes).map_err(|_| {
-                Status::invalid_argument(format!(
-                    "capacity_range.required_bytes is negative ({})",
-                    c.required_bytes
-                ))
+                field_error(
+                    "capacity_range.required_bytes",
+                    format!(
+                        "capacity_range.required_bytes is negative ({})",
+                        c.required_bytes
+                    ),
+                )
             })?,
             None => 0,
         };

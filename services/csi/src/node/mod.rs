@@ -76,25 +76,29 @@ impl NodeConfig {
     /// the kubelet dir; `field` names it in the error.
     pub fn check_path(&self, field: &str, path: &str) -> Result<PathBuf> {
         if path.is_empty() {
-            return Err(NodeError::invalid(format!("{field} is required")));
+            return Err(NodeError::invalid(field, format!("{field} is required")));
         }
         let p = Path::new(path);
         let plain = p
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         if !p.is_absolute() || !plain {
-            return Err(NodeError::invalid(format!(
-                "{field} {path:?} must be an absolute path without . or .."
-            )));
+            return Err(NodeError::invalid(
+                field,
+                format!("{field} {path:?} must be an absolute path without . or .."),
+            ));
         }
         // Symlinks resolved: the kernel's mount table names real paths, and
         // a link must not lead out of the kubelet dir.
         let p = resolve(p);
         if !p.starts_with(&self.kubelet_dir) || p == self.kubelet_dir {
-            return Err(NodeError::invalid(format!(
-                "{field} {path:?} is not under the kubelet dir {}",
-                self.kubelet_dir.display()
-            )));
+            return Err(NodeError::invalid(
+                field,
+                format!(
+                    "{field} {path:?} is not under the kubelet dir {}",
+                    self.kubelet_dir.display()
+                ),
+            ));
         }
         Ok(p)
     }
@@ -193,7 +197,7 @@ mod tests {
             "/etc/passwd",
         ] {
             let e = c.check_path("target_path", bad).unwrap_err();
-            assert!(matches!(e, NodeError::InvalidArgument(_)), "{bad}: {e}");
+            assert!(matches!(e, NodeError::InvalidArgument { .. }), "{bad}: {e}");
         }
     }
 
@@ -223,7 +227,7 @@ mod tests {
         let e = c
             .check_path("target_path", &format!("{}/pods/escape/x", link.display()))
             .unwrap_err();
-        assert!(matches!(e, NodeError::InvalidArgument(_)), "{e}");
+        assert!(matches!(e, NodeError::InvalidArgument { .. }), "{e}");
     }
 
     #[test]

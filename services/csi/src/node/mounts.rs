@@ -176,9 +176,10 @@ pub fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
         "ext4" | "ext3" | "ext2" => cmd.args(["-q", "-F"]),
         "xfs" => cmd.arg("-q"),
         other => {
-            return Err(NodeError::invalid(format!(
-                "file system type {other:?} is not supported (ext4, ext3, ext2, xfs)"
-            )));
+            return Err(NodeError::invalid(
+                "volume_capability.mount.fs_type",
+                format!("file system type {other:?} is not supported (ext4, ext3, ext2, xfs)"),
+            ));
         }
     };
     run(cmd.arg(device)).map(drop)
@@ -192,7 +193,7 @@ pub fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
     match fs_type {
         "ext4" | "ext3" | "ext2" => run(Command::new("resize2fs").arg(device)).map(drop),
         "xfs" => run(Command::new("xfs_growfs").arg("-d").arg(mount_point)).map(drop),
-        other => Err(NodeError::invalid(format!(
+        other => Err(NodeError::internal(format!(
             "file system type {other:?} cannot be grown (ext4, ext3, ext2, xfs)"
         ))),
     }

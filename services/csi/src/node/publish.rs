@@ -42,10 +42,13 @@ impl Node {
             )));
         }
         if std::mem::discriminant(&s.access) != std::mem::discriminant(&req.access) {
-            return Err(NodeError::invalid(format!(
-                "volume {} is staged as {:?}; it cannot be published as {:?}",
-                req.volume, s.access, req.access
-            )));
+            return Err(NodeError::invalid(
+                "volume_capability",
+                format!(
+                    "volume {} is staged as {:?}; it cannot be published as {:?}",
+                    req.volume, s.access, req.access
+                ),
+            ));
         }
         let flags = match &req.access {
             Access::Mount { flags, .. } => flags.clone(),

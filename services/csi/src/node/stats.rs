@@ -55,8 +55,12 @@ impl Node {
 }
 
 fn fs_stats(path: &Path) -> Result<VolumeStats> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| NodeError::invalid(format!("{} holds a NUL byte", path.display())))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        NodeError::invalid(
+            "volume_path",
+            format!("{} holds a NUL byte", path.display()),
+        )
+    })?;
     // SAFETY: statvfs fills the zeroed struct; `c` is NUL-terminated.
     let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut v) } != 0 {

@@ -221,6 +221,29 @@ async fn next_done(running: &mut FuturesUnordered<Running>) {
     }
 }
 
+/// Awaits `fut` while running the requests in `running`, unless the
+/// connection must end first: the server shuts down, the reply writer is
+/// gone, or the export is closed (checked in that order, before `fut`).
+async fn drive<T>(
+    fut: impl Future<Output = T>,
+    running: &mut FuturesUnordered<Running>,
+    shutdown: &CancellationToken,
+    writer_gone: &CancellationToken,
+    conn: &Conn,
+) -> Result<T, End> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(End::Shutdown),
+            _ = writer_gone.cancelled() => return Err(End::WriterGone),
+            _ = conn.export.closed.cancelled() => return Err(End::Closed),
+            _ = next_done(running) => {}
+            v = &mut fut => return Ok(v),
+        }
+    }
+}
+
 /// Reads requests and starts each in `running`, which it polls meanwhile,
 /// until the connection ends; the requests still running are left there.
 async fn read_requests<R>(
@@ -241,7 +264,10 @@ where
     let idle = quotas.limits().idle_timeout;
     loop {
         let mut raw = [0u8; proto::REQUEST_LEN];
-        let got = {
+        // The next header, or `None` once the connection is idle: nothing
+        // received for that long, and nothing in flight (a request not yet
+        // answered, or a reply not yet written, keeps it busy).
+        let header = async {
             let header = read_header(rd, &mut raw);
             tokio::pin!(header);
             let idle_sleep = sleep_or_never(idle);
@@ -249,22 +275,20 @@ where
             loop {
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                    _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-                    _ = conn.export.closed.cancelled() => return Ok(End::Closed),
-                    _ = next_done(running) => {}
-                    r = &mut header => break r?,
+                    r = &mut header => return Some(r),
                     _ = &mut idle_sleep => {
                         idle_sleep.set(sleep_or_never(idle));
-                        // Idle: nothing received for that long, and nothing
-                        // in flight (a request not yet answered, or a reply
-                        // not yet written, keeps the connection busy).
                         if slots.available_permits() == MAX_IN_FLIGHT {
-                            return Ok(End::Idle);
+                            return None;
                         }
                     }
                 }
             }
+        };
+        let got = match drive(header, running, shutdown, writer_gone, conn).await {
+            Ok(Some(r)) => r?,
+            Ok(None) => return Ok(End::Idle),
+            Err(end) => return Ok(end),
         };
         if !got {
             return Ok(End::Eof);
@@ -285,19 +309,10 @@ where
         } else {
             0
         };
-        let (held, fits) = {
-            let admitted = admit(&slots, &shares, quotas, bytes);
-            tokio::pin!(admitted);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                    _ = writer_gone.cancelled() => return Ok(End::WriterGone),
-                    _ = conn.export.closed.cancelled() => return Ok(End::Closed),
-                    _ = next_done(running) => {}
-                    h = &mut admitted => break h,
-                }
-            }
+        let admitted = admit(&slots, &shares, quotas, bytes);
+        let (held, fits) = match drive(admitted, running, shutdown, writer_gone, conn).await {
+            Ok(h) => h,
+            Err(end) => return Ok(end),
         };
         let mut early = None;
         if !fits {

@@ -1,6 +1,6 @@
 //! Restore and clone: a new volume filled from a snapshot (restore) or
-//! from a volume as it is at the call (clone, through a temporary snapshot
-//! `.clone-TASK` of the source). The calls record the new volume and its
+//! from a volume as it is at the call (clone, through a hidden snapshot of
+//! the source, [`SnapshotKind::CloneSource`]). The calls record the new volume and its
 //! task; the task copies, then makes the volume ready and exports it.
 
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use cowsnap_store::{Layout, Origin, SnapId, Target};
 
 use super::live::Live;
 use super::placement::full_cow_bytes;
+use super::snapshot_kind::SnapshotKind;
 use super::{Inner, Worker, chunk_layout};
 use crate::error::{Result, WorkerError};
 use crate::state::{Phase, SnapshotRec, TaskKind, TaskRec, VolumeRec, now};
@@ -32,19 +33,6 @@ struct Source<'a> {
     name: &'a str,
     size: u64,
     chunk_sectors: u32,
-}
-
-/// The id of the temporary snapshot that clone task `task` copies. It
-/// starts with a dot, which no snapshot id a client chooses may
-/// (`names::check_id`): that is what [`is_clone_temp`] tells by.
-fn clone_temp(task: &str) -> String {
-    format!(".clone-{task}")
-}
-
-/// Whether snapshot `id` is a clone's temporary snapshot: never exported,
-/// listed, nor counted among its volume's snapshots.
-pub(super) fn is_clone_temp(id: &str) -> bool {
-    id.starts_with('.')
 }
 
 fn source_volume(rec: &TaskRec) -> Result<String> {
@@ -177,7 +165,10 @@ impl Worker {
             // taken before the call returns, copied in the background.
             let sv = names::parse_volume(source)
                 .map_err(|e| WorkerError::invalid("source_volume", e))?;
-            let temp = clone_temp(&task.get().id);
+            let temp = SnapshotKind::CloneSource {
+                task: &task.get().id,
+            }
+            .to_string();
             if let Err(e) = self.create_temp_snapshot(inner, sv, &temp).await {
                 inner.st.volumes.remove(volume_id);
                 task.update(|t| {
@@ -187,8 +178,6 @@ impl Worker {
                 self.save(inner)?;
                 return Err(e);
             }
-            task.update(|t| t.temp_snapshot = Some(temp));
-            self.save(inner)?;
         }
         tracing::info!(volume = %vname, kind = kind.as_str(), source, task = %task.get().id, "copy started");
         self.spawn_task(task.clone());
@@ -202,7 +191,7 @@ impl Worker {
         let vol = names::parse_volume(&rec.target)
             .map_err(|e| WorkerError::invalid("target", e))?
             .to_string();
-        let (src_origin, target, dst_origin) = self.copy_ends(task, &rec, &vol).await?;
+        let (src_origin, target, dst_origin) = self.copy_ends(&rec, &vol).await?;
         let copied = copy_volume(src_origin, target, dst_origin.clone(), task.clone()).await;
         let mut inner = self.inner.lock().await;
         // A clone's temporary snapshot of its source goes away whatever the
@@ -210,12 +199,12 @@ impl Worker {
         let temp = match rec.kind {
             TaskKind::Clone => {
                 let sv = source_volume(&rec)?;
-                let temp = clone_temp(&rec.id);
+                let temp = SnapshotKind::CloneSource { task: &rec.id };
                 inner
                     .st
                     .volumes
                     .get(&sv)
-                    .and_then(|v| v.snapshots.iter().find(|s| s.id == temp))
+                    .and_then(|v| v.snapshots.iter().find(|s| s.kind() == temp))
                     .cloned()
                     .map(|s| (sv, s))
             }
@@ -256,7 +245,6 @@ impl Worker {
     /// the source's engine and target.
     async fn copy_ends(
         &self,
-        task: &TaskHandle,
         rec: &TaskRec,
         vol: &str,
     ) -> Result<(Arc<Origin>, Target, Arc<Origin>)> {
@@ -282,12 +270,11 @@ impl Worker {
                 // A clone copies a temporary snapshot of the source: a
                 // consistent point in time while the source stays in use.
                 let sv = source_volume(rec)?;
-                let temp = clone_temp(&rec.id);
+                let temp = SnapshotKind::CloneSource { task: &rec.id }.to_string();
                 let id = match inner.live.get(&sv).and_then(|l| l.snap(&temp)) {
                     Some(id) => id,
                     None => self.create_temp_snapshot(&mut inner, &sv, &temp).await?,
                 };
-                task.update(|t| t.temp_snapshot = Some(temp.clone()));
                 (sv, Target::Snapshot(id))
             }
         };

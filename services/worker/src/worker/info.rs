@@ -6,7 +6,6 @@ use cowsnap_proto::names;
 use cowsnap_store::status::dm_status_line;
 use cowsnap_store::{IoStats, Usage};
 
-use super::copy::is_clone_temp;
 use super::live::Live;
 use super::placement::raw_device_user;
 use super::{Inner, Worker};
@@ -141,7 +140,7 @@ impl Worker {
         let snapshots = v
             .snapshots
             .iter()
-            .filter(|s| !is_clone_temp(&s.id))
+            .filter(|s| s.kind().is_visible())
             .map(|s| snapshot_info(v, s, live))
             .collect();
         VolumeInfo {

@@ -23,6 +23,7 @@
 //! - [`volumes`], [`snapshots`]: create, get, list, delete;
 //! - [`delta`]: snapshot deltas and allocated maps, paged;
 //! - [`merge`], [`copy`]: merge, and restore and clone;
+//! - [`snapshot_kind`]: a client's snapshot or a clone's hidden one;
 //! - [`tasks`]: starting, running and waiting for tasks;
 //! - [`info`]: what the API reports of the worker, a volume, a snapshot.
 
@@ -33,6 +34,7 @@ mod live;
 mod merge;
 mod placement;
 mod recovery;
+mod snapshot_kind;
 mod snapshots;
 mod tasks;
 mod volumes;
@@ -271,7 +273,7 @@ impl Worker {
         for s in &v.snapshots {
             if s.phase != Phase::Ready
                 || v.merging.as_deref() == Some(s.id.as_str())
-                || copy::is_clone_temp(&s.id)
+                || !s.kind().is_visible()
             {
                 continue;
             }

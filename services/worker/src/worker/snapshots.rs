@@ -8,10 +8,10 @@ use std::sync::Arc;
 use cowsnap_proto::names;
 use cowsnap_store::{Layout, Origin, SnapId, SnapshotOptions};
 
-use super::copy::is_clone_temp;
 use super::info::snapshot_info;
 use super::live::Live;
 use super::placement::full_cow_bytes;
+use super::snapshot_kind::SnapshotKind;
 use super::{Inner, SnapshotInfo, Worker, chunk_layout, same_or_exists};
 use crate::error::{Result, WorkerError};
 use crate::state::{Phase, SnapshotRec, now};
@@ -156,7 +156,7 @@ impl Worker {
             .add_snap(snapshot_id, added);
         self.watch_invalid(&origin, added, vol, snapshot_id);
         let v = inner.st.volumes[vol].clone();
-        if !is_clone_temp(snapshot_id) {
+        if SnapshotKind::of(snapshot_id).is_visible() {
             self.export_snapshot(vol, &s, &origin, added);
         }
         tracing::info!(snapshot = %sname, cow_size = size, device = %path.display(), "snapshot created");

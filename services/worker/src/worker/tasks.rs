@@ -33,7 +33,6 @@ impl Worker {
             done_units: 0,
             total_units: 0,
             create_time: now(),
-            temp_snapshot: None,
         })
     }
 

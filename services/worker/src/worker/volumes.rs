@@ -7,7 +7,6 @@ use std::sync::Arc;
 use cowsnap_proto::names;
 use cowsnap_store::format::DEFAULT_CHUNK_SECTORS;
 
-use super::copy::is_clone_temp;
 use super::live::Live;
 use super::{VolumeInfo, Worker, chunk_layout, same_or_exists};
 use crate::error::{Result, WorkerError};
@@ -244,7 +243,7 @@ impl Worker {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let v = inner.volume(name)?.clone();
-        let visible = v.snapshots.iter().filter(|s| !is_clone_temp(&s.id)).count();
+        let visible = v.snapshots.iter().filter(|s| s.kind().is_visible()).count();
         if visible > 0 {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{name} has {visible} snapshot(s); delete them first"

@@ -2,7 +2,7 @@
 //! call from `clients` concurrent clients for a set time and counts the
 //! calls per second. Every call is a real gRPC call over TCP to the
 //! `cowsnap up` under test; a failed call is counted as an error, not as
-//! a call.
+//! a call. [`rates`] measures every kind at every concurrency level.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tonic::transport::Channel;
+
+use super::{ApiArgs, CLIENTS};
 
 pub type Volumes = pb::volume_service_client::VolumeServiceClient<Channel>;
 pub type Snapshots = pb::snapshot_service_client::SnapshotServiceClient<Channel>;
@@ -299,4 +301,36 @@ pub fn create_snapshot_request(parent: &str, id: &str) -> pb::CreateSnapshotRequ
         snapshot_id: id.into(),
         snapshot: Some(pb::Snapshot::default()),
     }
+}
+
+/// Every kind's rate at every concurrency level: `[kind][clients]`.
+pub(super) async fn rates(
+    args: &ApiArgs,
+    channels: &[Channel],
+    pool: &Arc<Pool>,
+    first_error: &Arc<Mutex<Option<String>>>,
+    say: &impl Fn(&str),
+) -> Vec<Vec<Rate>> {
+    let mut out = vec![vec![Rate::default(); CLIENTS.len()]; Kind::ALL.len()];
+    for (j, &clients) in CLIENTS.iter().enumerate() {
+        for (i, &kind) in Kind::ALL.iter().enumerate() {
+            let r = rate(
+                channels,
+                pool,
+                kind,
+                clients,
+                args.measure_secs,
+                first_error,
+            )
+            .await;
+            say(&format!(
+                "{} x{clients}: {:.0} calls/s ({} errors)",
+                kind.label(),
+                r.per_sec(),
+                r.errors
+            ));
+            out[i][j] = r;
+        }
+    }
+    out
 }
