@@ -208,9 +208,10 @@ impl Devices {
     }
 
     /// Creates (or empties) the file `path` with `size` bytes (sparse),
-    /// making nothing durable: neither its size (an `fdatasync` of it
-    /// does, as it makes durable what reading its data needs) nor its
-    /// name (an fsync of [`Devices::dir`] does).
+    /// making nothing durable: neither its size (an `fdatasync` of it, or
+    /// a `RWF_DSYNC` write to it, does: fdatasync(2) counts a size set by
+    /// `ftruncate` as metadata a later read needs) nor its name (an fsync
+    /// of [`Devices::dir`] does).
     pub fn new_file(&self, path: &Path, size: u64) -> Result<File> {
         let f = cowsnap_proto::server::private_file_options()
             .create(true)

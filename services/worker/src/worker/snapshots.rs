@@ -179,10 +179,12 @@ impl Worker {
     /// state, which `inner` holds with `s` in it. What must be durable
     /// before the state names the snapshot runs side by side with the
     /// state's first half (the new state in a fsynced temporary file,
-    /// which nothing reads): the engine's attach (origin flush, COW format:
-    /// zeroes, flush, header written durably) and, for a new file, the
-    /// fsync of its directory entry (its size is made durable by the
-    /// format's flush). Only once all of them are done is the state
+    /// which nothing reads): the engine's attach (origin flush beside the
+    /// COW format, one `RWF_DSYNC` write of its header chunk and zeroed
+    /// area 0) and, for a new file, the fsync of its directory entry. Its
+    /// size needs no fsync of its own: a `RWF_DSYNC` write completes as
+    /// though followed by `fdatasync`, which makes durable a size set by
+    /// `ftruncate` (open(2), fdatasync(2)). Only once all of them are done is the state
     /// renamed into place (and its directory fsynced), so the record is
     /// never durable before its device (D9). On error the device is given
     /// back and the engine does not hold the snapshot.
