@@ -184,10 +184,10 @@ impl Worker {
     /// area 0) and, for a new file, the fsync of its directory entry. Its
     /// size needs no fsync of its own: a `RWF_DSYNC` write completes as
     /// though followed by `fdatasync`, which makes durable a size set by
-    /// `ftruncate` (open(2), fdatasync(2)). Only once all of them are done is the state
-    /// renamed into place (and its directory fsynced), so the record is
-    /// never durable before its device (D9). On error the device is given
-    /// back and the engine does not hold the snapshot.
+    /// `ftruncate` (open(2), fdatasync(2)). Only once all of them are done
+    /// is the state renamed into place (and its directory fsynced), so the
+    /// record is never durable before its device (D9). On error the device
+    /// is given back and the engine does not hold the snapshot.
     async fn attach_and_save(
         &self,
         inner: &mut Inner,
