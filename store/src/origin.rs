@@ -36,7 +36,7 @@ use crate::format::Record;
 use crate::io::{AlignedBuf, Device};
 use crate::pstore::{CommitStats, PStore, Usage};
 use crate::snapshot::{SnapId, Snapshot};
-use crate::table::ExceptionTable;
+use crate::table::{BUILD_INLINE_MAX, ExceptionTable};
 use crate::writeback::{self, WriteBack, WriteBackStats};
 
 /// What an I/O addresses: the origin, or one of its snapshots.
@@ -392,11 +392,38 @@ impl Origin {
     /// Waits for in-flight writes, flushes the origin, and holds new I/O
     /// until the snapshot is in place.
     pub async fn add_snapshot(&self, cow: Device, opts: SnapshotOptions) -> Result<AddedSnapshot> {
+        self.attach(cow, opts, false).await
+    }
+
+    /// Attaches a new snapshot on `cow`, a device the caller has just made
+    /// all zero over its header and area 0 and that nothing names yet: as
+    /// [`Origin::add_snapshot`] does with an all-zero device, but the
+    /// format is one durable write ([`PStore::format_zeroed`]).
+    pub async fn add_new_snapshot(
+        &self,
+        cow: Device,
+        chunk_sectors: Option<u32>,
+    ) -> Result<AddedSnapshot> {
+        let opts = SnapshotOptions {
+            chunk_sectors,
+            merging: false,
+            size: None,
+        };
+        self.attach(cow, opts, true).await
+    }
+
+    async fn attach(
+        &self,
+        cow: Device,
+        opts: SnapshotOptions,
+        zeroed: bool,
+    ) -> Result<AddedSnapshot> {
         let _suspended = self.suspend().await;
         // Reloading the other snapshots of an origin that is merging is
         // fine; taking a new one is not (the origin's content is in flux).
         if let Some(m) = self.merging_snapshot()
             && (opts.merging
+                || zeroed
                 || crate::scan::read_header(&cow).await? == crate::format::HeaderState::New)
         {
             return Err(Error::Merging(
@@ -415,26 +442,46 @@ impl Origin {
                 ),
             });
         }
-        self.dev.flush().await?;
-        // Collect the records, then build the table once at its final size
-        // (growing it record by record rehashes it ~20 times for 1 M).
+        // The origin flush (every write acknowledged before the snapshot is
+        // in it for good) and the COW device's load or format touch
+        // different devices: they run side by side, and the snapshot is
+        // attached only once both are done. Collect the records, then build
+        // the table once at its final size (growing it record by record
+        // rehashes it ~20 times for 1 M).
         let mut records: Vec<(u64, u64)> = Vec::new();
-        let opened = PStore::open(cow, opts.chunk_sectors, Some(size), |r: Record| {
-            records.push((r.old, r.new));
-            true
-        })
-        .await?;
-        let exceptions =
+        let load = async {
+            if zeroed {
+                PStore::format_zeroed(cow, opts.chunk_sectors).await
+            } else {
+                PStore::open(cow, opts.chunk_sectors, Some(size), |r: Record| {
+                    records.push((r.old, r.new));
+                    true
+                })
+                .await
+            }
+        };
+        let (flushed, opened) = tokio::join!(self.dev.flush(), load);
+        flushed?;
+        let opened = opened?;
+        // A small table (a new snapshot's is empty) is built here: handing
+        // it to another thread would cost more than building it.
+        let built = if records.len() <= BUILD_INLINE_MAX {
+            ExceptionTable::build(records)
+        } else {
             match tokio::task::spawn_blocking(move || ExceptionTable::build(records)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(old)) => {
-                    return Err(Error::Corrupt {
-                        device: opened.store.device().name().to_string(),
-                        detail: format!("origin chunk {old} appears in more than one record"),
-                    });
-                }
+                Ok(b) => b,
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
+            }
+        };
+        let exceptions = match built {
+            Ok(t) => t,
+            Err(old) => {
+                return Err(Error::Corrupt {
+                    device: opened.store.device().name().to_string(),
+                    detail: format!("origin chunk {old} appears in more than one record"),
+                });
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let layout = opened.store.layout();
         if opts.merging && !opened.store.is_valid() {

@@ -157,7 +157,75 @@ pub struct Opened {
     pub exceptions: u64,
 }
 
+/// The layout of a device about to be formatted (`chunk_sectors`, or the
+/// default), checked against it.
+fn new_layout(dev: &Device, chunk_sectors: Option<u32>) -> Result<Layout> {
+    let layout = Layout::new(chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS)).map_err(|cause| {
+        Error::Format {
+            device: dev.name().to_string(),
+            cause,
+        }
+    })?;
+    check_geometry(dev, layout)?;
+    if !dev.writable() {
+        return Err(Error::Invalid {
+            device: dev.name().to_string(),
+            detail: "the COW device is not initialised (all-zero header) and was opened read-only"
+                .into(),
+        });
+    }
+    Ok(layout)
+}
+
+fn new_header(layout: Layout) -> Header {
+    Header {
+        valid: true,
+        version: DISK_VERSION,
+        chunk_sectors: layout.chunk_sectors(),
+    }
+}
+
+impl Opened {
+    /// A store just formatted: valid, no exceptions.
+    fn formatted(dev: Device, layout: Layout) -> Opened {
+        let cb = layout.chunk_bytes() as usize;
+        Opened {
+            store: Arc::new(PStore::new(
+                dev,
+                layout,
+                true,
+                layout.first_data_chunk(),
+                0,
+                0,
+                AlignedBuf::zeroed(cb),
+            )),
+            initialised: true,
+            chunk_override: None,
+            exceptions: 0,
+        }
+    }
+}
+
 impl PStore {
+    /// Formats `dev` (with `chunk_sectors`, or the default) with one
+    /// durable write (M3) of the header chunk and a zeroed area 0. Only
+    /// for a device the caller has just made, all zero over those two
+    /// chunks (a new sparse file, or a raw device zeroed durably), which
+    /// nothing names until this returns: a crash before leaves a device
+    /// its owner discards, and a torn write (M1) leaves area 0 zero
+    /// whatever part of it landed, under a header that is either new or
+    /// whole. [`PStore::open`] cannot know that of a device and zeroes
+    /// area 0 durably before its header write instead (a second flush).
+    pub async fn format_zeroed(dev: Device, chunk_sectors: Option<u32>) -> Result<Opened> {
+        let layout = new_layout(&dev, chunk_sectors)?;
+        let cb = layout.chunk_bytes() as usize;
+        debug_assert_eq!(layout.area_offset(0), layout.chunk_bytes());
+        let mut buf = AlignedBuf::zeroed(2 * cb);
+        new_header(layout).encode(&mut buf);
+        dev.write(0, buf, true).await?;
+        Ok(Opened::formatted(dev, layout))
+    }
+
     /// Opens the store on `dev`: initialises an all-zero device (with
     /// `chunk_sectors`, or the default), or loads an existing one, calling
     /// `insert` for every exception (it returns false for a duplicate origin
@@ -177,43 +245,22 @@ impl PStore {
         };
         match read_header(&dev).await? {
             HeaderState::New => {
-                let layout =
-                    Layout::new(chunk_sectors.unwrap_or(DEFAULT_CHUNK_SECTORS)).map_err(fmt_err)?;
-                check_geometry(&dev, layout)?;
-                if !dev.writable() {
-                    return Err(Error::Invalid {
-                        device: name,
-                        detail: "the COW device is not initialised (all-zero header) and was opened read-only".into(),
-                    });
-                }
-                // Zero area 0, make that durable, then write the header (one
-                // flush + write request, M5): a crash in between leaves an
-                // all-zero (new) device.
+                let layout = new_layout(&dev, chunk_sectors)?;
+                // Zero the header chunk and area 0 (one write: area 0 is
+                // chunk 1), make that durable, then write the header (one
+                // flush + write request, M5): a crash in between leaves a
+                // device whose magic is zero (new). Zeroing the header chunk
+                // first keeps that true (the header write then replaces the
+                // whole chunk) and has a sparse file allocate its blocks
+                // before the flush, so the header's durable write is an
+                // overwrite: no file system journal commit of its own.
                 let cb = layout.chunk_bytes() as usize;
-                dev.write(layout.area_offset(0), AlignedBuf::zeroed(cb), false)
-                    .await?;
+                debug_assert_eq!(layout.area_offset(0), layout.chunk_bytes());
+                dev.write(0, AlignedBuf::zeroed(2 * cb), false).await?;
                 let mut h = AlignedBuf::zeroed(cb);
-                Header {
-                    valid: true,
-                    version: DISK_VERSION,
-                    chunk_sectors: layout.chunk_sectors(),
-                }
-                .encode(&mut h);
+                new_header(layout).encode(&mut h);
                 dev.flush_write(0, h).await?;
-                Ok(Opened {
-                    store: Arc::new(PStore::new(
-                        dev,
-                        layout,
-                        true,
-                        layout.first_data_chunk(),
-                        0,
-                        0,
-                        AlignedBuf::zeroed(cb),
-                    )),
-                    initialised: true,
-                    chunk_override: None,
-                    exceptions: 0,
-                })
+                Ok(Opened::formatted(dev, layout))
             }
             HeaderState::Existing(h) => {
                 let layout = h.check().map_err(fmt_err)?;

@@ -29,11 +29,26 @@ impl Default for ExceptionTable {
     }
 }
 
+/// Up to this many records a table is built on the calling thread:
+/// starting threads would cost more than they save (a new snapshot has no
+/// records at all).
+pub const BUILD_INLINE_MAX: usize = 1 << 14;
+
 impl ExceptionTable {
     /// Builds the table from loaded records, on up to as many threads as
-    /// the machine has cores. Fails with the first origin chunk that two
-    /// records map.
+    /// the machine has cores (on the calling thread alone up to
+    /// [`BUILD_INLINE_MAX`] records). Fails with the first origin chunk
+    /// that two records map.
     pub fn build(records: Vec<(u64, u64)>) -> Result<ExceptionTable, u64> {
+        if records.len() <= BUILD_INLINE_MAX {
+            let mut t = ExceptionTable::default();
+            for (old, new) in records {
+                if t.insert(old, new).is_some() {
+                    return Err(old);
+                }
+            }
+            return Ok(t);
+        }
         let mut parts: Vec<Vec<(u64, u64)>> = (0..SHARDS)
             .map(|_| Vec::with_capacity(records.len() / SHARDS + 64))
             .collect();
@@ -143,6 +158,23 @@ mod tests {
         assert_eq!(
             ExceptionTable::build(vec![(1, 2), (5, 3), (1, 4)]).unwrap_err(),
             1
+        );
+    }
+
+    /// Past `BUILD_INLINE_MAX` records the table is built on threads: the
+    /// same table, and the same refusal of a duplicate.
+    #[test]
+    fn a_large_table_is_built_on_threads_alike() {
+        let n = BUILD_INLINE_MAX as u64 * 3;
+        let recs: Vec<(u64, u64)> = (0..n).map(|i| (i * 7919 % 1_000_003, i + 2)).collect();
+        let t = ExceptionTable::build(recs.clone()).unwrap();
+        assert_eq!(t.len(), recs.len());
+        assert!(recs.iter().all(|(o, n)| t.get(o) == Some(n)));
+        let mut dup = recs;
+        dup.push((dup[12_345].0, 1));
+        assert_eq!(
+            ExceptionTable::build(dup.clone()).unwrap_err(),
+            dup[12_345].0
         );
     }
 }

@@ -1,5 +1,6 @@
 //! Issue 12, point 6: the worker writes its state once per snapshot create
-//! (after the COW device is ready and attached) and once per snapshot
+//! (its temporary file beside the device work, put in place once the COW
+//! device is ready and attached) and once per snapshot
 //! delete (its intent, before the device goes; the record itself leaves
 //! the file with the next write). A real `kill -9` of `cowsnap up` (its
 //! `COWSNAP_TEST_KILL_AT` hook) at each step between those writes and the
@@ -66,6 +67,23 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
                 up.device_files().contains(&name),
                 "{point}: the COW file exists, its record does not"
             );
+            // The new state was written (and fsynced) beside the device
+            // work, into the temporary file only: the state that is read
+            // at start does not name the snapshot yet.
+            let names_it = |f: &str| {
+                let bytes = std::fs::read(up.dir.join("worker").join(f)).unwrap();
+                let st: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                st["volumes"][&vol]["snapshots"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["id"] == "s")
+            };
+            assert!(
+                names_it("state.json.tmp"),
+                "{point}: the next state is ready"
+            );
+            assert!(!names_it("state.json"), "{point}: and not in place");
         }
         up.restart_armed(None).await;
         up.settle().await;

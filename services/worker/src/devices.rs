@@ -198,8 +198,21 @@ impl Devices {
         })
     }
 
-    /// Creates (or recreates) a zero-filled sparse file of `size` bytes.
+    /// Creates (or recreates) a zero-filled sparse file of `size` bytes,
+    /// durably (its size and its name).
     pub fn create_file(&self, path: &Path, size: u64) -> Result<()> {
+        let f = self.new_file(path, size)?;
+        f.sync_all()?;
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// Creates (or empties) the file `path` with `size` bytes (sparse),
+    /// making nothing durable: neither its size (an `fdatasync` of it, or
+    /// a `RWF_DSYNC` write to it, does: fdatasync(2) counts a size set by
+    /// `ftruncate` as metadata a later read needs) nor its name (an fsync
+    /// of [`Devices::dir`] does).
+    pub fn new_file(&self, path: &Path, size: u64) -> Result<File> {
         let f = cowsnap_proto::server::private_file_options()
             .create(true)
             .truncate(true)
@@ -208,9 +221,12 @@ impl Devices {
             .with_context(|| format!("{}: cannot create", path.display()))?;
         f.set_len(size)
             .with_context(|| format!("{}: cannot size to {size} bytes", path.display()))?;
-        f.sync_all()?;
-        sync_dir(&self.dir)?;
-        Ok(())
+        Ok(f)
+    }
+
+    /// The directory of file-backed devices.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Grows an existing file to `size` bytes (the new part reads as

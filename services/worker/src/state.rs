@@ -153,6 +153,7 @@ impl WorkerState {
 }
 
 /// `state.json` in the data dir.
+#[derive(Clone)]
 pub struct StateFile {
     path: PathBuf,
 }
@@ -184,10 +185,23 @@ impl StateFile {
 
     /// Replaces the saved state atomically and durably.
     pub fn save(&self, state: &WorkerState) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        // Compact: the file is rewritten on every change, and read by this
-        // code only (`load` reads the pretty form older versions wrote).
-        let bytes = serde_json::to_vec(state)?;
+        self.write_tmp(&Self::encode(state)?)?;
+        self.replace()
+    }
+
+    /// The bytes a save writes. Compact: the file is rewritten on every
+    /// change, and read by this code only (`load` reads the pretty form
+    /// older versions wrote).
+    pub fn encode(state: &WorkerState) -> anyhow::Result<Vec<u8>> {
+        Ok(serde_json::to_vec(state)?)
+    }
+
+    /// The first half of a save: `bytes` (from [`StateFile::encode`])
+    /// written to `state.json.tmp` and fsynced. `state.json` is untouched
+    /// until [`StateFile::replace`], so this may run beside work the new
+    /// state must not be durable before.
+    pub fn write_tmp(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tmp = self.tmp_path();
         // Only the owner reads it (it names the devices), whatever the umask.
         let _ = std::fs::remove_file(&tmp);
         let mut f = cowsnap_proto::server::private_file_options()
@@ -195,11 +209,22 @@ impl StateFile {
             .create_new(true)
             .open(&tmp)
             .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        f.write_all(bytes)?;
+        f.sync_all()
+            .with_context(|| format!("{}: cannot sync", tmp.display()))?;
+        Ok(())
+    }
+
+    /// The second half of a save: the temporary file renamed over
+    /// `state.json`, and the directory fsynced.
+    pub fn replace(&self) -> anyhow::Result<()> {
+        std::fs::rename(self.tmp_path(), &self.path)
             .with_context(|| format!("{}: cannot replace", self.path.display()))?;
         sync_dir(self.path.parent().expect("state file has a directory"))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.path.with_extension("json.tmp")
     }
 }
 

@@ -14,7 +14,7 @@ use super::placement::full_cow_bytes;
 use super::snapshot_kind::SnapshotKind;
 use super::{Inner, SnapshotInfo, Worker, chunk_layout, same_or_exists};
 use crate::error::{Result, WorkerError};
-use crate::state::{Phase, SnapshotRec, now};
+use crate::state::{Phase, SnapshotRec, StateFile, now, sync_dir};
 
 /// What a new snapshot asks for.
 #[derive(Clone, Debug, Default)]
@@ -32,8 +32,34 @@ pub struct NewSnapshot {
     pub writable: bool,
 }
 
+/// The outcome of a blocking task (a panic in it goes on here).
+fn joined<T>(
+    r: std::result::Result<anyhow::Result<T>, tokio::task::JoinError>,
+) -> anyhow::Result<T> {
+    match r {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(anyhow::anyhow!("a blocking task did not run: {e}")),
+    }
+}
+
 impl Worker {
+    /// Creates a snapshot, or returns the existing one when it was made
+    /// with the same arguments. The create runs to its end in a task of
+    /// its own even if the caller goes away (a dropped gRPC call): its
+    /// state write is in two halves, and no other save may come between.
     pub async fn create_snapshot(self: &Arc<Self>, new: &NewSnapshot) -> Result<SnapshotInfo> {
+        let (me, new) = (self.clone(), new.clone());
+        match tokio::spawn(async move { me.create_snapshot_to_end(&new).await }).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(WorkerError::Unavailable(format!(
+                "the worker is shutting down: {e}"
+            ))),
+        }
+    }
+
+    async fn create_snapshot_to_end(self: &Arc<Self>, new: &NewSnapshot) -> Result<SnapshotInfo> {
         let NewSnapshot {
             parent,
             snapshot_id,
@@ -116,39 +142,25 @@ impl Worker {
             create_time: now(),
             error: None,
         };
-        // One state write, after the device work (D9 of docs/design.md): a
-        // crash before it leaves a COW device no record names, which is
-        // harmless (a raw device is zeroed again before any use; a file is
-        // removed at the next start, see `recovery`), and the create was
-        // not acknowledged.
+        // One state write (D9 of docs/design.md), durable only after the
+        // device work: a crash before it leaves a COW device no record
+        // names, which is harmless (a raw device is zeroed again before any
+        // use; a file is removed at the next start, see `recovery`), and
+        // the create was not acknowledged.
+        inner.volume_mut(vol).snapshots.push(s.clone());
         let added = match self
-            .attach_cow(&origin, &path, file_backed, size, layout)
+            .attach_and_save(&mut inner, &origin, &sname, &s, layout)
             .await
         {
             Ok(a) => a,
             Err(e) => {
-                if file_backed {
-                    let _ = self.devices.release(&path, true);
-                }
+                inner
+                    .volume_mut(vol)
+                    .snapshots
+                    .retain(|s| s.id != snapshot_id);
                 return Err(e);
             }
         };
-        cowsnap_proto::kill_point::reached("worker:create_snapshot:attached");
-        inner.volume_mut(vol).snapshots.push(s.clone());
-        if let Err(e) = self.save(&mut inner) {
-            // Not recorded: take it out of the engine and give the device
-            // back, as if the create had never started.
-            inner
-                .volume_mut(vol)
-                .snapshots
-                .retain(|s| s.id != snapshot_id);
-            if let Err(e) = origin.delete_snapshot(added).await {
-                tracing::error!(snapshot = %sname, "cannot take an unsaved snapshot out of the engine: {e}");
-            } else if file_backed {
-                let _ = self.devices.release(&path, true);
-            }
-            return Err(e);
-        }
         inner
             .live
             .get_mut(vol)
@@ -163,8 +175,93 @@ impl Worker {
         Ok(snapshot_info(&v, &s, inner.live.get(vol)))
     }
 
-    /// Prepares a COW device and attaches it to the engine as a new
-    /// snapshot (atomic against in-flight writes).
+    /// Makes the COW device of the new snapshot `s` (a new file, or a
+    /// zeroed raw device), attaches it to `origin`'s engine, and saves the
+    /// state, which `inner` holds with `s` in it. What must be durable
+    /// before the state names the snapshot runs side by side with the
+    /// state's first half (the new state in a fsynced temporary file,
+    /// which nothing reads): the engine's attach (origin flush beside the
+    /// COW format, one `RWF_DSYNC` write of its header chunk and zeroed
+    /// area 0) and, for a new file, the fsync of its directory entry. Its
+    /// size needs no fsync of its own: a `RWF_DSYNC` write completes as
+    /// though followed by `fdatasync`, which makes durable a size set by
+    /// `ftruncate` (open(2), fdatasync(2)). Only once all of them are done
+    /// is the state renamed into place (and its directory fsynced), so the
+    /// record is never durable before its device (D9). On error the device
+    /// is given back and the engine does not hold the snapshot.
+    async fn attach_and_save(
+        &self,
+        inner: &mut Inner,
+        origin: &Arc<Origin>,
+        sname: &str,
+        s: &SnapshotRec,
+        layout: Layout,
+    ) -> Result<SnapId> {
+        let path = s.device.as_path();
+        let release = || {
+            if s.file_backed {
+                let _ = self.devices.release(path, true);
+            }
+        };
+        let made = if s.file_backed {
+            self.devices.new_file(path, s.cow_size_bytes).map(drop)
+        } else {
+            // A new COW device starts with a zero header.
+            self.devices.zero_raw(path, layout.chunk_bytes() * 2)
+        };
+        if let Err(e) = made {
+            release();
+            return Err(e);
+        }
+        inner.st.tasks = self.tasks.records();
+        let bytes = match StateFile::encode(&inner.st) {
+            Ok(b) => b,
+            Err(e) => {
+                release();
+                return Err(WorkerError::Internal(e));
+            }
+        };
+        let file = self.file.clone();
+        let state_tmp = tokio::task::spawn_blocking(move || file.write_tmp(&bytes));
+        let dir_entry = s.file_backed.then(|| {
+            let dir = self.devices.dir().to_path_buf();
+            tokio::task::spawn_blocking(move || sync_dir(&dir))
+        });
+        let attached = self
+            .attach_device(origin, path, s.file_backed, s.cow_size_bytes, layout, true)
+            .await;
+        // Every blocking half is waited for, whatever failed: none may
+        // outlive this call (and the lock) to race the next save.
+        let state_tmp = joined(state_tmp.await);
+        let dir_entry = match dir_entry {
+            Some(h) => joined(h.await),
+            None => Ok(()),
+        };
+        let added = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                release();
+                return Err(e);
+            }
+        };
+        cowsnap_proto::kill_point::reached("worker:create_snapshot:attached");
+        let saved = state_tmp.and(dir_entry).and_then(|()| self.file.replace());
+        if let Err(e) = saved {
+            // Not recorded: take it out of the engine and give the device
+            // back, as if the create had never started.
+            match origin.delete_snapshot(added).await {
+                Ok(_) => release(),
+                Err(d) => {
+                    tracing::error!(snapshot = %sname, device = %path.display(), "cannot take an unsaved snapshot out of the engine: {d}")
+                }
+            }
+            return Err(WorkerError::Internal(e));
+        }
+        Ok(added)
+    }
+
+    /// Prepares a COW device (a new file, made durable, or a zeroed raw
+    /// device) and attaches it to the engine as a new snapshot.
     pub(super) async fn attach_cow(
         &self,
         origin: &Arc<Origin>,
@@ -179,6 +276,23 @@ impl Worker {
             // A new COW device starts with a zero header.
             self.devices.zero_raw(path, layout.chunk_bytes() * 2)?;
         }
+        self.attach_device(origin, path, file_backed, size, layout, false)
+            .await
+    }
+
+    /// Attaches a prepared COW device to the engine as a new snapshot
+    /// (atomic against in-flight writes). `unnamed`: no state written yet
+    /// names the device (made all zero by this call), so it is formatted
+    /// with one durable write (`Origin::add_new_snapshot`).
+    async fn attach_device(
+        &self,
+        origin: &Arc<Origin>,
+        path: &Path,
+        file_backed: bool,
+        size: u64,
+        layout: Layout,
+        unnamed: bool,
+    ) -> Result<SnapId> {
         let dev = self.open_sized(path, file_backed, size)?;
         if dev.block_size() > origin.block_size() {
             // NBD clients were told the volume's alignment at connect time.
@@ -191,16 +305,17 @@ impl Worker {
                 ),
             ));
         }
-        let a = origin
-            .add_snapshot(
-                dev,
-                SnapshotOptions {
-                    chunk_sectors: Some(layout.chunk_sectors()),
-                    merging: false,
-                    size: None,
-                },
-            )
-            .await?;
+        let chunk_sectors = Some(layout.chunk_sectors());
+        let a = if unnamed {
+            origin.add_new_snapshot(dev, chunk_sectors).await?
+        } else {
+            let opts = SnapshotOptions {
+                chunk_sectors,
+                merging: false,
+                size: None,
+            };
+            origin.add_snapshot(dev, opts).await?
+        };
         Ok(a.id)
     }
 
