@@ -276,8 +276,9 @@ impl Origin {
         }
     }
 
-    /// Grows the origin to `size` bytes, online: I/O pauses while held
-    /// writes drain, then clients may address the new bytes. The device
+    /// Grows the origin to `size` bytes, online (D14 of docs/design.md):
+    /// I/O pauses while held writes drain, then clients may address the
+    /// new bytes. The device
     /// must already hold them (a file extended, a raw device large
     /// enough) and read as zeros there. Snapshots keep their size: origin
     /// writes past a snapshot's end need no copy into it (as the kernel's

@@ -134,6 +134,21 @@ impl Control {
         }
     }
 
+    /// Records operation `new` in `tx` beside what the caller wrote there,
+    /// commits both at once (D11 of docs/design.md: the intent is durable
+    /// before any worker acts), and drives it ([`Operations::drive`]).
+    pub(crate) async fn record_and_drive(
+        &self,
+        mut tx: catalog::Tx,
+        new: catalog::operations::NewOp<'_>,
+        now: i64,
+    ) -> Result<Operation> {
+        let op = catalog::operations::insert(&mut tx, new, now).await?;
+        tx.commit().await?;
+        self.ops.notify();
+        self.ops.drive(op).await
+    }
+
     /// Whether the catalog answers a query now.
     pub async fn catalog_ready(&self) -> Result<()> {
         let mut c = self.catalog.conn().await?;

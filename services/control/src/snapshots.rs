@@ -140,22 +140,20 @@ impl Control {
             writable: spec.writable,
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::CreateSnapshot,
-                target: &name,
-                source: "",
-                volume_id: vol,
-                worker_id: &v.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::CreateSnapshot,
+                    target: &name,
+                    source: "",
+                    volume_id: vol,
+                    worker_id: &v.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         if let Some(e) = failure(&op) {
             return Err(e);
         }
@@ -301,22 +299,20 @@ impl Control {
             deleted: Some(OpResult::Snapshot(s.clone())),
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::DeleteSnapshot,
-                target: name,
-                source: "",
-                volume_id: vol,
-                worker_id: &v.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::DeleteSnapshot,
+                    target: name,
+                    source: "",
+                    volume_id: vol,
+                    worker_id: &v.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         failure(&op).map_or(Ok(()), Err)?;
         // The last snapshot of a DELETED_WITH_SNAPSHOTS volume: reclaim it.
         self.drive_reclaim(vol).await;
@@ -369,22 +365,20 @@ impl Control {
             prior_state: Some(State::Ready),
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::MergeSnapshot,
-                target: name,
-                source: "",
-                volume_id: vol,
-                worker_id: &v.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::MergeSnapshot,
+                    target: name,
+                    source: "",
+                    volume_id: vol,
+                    worker_id: &v.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         match failure(&op) {
             Some(e) => Err(e),
             None => Ok(op),

@@ -183,22 +183,20 @@ impl Control {
             chunk_sectors: chunk,
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::CreateVolume,
-                target: &name,
-                source: "",
-                volume_id,
-                worker_id: &worker.id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::CreateVolume,
+                    target: &name,
+                    source: "",
+                    volume_id,
+                    worker_id: &worker.id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         self.made_volume(&op).await
     }
 
@@ -257,22 +255,20 @@ impl Control {
             chunk_sectors: v.chunk_sectors,
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::ExpandVolume,
-                target: name,
-                source: "",
-                volume_id: id,
-                worker_id: &v.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::ExpandVolume,
+                    target: name,
+                    source: "",
+                    volume_id: id,
+                    worker_id: &v.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         self.made_volume(&op).await
     }
 
@@ -403,22 +399,20 @@ impl Control {
             deferred,
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind: OpKind::DeleteVolume,
-                target: name,
-                source: "",
-                volume_id: id,
-                worker_id: &v.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind: OpKind::DeleteVolume,
+                    target: name,
+                    source: "",
+                    volume_id: id,
+                    worker_id: &v.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         failure(&op).map_or(Ok(()), Err)?;
         self.drive_reclaim(id).await;
         Ok(())
@@ -575,22 +569,20 @@ impl Control {
             chunk_sectors: chunk,
             ..Default::default()
         };
-        let op = catalog::operations::insert(
-            &mut tx,
-            NewOp {
-                kind,
-                target: &name,
-                source,
-                volume_id,
-                worker_id: &src.worker_id,
-                args: &args,
-            },
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        self.ops.notify();
-        let op = self.ops.drive(op).await?;
+        let op = self
+            .record_and_drive(
+                tx,
+                NewOp {
+                    kind,
+                    target: &name,
+                    source,
+                    volume_id,
+                    worker_id: &src.worker_id,
+                    args: &args,
+                },
+                now,
+            )
+            .await?;
         match failure(&op) {
             Some(e) => Err(e),
             None => Ok(op),

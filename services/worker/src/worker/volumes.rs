@@ -25,6 +25,23 @@ pub struct NewVolume {
 }
 
 impl Worker {
+    /// FAILED_PRECONDITION while a task (merge, restore, clone) uses
+    /// volume `name`.
+    fn no_task_on(&self, name: &str) -> Result<()> {
+        match self.tasks.running_for(name) {
+            None => Ok(()),
+            Some(t) => {
+                let t = t.get();
+                Err(WorkerError::FailedPrecondition(format!(
+                    "{name} is used by task tasks/{} ({} of {})",
+                    t.id,
+                    t.kind.as_str(),
+                    t.target
+                )))
+            }
+        }
+    }
+
     pub async fn create_volume(&self, new: &NewVolume) -> Result<VolumeInfo> {
         let NewVolume {
             volume_id,
@@ -128,11 +145,11 @@ impl Worker {
 
     /// Grows a volume online to `size_bytes` (idempotent: asking for the
     /// size it has returns it; smaller is refused). Its snapshots keep
-    /// their size. The device grows first (a file extended and synced, the
-    /// new part of a raw device zeroed), then the record (D8 of
-    /// docs/design.md), then the engine: a crash between the first two
-    /// leaves a device larger than its volume, which is harmless (a raw
-    /// device may be larger than its volume anyway), and the grow was not
+    /// their size. D14 of docs/design.md: the device grows first (a file
+    /// extended and synced, the new part of a raw device zeroed), then the
+    /// record (D8), then the engine: a crash between the first two leaves a
+    /// device larger than its volume, which is harmless (a raw device may
+    /// be larger than its volume anyway), and the grow was not
     /// acknowledged. Connections open before keep the size they were told
     /// at their handshake (NBD has no resize notice); new ones see the new
     /// size.
@@ -166,15 +183,7 @@ impl Worker {
                 "{name} is not ready (merging, being created or deleted, or retired)"
             )));
         }
-        if let Some(t) = self.tasks.running_for(name) {
-            let t = t.get();
-            return Err(WorkerError::FailedPrecondition(format!(
-                "{name} is used by task tasks/{} ({} of {})",
-                t.id,
-                t.kind.as_str(),
-                t.target
-            )));
-        }
+        self.no_task_on(name)?;
         let origin = inner.origin(&v.id)?;
         let more = size_bytes - v.size_bytes;
         if v.file_backed {
@@ -220,15 +229,7 @@ impl Worker {
                     "{name} is not ready (merging, or being created or deleted)"
                 )));
             }
-            if let Some(t) = self.tasks.running_for(name) {
-                let t = t.get();
-                return Err(WorkerError::FailedPrecondition(format!(
-                    "{name} is used by task tasks/{} ({} of {})",
-                    t.id,
-                    t.kind.as_str(),
-                    t.target
-                )));
-            }
+            self.no_task_on(name)?;
             inner.volume_mut(&v.id).retired = true;
             self.save(&mut inner)?;
             tracing::info!(volume = %name, "volume retired: export closed, kept for its snapshots");
@@ -249,15 +250,7 @@ impl Worker {
                 "{name} has {visible} snapshot(s); delete them first"
             )));
         }
-        if let Some(t) = self.tasks.running_for(name) {
-            let t = t.get();
-            return Err(WorkerError::FailedPrecondition(format!(
-                "{name} is used by task tasks/{} ({} of {})",
-                t.id,
-                t.kind.as_str(),
-                t.target
-            )));
-        }
+        self.no_task_on(name)?;
         if !v.snapshots.is_empty() {
             return Err(WorkerError::FailedPrecondition(format!(
                 "{name} is the source of a clone in progress"
