@@ -249,7 +249,7 @@ impl Control {
         }
         self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
-        let mut tx = self.catalog.write().await?;
+        let tx = self.catalog.write().await?;
         let args = OpArgs {
             size_bytes,
             chunk_sectors: v.chunk_sectors,
@@ -465,14 +465,10 @@ impl Control {
                 snap.state.as_str().to_uppercase()
             )));
         }
-        self.start_copy(
-            OpKind::RestoreVolume,
-            volume_id,
-            source_snapshot,
-            &src,
-            spec,
-        )
-        .await
+        // The snapshot's size: its volume may have grown since.
+        let source = (source_snapshot, snap.size_bytes);
+        self.start_copy(OpKind::RestoreVolume, volume_id, source, &src, spec)
+            .await
     }
 
     /// Starts a clone of `source_volume` into a new volume.
@@ -494,16 +490,18 @@ impl Control {
                 "a volume cannot be cloned into itself",
             ));
         }
-        self.start_copy(OpKind::CloneVolume, volume_id, source_volume, &src, spec)
+        let source = (source_volume, src.size_bytes);
+        self.start_copy(OpKind::CloneVolume, volume_id, source, &src, spec)
             .await
     }
 
-    /// Records and starts a restore or clone (the caller holds the locks).
+    /// Records and starts a restore or clone (the caller holds the locks)
+    /// from `source` (its name and size) on volume `src`.
     async fn start_copy(
         &self,
         kind: OpKind,
         volume_id: &str,
-        source: &str,
+        (source, size): (&str, u64),
         src: &Volume,
         spec: CopiedVolume,
     ) -> Result<Operation> {
@@ -512,7 +510,7 @@ impl Control {
             spec.chunk_sectors,
             src.chunk_sectors,
         )?;
-        model::check_size("volume.chunk_sectors", src.size_bytes, chunk)?;
+        model::check_size("volume.chunk_sectors", size, chunk)?;
         let name = names::volume(volume_id);
         let mut c = self.catalog.conn().await?;
         if let Some(v) = catalog::volumes::get(&mut c, volume_id).await? {
@@ -553,7 +551,7 @@ impl Control {
         let v = Volume {
             id: volume_id.to_string(),
             worker_id: src.worker_id.clone(),
-            size_bytes: src.size_bytes,
+            size_bytes: size,
             chunk_sectors: chunk,
             labels: spec.labels,
             state: State::Creating,
@@ -565,7 +563,7 @@ impl Control {
         };
         catalog::volumes::insert(&mut tx, &v, now).await?;
         let args = OpArgs {
-            size_bytes: src.size_bytes,
+            size_bytes: size,
             chunk_sectors: chunk,
             ..Default::default()
         };

@@ -44,8 +44,7 @@ impl Node {
             )));
         }
         if let Access::Mount { fs_type, .. } = &s.access {
-            mounts::grow_fs(dev, &s.staging_path, fs_type)?;
-            tracing::info!(volume, device = %dev.display(), size, "file system grown to its device");
+            mounts::grow_fs(dev, size, fs_type, Some(&s.staging_path))?;
         }
         Ok(size)
     }

@@ -185,16 +185,71 @@ pub fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
     run(cmd.arg(device)).map(drop)
 }
 
-/// Grows the `fs_type` file system of `device`, mounted at `mount_point`,
-/// to the whole device, online (resize2fs on a mounted ext file system,
-/// xfs_growfs on the mount point). One that fills the device already is
-/// left as it is (both tools succeed without a change).
-pub fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
-    match fs_type {
-        "ext4" | "ext3" | "ext2" => run(Command::new("resize2fs").arg(device)).map(drop),
-        "xfs" => run(Command::new("xfs_growfs").arg("-d").arg(mount_point)).map(drop),
-        other => Err(NodeError::internal(format!(
+/// Grows the `fs_type` file system on `device` (of `device_bytes`) to the
+/// whole device. Called before the staging mount (`mounted_at` `None`) and
+/// after it: an ext2/3/4 file system smaller than its device grows
+/// unmounted (`e2fsck -f -p`, then `resize2fs`: the online resize ioctl
+/// needs CAP_SYS_RESOURCE, which a node plugin may lack), or mounted with
+/// `resize2fs` when it was already mounted; xfs grows only mounted
+/// (`xfs_growfs -d`). One that fills its device already is left alone.
+pub fn grow_fs(
+    device: &Path,
+    device_bytes: u64,
+    fs_type: &str,
+    mounted_at: Option<&Path>,
+) -> Result<()> {
+    match (fs_type, mounted_at) {
+        ("ext4" | "ext3" | "ext2", _) => {
+            let (blocks, block) = ext_geometry(device)?;
+            if (blocks + 1) * block > device_bytes {
+                return Ok(());
+            }
+            if mounted_at.is_none() {
+                e2fsck_preen(device)?;
+            }
+            tracing::info!(device = %device.display(), from = blocks * block, to = device_bytes, "growing the file system to its device");
+            run(Command::new("resize2fs").arg(device)).map(drop)
+        }
+        ("xfs", None) => Ok(()),
+        ("xfs", Some(m)) => run(Command::new("xfs_growfs").arg("-d").arg(m)).map(drop),
+        (other, _) => Err(NodeError::internal(format!(
             "file system type {other:?} cannot be grown (ext4, ext3, ext2, xfs)"
+        ))),
+    }
+}
+
+/// (block count, block size) of the ext2/3/4 file system on `device`
+/// (`dumpe2fs -h`).
+fn ext_geometry(device: &Path) -> Result<(u64, u64)> {
+    let text = run(Command::new("dumpe2fs").arg("-h").arg(device))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                NodeError::internal(format!("dumpe2fs -h {}: no {name:?}", device.display()))
+            })
+    };
+    Ok((field("Block count:")?, field("Block size:")?))
+}
+
+/// `e2fsck -f -p`: what resize2fs wants of an unmounted file system first.
+/// Exit 1 (errors corrected) is fine; more is an error.
+fn e2fsck_preen(device: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .output()
+        .map_err(|e| {
+            NodeError::internal(format!("e2fsck {}: cannot run: {e}", device.display()))
+        })?;
+    match out.status.code() {
+        Some(0 | 1) => Ok(()),
+        _ => Err(NodeError::FailedPrecondition(format!(
+            "e2fsck -f -p {} found errors it cannot fix ({}): {}; not growing the file system",
+            device.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
         ))),
     }
 }
@@ -215,5 +270,28 @@ mod tests {
         assert_eq!(m[1].fs_type, "xfs");
         assert_eq!(m[1].source, "/dev/loop3");
         assert!(m[1].read_only());
+    }
+
+    /// An ext4 image grown unmounted to its (larger) file, then left alone
+    /// once it fills it. Needs mkfs.ext4, e2fsck, resize2fs and dumpe2fs.
+    #[test]
+    fn an_ext4_file_system_grows_to_its_device_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(16 << 20).unwrap();
+        mkfs(&img, "ext4").unwrap();
+        let (blocks, block) = ext_geometry(&img).unwrap();
+        assert_eq!(blocks * block, 16 << 20);
+        f.set_len(32 << 20).unwrap();
+        grow_fs(&img, 32 << 20, "ext4", None).unwrap();
+        let (blocks, block) = ext_geometry(&img).unwrap();
+        assert_eq!(blocks * block, 32 << 20);
+        let before = std::fs::read(&img).unwrap();
+        grow_fs(&img, 32 << 20, "ext4", None).unwrap();
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "a full-size file system is left alone"
+        );
     }
 }

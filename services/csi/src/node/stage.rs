@@ -60,12 +60,14 @@ impl Node {
         let done = self
             .first_use(&staged)
             .and_then(|made| {
-                self.mount_staging(&staged)?;
-                if made {
-                    Ok(())
-                } else {
-                    grow_to_device(&staged)
+                if !made {
+                    grow_to_device(&staged, false)?;
                 }
+                self.mount_staging(&staged)?;
+                if !made {
+                    grow_to_device(&staged, true)?;
+                }
+                Ok(())
             })
             .and_then(|()| {
                 st.volumes.insert(req.volume.clone(), staged.clone());
@@ -168,16 +170,24 @@ impl Node {
 }
 
 /// Grows an existing file system of a staged mount volume to its device
-/// (a volume grown while unstaged, or restored into a larger one), unless
-/// it is mounted read-only.
-fn grow_to_device(s: &Staged) -> Result<()> {
+/// (a volume grown while unstaged, or restored into a larger one), before
+/// its staging mount and after it (see [`mounts::grow_fs`]), unless it is
+/// mounted read-only.
+fn grow_to_device(s: &Staged, mounted: bool) -> Result<()> {
     let Access::Mount { fs_type, flags } = &s.access else {
         return Ok(());
     };
     if flags.iter().any(|f| f == "ro") {
         return Ok(());
     }
-    mounts::grow_fs(&s.attachment.loop_device, &s.staging_path, fs_type)
+    let dev = &s.attachment.loop_device;
+    let size = super::stats::block_size(dev)?;
+    mounts::grow_fs(
+        dev,
+        size,
+        fs_type,
+        mounted.then_some(s.staging_path.as_path()),
+    )
 }
 
 /// Detaches whatever lies under `fuse_dir` though no record owns it: loop
