@@ -563,13 +563,36 @@ async fn restore_and_clone_carry_the_data() {
     qemu_io(&w.nbd_uri("volumes/cloned"), "read -P 0xcd 0 1M");
     assert_eq!(cloned.capacity_bytes, src.capacity_bytes);
 
-    // A copy must meet the capacity asked: it cannot grow past its source.
+    // A copy asking for more than its source is made, then grown; one
+    // whose limit is below its source's size cannot be made.
     let mut r = create_request("bigger", 8 * MIB);
     r.volume_content_source = from(csi::volume_content_source::Type::Volume(
         csi::volume_content_source::VolumeSource {
             volume_id: src.volume_id.clone(),
         },
     ));
+    let bigger = c
+        .create_volume(r.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(bigger.capacity_bytes, (8 * MIB) as i64);
+    qemu_io(&w.nbd_uri("volumes/bigger"), "read -P 0xcd 0 1M");
+    qemu_io(
+        &w.nbd_uri("volumes/bigger"),
+        &format!(
+            "read -P 0 {} {}",
+            src.capacity_bytes,
+            8 * MIB - src.capacity_bytes as u64
+        ),
+    );
+    r.name = "smaller".into();
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: 4096,
+    });
     assert_eq!(code(c.create_volume(r).await).0, Code::OutOfRange);
     w.stop().await;
 }

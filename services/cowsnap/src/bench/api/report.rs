@@ -29,7 +29,7 @@ pub struct Report {
     pub(super) disk_bytes: u64,
     pub(super) apparent_bytes: u64,
     /// Size of the worker's `state.json` at the end: it is written whole
-    /// (and fsynced) twice per create or delete.
+    /// (and fsynced) once per snapshot create or delete.
     pub(super) worker_state_bytes: u64,
     /// The descriptor limit `cowsnap up` ran with (its worker holds one per
     /// device file).
