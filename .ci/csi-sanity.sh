@@ -9,7 +9,8 @@
 # Usage: .ci/csi-sanity.sh [WORKDIR]
 # Env: CSI_SANITY (default ../shared/tools/csi-sanity/csi-sanity next to the
 #      repo), COWSNAP (default target/debug/cowsnap),
-#      CSI_SANITY_VOLUME_SIZE (bytes, default 64 MiB).
+#      CSI_SANITY_VOLUME_SIZE (bytes, default 64 MiB; expansion specs grow
+#      volumes to twice that).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SANITY=${CSI_SANITY:-$ROOT/../shared/tools/csi-sanity/csi-sanity}
@@ -54,7 +55,7 @@ for type in mount block; do
   for s in ${SKIPS[@]+"${SKIPS[@]}"}; do args+=("--ginkgo.skip=$s"); done
   rc=0
   "$SANITY" --csi.endpoint="unix://$sock" \
-    --csi.testvolumesize="$SIZE" \
+    --csi.testvolumesize="$SIZE" --csi.testvolumeexpandsize="$((SIZE * 2))" \
     --csi.testvolumeaccesstype="$type" \
     --csi.mountdir="$d/mount" --csi.stagingdir="$d/staging" \
     "${args[@]}" --ginkgo.v --ginkgo.no-color > "$d/sanity.log" 2>&1 || rc=$?
