@@ -208,11 +208,16 @@ async fn readme_admin_cli_lines_work() {
         outputs.push(out);
     }
     // The restore and the clone waited for their ends and show the new
-    // volumes; the merge took the snapshot away; the last list shows v3
-    // and v4 only.
+    // volumes; the expand shows the new size; the merge took the snapshot
+    // away; the last list shows v3 and v4 only.
     assert!(outputs[2].contains("volumes/v3") && outputs[2].contains("READY"));
     assert!(outputs[3].contains("volumes/v4") && outputs[3].contains("volumes/v2"));
-    assert!(outputs[4].contains("volumes/v2/snapshots/nightly"));
+    assert!(
+        outputs[4].contains("volumes/v4") && outputs[4].contains("134217728 bytes"),
+        "{}",
+        outputs[4]
+    );
+    assert!(outputs[5].contains("volumes/v2/snapshots/nightly"));
     let last = outputs.last().unwrap();
     assert!(
         last.contains("volumes/v3") && last.contains("volumes/v4"),
