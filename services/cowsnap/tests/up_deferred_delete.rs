@@ -10,8 +10,6 @@
 
 mod up_common;
 
-use std::process::Command;
-
 use cowsnap_proto::cowsnap::v1 as pb;
 use tonic::Code;
 use up_common::*;
@@ -26,20 +24,6 @@ fn qemu_io(uri: &str, cmd: &str) -> (bool, String) {
 fn write(uri: &str, cmd: &str) {
     let (ok, text) = qemu_io(uri, cmd);
     assert!(ok, "qemu-io {cmd}: {text}");
-}
-
-/// `cowsnap ARGS --server API`; returns (exit code, stdout, stderr).
-fn cli(up: &Up, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
-        .args(args)
-        .args(["--server", &up.api()])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// What must hold while the volume waits for its snapshots: listed as
@@ -58,7 +42,7 @@ async fn check_kept(up: &Up, snaps: &[(&str, &str)]) {
         .into_inner();
     assert_eq!(v.state(), pb::State::DeletedWithSnapshots);
     assert_eq!(v.nbd_uri, "");
-    let (code, out, err) = cli(up, &["volume", "list"]);
+    let (code, out, err) = cowsnap_cli(up, &["volume", "list"]);
     assert_eq!(code, 0, "{err}");
     let line = out
         .lines()
@@ -95,13 +79,13 @@ async fn a_volume_deleted_with_two_snapshots_is_reclaimed_after_the_last_only() 
     write(&vol_uri, "write -P 0x33 0 16M");
 
     // The default is kept: refused while it has snapshots.
-    let (code, _, err) = cli(&up, &["volume", "delete", "v"]);
+    let (code, _, err) = cowsnap_cli(&up, &["volume", "delete", "v"]);
     assert_ne!(code, 0);
     assert!(err.contains("snapshot"), "{err}");
-    let (code, out, err) = cli(&up, &["volume", "delete", "v", "--defer-while-snapshots"]);
+    let (code, out, err) = cowsnap_cli(&up, &["volume", "delete", "v", "--defer-while-snapshots"]);
     assert_eq!(code, 0, "{out}{err}");
     check_kept(&up, &[("s1", "0x11"), ("s2", "0x22")]).await;
-    let (code, out, _) = cli(&up, &["volume", "get", "v"]);
+    let (code, out, _) = cowsnap_cli(&up, &["volume", "get", "v"]);
     assert_eq!(code, 0);
     assert!(out.contains("DELETED_WITH_SNAPSHOTS"), "{out}");
     let e = api
