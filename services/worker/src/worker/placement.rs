@@ -106,6 +106,24 @@ impl Worker {
         n
     }
 
+    /// RESOURCE_EXHAUSTED unless the data dir's file system has room for
+    /// `bytes` more of file-backed devices, beyond what those there may
+    /// still claim.
+    pub(super) fn ensure_file_room(&self, st: &WorkerState, bytes: u64) -> Result<()> {
+        let (_, free) = self.devices.fs_space()?;
+        let room = free.saturating_sub(self.committed_unallocated(st));
+        if bytes > room {
+            tracing::warn!(
+                data_dir = %self.cfg.data_dir.display(),
+                "no room for {bytes} bytes: {room} bytes left"
+            );
+            return Err(WorkerError::ResourceExhausted(format!(
+                "no room for {bytes} bytes on this worker: {room} bytes left"
+            )));
+        }
+        Ok(())
+    }
+
     /// The device path a create asks for: raw device `asked`, or the new
     /// `file` when none is (to compare with an existing record).
     pub(super) fn asked_device(&self, asked: &str, file: PathBuf) -> Result<PathBuf> {
@@ -128,17 +146,7 @@ impl Worker {
     ) -> Result<Placement> {
         const FIELD: &str = "device";
         if asked.is_empty() {
-            let (_, free) = self.devices.fs_space()?;
-            let room = free.saturating_sub(self.committed_unallocated(st));
-            if size > room {
-                tracing::warn!(
-                    data_dir = %self.cfg.data_dir.display(),
-                    "no room for {size} bytes: {room} bytes left"
-                );
-                return Err(WorkerError::ResourceExhausted(format!(
-                    "no room for {size} bytes on this worker: {room} bytes left"
-                )));
-            }
+            self.ensure_file_room(st, size)?;
             return Ok(Placement {
                 path: file,
                 file_backed: true,

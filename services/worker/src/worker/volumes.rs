@@ -187,13 +187,7 @@ impl Worker {
         let origin = inner.origin(&v.id)?;
         let more = size_bytes - v.size_bytes;
         if v.file_backed {
-            let (_, free) = self.devices.fs_space()?;
-            let room = free.saturating_sub(self.committed_unallocated(&inner.st));
-            if more > room {
-                return Err(WorkerError::ResourceExhausted(format!(
-                    "no room to grow {name} by {more} bytes on this worker: {room} bytes left"
-                )));
-            }
+            self.ensure_file_room(&inner.st, more)?;
             self.devices.extend_file(&v.device, size_bytes)?;
         } else {
             let have = crate::devices::raw_size(&v.device).map_err(anyhow::Error::from)?;
