@@ -194,6 +194,19 @@ fn publish(
     }
 }
 
+async fn stage_publish(
+    n: &mut csi::node_client::NodeClient<Channel>,
+    vol: &str,
+    staging: &str,
+    target: &str,
+    fs: Option<&str>,
+) {
+    n.node_stage_volume(stage(vol, staging, fs)).await.unwrap();
+    n.node_publish_volume(publish(vol, staging, target, fs))
+        .await
+        .unwrap();
+}
+
 async fn unpublish_unstage(
     n: &mut csi::node_client::NodeClient<Channel>,
     vol: &str,
@@ -227,12 +240,7 @@ async fn a_block_volume_written_through_its_published_device_reads_back_over_nbd
     let topo = info.accessible_topology.unwrap().segments;
     assert_eq!(topo.get("topology.cowsnap.io/node"), Some(&info.node_id));
     let (staging, target) = (rig.path("staging/blk"), rig.path("pods/p/blk"));
-    n.node_stage_volume(stage(&vol, &staging, None))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&vol, &staging, &target, None))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &vol, &staging, &target, None).await;
     write_device(&target, 5 * MIB, 0x5a).await;
     // Read over NBD while it is still published, then again after.
     qemu_io(
@@ -257,12 +265,7 @@ async fn a_file_outlives_snapshot_and_restore_into_a_new_volume() {
         .volume_id;
     let mut n = rig.node().await;
     let (staging, target) = (rig.path("staging/src"), rig.path("pods/p/src"));
-    n.node_stage_volume(stage(&src, &staging, Some("ext4")))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&src, &staging, &target, Some("ext4")))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &src, &staging, &target, Some("ext4")).await;
     write_synced(&Path::new(&target).join("data.txt"), b"before the snapshot");
     unpublish_unstage(&mut n, &src, &staging, &target).await;
 
@@ -290,12 +293,7 @@ async fn a_file_outlives_snapshot_and_restore_into_a_new_volume() {
     });
     let restored = rig.create_volume(req).await.volume_id;
     let (staging2, target2) = (rig.path("staging/restored"), rig.path("pods/q/restored"));
-    n.node_stage_volume(stage(&restored, &staging2, Some("ext4")))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&restored, &staging2, &target2, Some("ext4")))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &restored, &staging2, &target2, Some("ext4")).await;
     let text = std::fs::read(Path::new(&target2).join("data.txt")).unwrap();
     assert_eq!(text, b"before the snapshot");
     unpublish_unstage(&mut n, &restored, &staging2, &target2).await;
@@ -355,12 +353,7 @@ async fn a_volume_with_a_snapshot_grows_and_its_file_system_follows() {
         .volume_id;
     let mut n = rig.node().await;
     let (staging, target) = (rig.path("staging/grow"), rig.path("pods/p/grow"));
-    n.node_stage_volume(stage(&vol, &staging, Some("ext4")))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&vol, &staging, &target, Some("ext4")))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &vol, &staging, &target, Some("ext4")).await;
     write_synced(&Path::new(&target).join("data.txt"), b"before the grow");
     let small = fs_bytes(&target);
     assert!(small < 64 * MIB, "{small}");
@@ -399,12 +392,7 @@ async fn a_volume_with_a_snapshot_grows_and_its_file_system_follows() {
     let e = c.controller_expand_volume(over).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
 
-    n.node_stage_volume(stage(&vol, &staging, Some("ext4")))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&vol, &staging, &target, Some("ext4")))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &vol, &staging, &target, Some("ext4")).await;
     let grown = fs_bytes(&target);
     assert!(
         grown > 100 * MIB,
@@ -466,12 +454,7 @@ async fn a_volume_with_a_snapshot_grows_and_its_file_system_follows() {
     assert_eq!(restored.capacity_bytes, (96 * MIB) as i64);
     let restored = restored.volume_id;
     let (staging2, target2) = (rig.path("staging/grown"), rig.path("pods/q/grown"));
-    n.node_stage_volume(stage(&restored, &staging2, Some("ext4")))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish(&restored, &staging2, &target2, Some("ext4")))
-        .await
-        .unwrap();
+    stage_publish(&mut n, &restored, &staging2, &target2, Some("ext4")).await;
     let restored_fs = fs_bytes(&target2);
     assert!(restored_fs > 80 * MIB, "{restored_fs}");
     assert_eq!(
@@ -541,12 +524,7 @@ async fn a_published_block_volume_works_again_after_kill9() {
     let (staging, target) = (rig.path("staging/pub"), rig.path("pods/p/pub"));
     {
         let mut n = rig.node().await;
-        n.node_stage_volume(stage(&vol, &staging, None))
-            .await
-            .unwrap();
-        n.node_publish_volume(publish(&vol, &staging, &target, None))
-            .await
-            .unwrap();
+        stage_publish(&mut n, &vol, &staging, &target, None).await;
     }
     write_device(&target, 2 * MIB, 0x11).await;
     rig.up.kill9();
@@ -719,12 +697,7 @@ async fn cowsnap_worker_serves_identity_and_node_on_its_csi_endpoint() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "not staged: {e}");
-    n.node_stage_volume(stage("wv1", &staging, None))
-        .await
-        .unwrap();
-    n.node_publish_volume(publish("wv1", &staging, &target, None))
-        .await
-        .unwrap();
+    stage_publish(&mut n, "wv1", &staging, &target, None).await;
     write_device(&target, MIB, 0x77).await;
     let uri = format!("nbd+unix:///volumes/wv1?socket={}", nbd.display());
     qemu_io(&uri, "read -P 0x77 1M 1M");

@@ -13,6 +13,7 @@ use up_common::*;
 
 const MIB: u64 = 1024 * 1024;
 
+/// A 4 MiB volume with 4 KiB chunks (one exception per 4 KiB written).
 async fn create_volume(up: &Up, vol: &str) {
     up.clients()
         .await
@@ -29,19 +30,6 @@ async fn create_volume(up: &Up, vol: &str) {
         .unwrap();
 }
 
-async fn create_snapshot(up: &Up, vol: &str, snap: &str) {
-    up.clients()
-        .await
-        .snapshots
-        .create_snapshot(pb::CreateSnapshotRequest {
-            parent: format!("volumes/{vol}"),
-            snapshot_id: snap.into(),
-            snapshot: Some(pb::Snapshot::default()),
-        })
-        .await
-        .unwrap();
-}
-
 async fn volume(up: &Up, vol: &str) -> pb::Volume {
     up.clients()
         .await
@@ -49,16 +37,6 @@ async fn volume(up: &Up, vol: &str) -> pb::Volume {
         .get_volume(pb::GetVolumeRequest {
             name: format!("volumes/{vol}"),
         })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn snapshot(up: &Up, name: &str) -> pb::Snapshot {
-    up.clients()
-        .await
-        .snapshots
-        .get_snapshot(pb::GetSnapshotRequest { name: name.into() })
         .await
         .unwrap()
         .into_inner()
@@ -90,12 +68,14 @@ fn io(up: &Up, export: &str, cmd: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_grows_a_volume_online_and_its_snapshot_keeps_its_size() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     create_volume(&up, "v1").await;
     io(&up, "volumes/v1", "write -P 0x33 0 4M");
-    create_snapshot(&up, "v1", "s1").await;
+    up.clients()
+        .await
+        .create_snapshot("v1", "s1")
+        .await
+        .unwrap();
     // A client connected across the grow (qemu-nbd-style long connection).
     let held = std::process::Command::new("qemu-io")
         .args([
@@ -131,7 +111,12 @@ async fn the_cli_grows_a_volume_online_and_its_snapshot_keeps_its_size() {
     io(&up, "volumes/v1", "write -P 0x44 4M 4M");
     io(&up, "volumes/v1", "write -P 0x55 0 1M");
     io(&up, "volumes/v1/snapshots/s1", "read -P 0x33 0 4M");
-    let s = snapshot(&up, "volumes/v1/snapshots/s1").await;
+    let s = up
+        .clients()
+        .await
+        .get_snapshot("volumes/v1/snapshots/s1")
+        .await
+        .unwrap();
     assert_eq!(s.size_bytes, 4 * MIB);
     assert_eq!(
         s.usage.unwrap().exceptions,
@@ -163,7 +148,12 @@ async fn the_cli_grows_a_volume_online_and_its_snapshot_keeps_its_size() {
     up.restart().await;
     assert_eq!(volume(&up, "v1").await.size_bytes, 8 * MIB);
     assert_eq!(
-        snapshot(&up, "volumes/v1/snapshots/s1").await.size_bytes,
+        up.clients()
+            .await
+            .get_snapshot("volumes/v1/snapshots/s1")
+            .await
+            .unwrap()
+            .size_bytes,
         4 * MIB
     );
     io(&up, "volumes/v1", "read -P 0x44 4M 4M");
@@ -174,9 +164,7 @@ async fn the_cli_grows_a_volume_online_and_its_snapshot_keeps_its_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_each_step_of_a_grow() {
-    let tmp = scratch();
-    let mut up = Up::start(&tmp.path().join("data"));
-    up.ready().await;
+    let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "expand_volume:before_worker",
         "worker:expand_volume:device",
@@ -187,7 +175,7 @@ async fn kill9_at_each_step_of_a_grow() {
         let vol = format!("e{i}");
         create_volume(&up, &vol).await;
         io(&up, &format!("volumes/{vol}"), "write -P 0x33 0 4M");
-        create_snapshot(&up, &vol, "s").await;
+        up.clients().await.create_snapshot(&vol, "s").await.unwrap();
         up.kill9();
         up.set_env(&[("COWSNAP_TEST_KILL_AT", point)]);
         up.restart().await;
@@ -217,7 +205,16 @@ async fn kill9_at_each_step_of_a_grow() {
         assert_eq!(v.size_bytes, 8 * MIB, "{point}\n{}", up.log_text());
         assert_eq!(v.state(), pb::State::Ready, "{point}");
         let name = format!("volumes/{vol}/snapshots/s");
-        assert_eq!(snapshot(&up, &name).await.size_bytes, 4 * MIB, "{point}");
+        assert_eq!(
+            up.clients()
+                .await
+                .get_snapshot(&name)
+                .await
+                .unwrap()
+                .size_bytes,
+            4 * MIB,
+            "{point}"
+        );
         assert_eq!(
             client_size(&up, &format!("volumes/{vol}")),
             8 * MIB,
