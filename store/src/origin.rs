@@ -576,7 +576,12 @@ impl Origin {
         }
     }
 
-    fn check_io(&self, t: Target, off: u64, len: u64) -> Result<()> {
+    /// Checks an I/O of `[off, off+len)` to `t` (alignment, bounds: the
+    /// origin's size or the snapshot's) and returns the snapshot it
+    /// addresses (`None` for the origin), looked up once for the whole I/O.
+    /// A snapshot deleted before the I/O enters the gate is refused there
+    /// as one that is gone (`check_snapshot_usable`).
+    fn check_io(&self, t: Target, off: u64, len: u64) -> Result<Option<Arc<Snapshot>>> {
         let bs = self.block_size();
         if !off.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0 {
             return Err(Error::Misaligned {
@@ -586,19 +591,23 @@ impl Origin {
                 align: bs,
             });
         }
-        let size = self.target_size(t)?;
+        let snap = match t {
+            Target::Origin => None,
+            Target::Snapshot(id) => Some(self.snapshot(id)?),
+        };
+        let (size, device) = match &snap {
+            None => (self.size(), self.dev.name()),
+            Some(s) => (s.size(), s.device_name()),
+        };
         if off.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange {
-                device: match t {
-                    Target::Origin => self.dev.name().to_string(),
-                    Target::Snapshot(id) => self.snapshot(id)?.device_name().to_string(),
-                },
+                device: device.to_string(),
                 offset: off,
                 len,
                 size,
             });
         }
-        Ok(())
+        Ok(snap)
     }
 
     /// Enters the gate for one I/O; fails once the origin is shut down.
@@ -644,14 +653,14 @@ impl Origin {
 
     /// Reads `len` bytes at `off` of the origin or a snapshot.
     pub async fn read(&self, t: Target, off: u64, len: u64) -> Result<AlignedBuf> {
-        self.check_io(t, off, len)?;
+        let snap = self.check_io(t, off, len)?;
         let _io = self.enter().await?;
-        let buf = match t {
-            Target::Origin => match self.merging_snapshot() {
+        let buf = match snap {
+            None => match self.merging_snapshot() {
                 None => self.read_origin(off, len).await,
                 Some(m) => self.read_origin_merging(&m, off, len).await,
             },
-            Target::Snapshot(id) => self.read_snapshot(&self.snapshot(id)?, off, len).await,
+            Some(s) => self.read_snapshot(&s, off, len).await,
         }?;
         self.io.reads.fetch_add(1, Ordering::Relaxed);
         self.io.read_bytes.fetch_add(len, Ordering::Relaxed);
@@ -662,17 +671,14 @@ impl Origin {
     /// durable on return.
     pub async fn write(&self, t: Target, off: u64, buf: AlignedBuf, fua: bool) -> Result<()> {
         let len = buf.len() as u64;
-        self.check_io(t, off, len)?;
+        let snap = self.check_io(t, off, len)?;
         let _io = self.enter().await?;
-        match t {
-            Target::Origin => match self.merging_snapshot() {
+        match snap {
+            None => match self.merging_snapshot() {
                 None => self.wb.write(off, buf, fua).await?,
                 Some(m) => self.write_origin_merging(&m, off, buf, fua).await?,
             },
-            Target::Snapshot(id) => {
-                self.write_snapshot(&self.snapshot(id)?, off, buf, fua)
-                    .await?
-            }
+            Some(s) => self.write_snapshot(&s, off, buf, fua).await?,
         }
         self.io.writes.fetch_add(1, Ordering::Relaxed);
         self.io.write_bytes.fetch_add(len, Ordering::Relaxed);
@@ -699,9 +705,7 @@ impl Origin {
     /// `BLKDISCARD`); this engine leaves it unchanged, so a discard never
     /// triggers copy-on-write into the snapshots and never frees space.
     pub async fn discard(&self, t: Target, off: u64, len: u64) -> Result<()> {
-        self.check_io(t, off, len)?;
-        if let Target::Snapshot(id) = t {
-            let s = self.snapshot(id)?;
+        if let Some(s) = self.check_io(t, off, len)? {
             let st = s.lock();
             self.check_snapshot_usable(&s, &st)?;
         }
