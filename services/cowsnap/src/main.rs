@@ -19,6 +19,7 @@ mod control_cmd;
 mod cow;
 mod health_cmd;
 mod io_cmd;
+mod nbd_cmd;
 mod register;
 mod service;
 mod up_cmd;
@@ -69,6 +70,10 @@ enum Command {
     /// Ask a cowsnap service's gRPC health whether it serves (exit 0), over
     /// TCP with TLS and a client certificate if given, or a unix socket.
     Health(health_cmd::HealthArgs),
+    /// The kernel's NBD client (netlink): attach an export as /dev/nbdN,
+    /// reconnect, detach, list.
+    #[command(subcommand)]
+    Nbd(nbd_cmd::NbdCommand),
 }
 
 /// Logs go to stderr; `COWSNAP_LOG` (e.g. `debug`, `cowsnap_worker=debug`)
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => admin::snapshot::run_command(c),
         Command::Operation(c) => admin::operation::run_command(c),
         Command::Health(a) => health_cmd::run(a),
+        Command::Nbd(c) => nbd_cmd::run(c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -16,6 +16,7 @@ pub mod attach;
 pub mod error;
 pub mod expand;
 pub mod grpc;
+pub mod kernel_nbd;
 pub mod mounts;
 pub mod publish;
 pub mod recover;
