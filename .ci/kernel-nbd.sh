@@ -10,7 +10,9 @@
 # The host then snapshots the volume, kills `cowsnap up` with SIGKILL and
 # starts it again; meanwhile the guest writes more (the kernel holds that
 # I/O while the server is gone) and reconnects the same device with
-# `cowsnap nbd reconnect`; the held write completes, the device detaches.
+# `cowsnap nbd reconnect`; the held write completes. The host grows the
+# volume; the open device takes the new size (`cowsnap nbd resize`) and
+# is written past its old end. The device detaches.
 # The host checks, over NBD, that the volume holds exactly what the guest
 # read back at the end and the snapshot what it read before the restart.
 #
@@ -98,6 +100,19 @@ kc_kv RECONNECTED "after \$i tries"
 wait \$fill
 kc_kv HELD_WRITE done
 kc_kv SHA2 \$(kc_sha \$dev)
+# The host grows the volume to 96 MiB now; the device follows while open.
+exec 7< \$dev
+echo "@@KNBD-EXPAND"
+i=0
+until [ "\$(cat /sys/block/\$n/size)" = 196608 ]; do
+  i=\$((i + 1)); [ \$i -lt 240 ] || { echo "the device never grew"; exit 1; }
+  \$CS nbd resize --backend knbd-test \$dev $URI > /dev/null
+  sleep 0.5
+done
+kc_kv GROWN_SECTORS \$(cat /sys/block/\$n/size)
+kc_fill \$dev 96468992 4194304 0x77
+kc_kv SHA3 \$(kc_sha \$dev)
+exec 7<&-
 \$CS nbd detach \$dev
 kc_kv AFTER_DETACH_SECTORS \$(cat /sys/block/\$n/size)
 kc_kv LIST_AFTER "\$(\$CS nbd list)"
@@ -139,8 +154,12 @@ timeout -k 10 600 qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 1 -nodefau
 QEMU_PID=$!
 
 # The guest says when to restart the server.
-restarted=no
+restarted=no expanded=no
 while kill -0 "$QEMU_PID" 2> /dev/null; do
+  if [[ $expanded == no ]] && grep -q '^@@KNBD-EXPAND' "$LOG"; then
+    "$COWSNAP" volume expand "${CLI[@]}" v1 --size 96m > /dev/null
+    expanded=yes
+  fi
   if [[ $restarted == no ]] && grep -q '^@@KNBD-RESTART' "$LOG"; then
     "$COWSNAP" snapshot create "${CLI[@]}" v1/s1 > /dev/null
     kill -KILL "$UP_PID"
@@ -174,7 +193,8 @@ check "the device is empty after detach" "$(kv AFTER_DETACH_SECTORS)" 0
 check "nothing attached after detach" "$(kv LIST_AFTER)" ""
 host_sha() { nbdcopy "nbd://127.0.0.1:$PORT/$1" - | sha256sum | cut -d' ' -f1; }
 check "the snapshot holds what the guest read before the restart" "$(host_sha volumes/v1/snapshots/s1)" "$(kv SHA1)"
-check "the volume holds what the guest read at the end" "$(host_sha volumes/v1)" "$(kv SHA2)"
+check "the device grew while open to the volume's new size" "$(kv GROWN_SECTORS)" $((96 << 11))
+check "the volume holds what the guest read at the end" "$(host_sha volumes/v1)" "$(kv SHA3)"
 [[ -n $(kv SHA1) && $(kv SHA1) != "$(kv SHA2)" ]] && ok "the held write changed the volume" \
   || bad "SHA1 '$(kv SHA1)' SHA2 '$(kv SHA2)'"
 echo "kernel-nbd: $pass passed, $fail failed"

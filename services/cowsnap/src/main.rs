@@ -55,7 +55,7 @@ enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Run a data worker: devices, the COW engine, NBD exports, the worker gRPC API.
-    Worker(worker_cmd::WorkerArgs),
+    Worker(Box<worker_cmd::WorkerArgs>),
     /// Run the control service: the public cowsnap.v1 API, its catalog, and reconciliation with the workers.
     Control(control_cmd::ControlArgs),
     /// Run the embedded default: the control service and one worker in one
@@ -71,7 +71,7 @@ enum Command {
     /// TCP with TLS and a client certificate if given, or a unix socket.
     Health(health_cmd::HealthArgs),
     /// The kernel's NBD client (netlink): attach an export as /dev/nbdN,
-    /// reconnect, detach, list.
+    /// reconnect, resize, detach, list.
     #[command(subcommand)]
     Nbd(nbd_cmd::NbdCommand),
 }
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Command::Cow(c) => cow::run(c),
         Command::Io(a) => io_cmd::run(a),
         Command::Bench(b) => bench::run(b),
-        Command::Worker(a) => worker_cmd::run(a),
+        Command::Worker(a) => worker_cmd::run(*a),
         Command::Control(a) => control_cmd::run(a),
         Command::Up(a) => up_cmd::run(a),
         Command::Volume(c) => admin::volume::run_command(c),

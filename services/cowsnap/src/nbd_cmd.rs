@@ -1,7 +1,7 @@
 //! `cowsnap nbd`: the kernel's NBD client, as the CSI node plugin drives
 //! it (generic netlink, no `nbd-client` needed): attach an export as
-//! `/dev/nbdN`, reconnect a device whose server restarted, detach it, list
-//! what is attached. Needs the `nbd` module and root.
+//! `/dev/nbdN`, reconnect a device whose server restarted, give it the
+//! export's new size, detach it, list what is attached. Needs the `nbd` module and root.
 
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,16 @@ pub enum NbdCommand {
         #[arg(long)]
         backend: Option<String>,
     },
+    /// Give an attached device its export's current size (after the
+    /// volume grew); prints the size in bytes.
+    Resize {
+        device: PathBuf,
+        /// The export, as for attach.
+        uri: String,
+        /// The label the device was attached with [default: the URI].
+        #[arg(long)]
+        backend: Option<String>,
+    },
     /// Detach a device (refused while it is mounted or held).
     Detach { device: PathBuf },
     /// The attached NBD devices: device, size in bytes, backend label.
@@ -51,6 +61,21 @@ pub fn run(cmd: NbdCommand) -> anyhow::Result<u8> {
             let (addr, export) = parse_uri(&uri)?;
             let index = index(&device)?;
             kernel_nbd::reconnect(index, &addr, &export, backend.as_deref().unwrap_or(&uri))?;
+        }
+        NbdCommand::Resize {
+            device,
+            uri,
+            backend,
+        } => {
+            let (addr, export) = parse_uri(&uri)?;
+            let index = index(&device)?;
+            let size = kernel_nbd::refresh_size(
+                index,
+                &addr,
+                &export,
+                backend.as_deref().unwrap_or(&uri),
+            )?;
+            println!("{size}");
         }
         NbdCommand::Detach { device } => {
             let index = index(&device)?;

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cowsnap_control::server::ControlConfig;
-use cowsnap_csi::node::NodeConfig;
 use cowsnap_csi::node::grpc::NodeGrpc;
+use cowsnap_csi::node::{AttachWith, NodeConfig};
 use cowsnap_worker::server::{ServeOptions, hostname};
 use cowsnap_worker::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,11 @@ pub struct UpArgs {
     /// The CSI Node service stages and publishes only under this directory.
     #[arg(long, env = "COWSNAP_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
+    /// How the CSI Node service makes block devices of exports: kernel
+    /// (the kernel's NBD client, needs the nbd module), nbdfuse (nbdfuse
+    /// and a loop device), or auto (kernel when the module is loaded).
+    #[arg(long, env = "COWSNAP_CSI_ATTACH", default_value = "auto")]
+    csi_attach: AttachWith,
     #[command(flatten)]
     nbd_limits: NbdLimitArgs,
     #[command(flatten)]
@@ -89,6 +94,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
     // The CSI node id: the id the control service registers the worker by.
     let node_id = cowsnap_control::model::worker_id_from_node(&node);
     let kubelet_dir = args.kubelet_dir;
+    let csi_attach = args.csi_attach;
     let advertise_metadata = args.csi_advertise_snapshot_metadata;
     let worker_cfg = WorkerConfig {
         data_dir: dir.join("worker"),
@@ -139,6 +145,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
                     data_dir: dir.join("worker"),
                     kubelet_dir,
                     nbd: worker.nbd.clone(),
+                    attach: csi_attach,
                 };
                 let node = NodeGrpc::start(node_cfg, worker.worker.clone())
                     .await

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cowsnap_csi::node::NodeConfig;
 use cowsnap_csi::node::grpc::NodeGrpc;
+use cowsnap_csi::node::{AttachWith, NodeConfig};
 use cowsnap_worker::nbd::{NbdLimits, NbdTlsConfig, TlsMode};
 use cowsnap_worker::server::{ServeOptions, hostname, start};
 use cowsnap_worker::worker::{DEFAULT_WRITEBACK_CAP, WorkerConfig};
@@ -75,6 +75,12 @@ pub struct WorkerArgs {
     /// [default: /var/lib/kubelet].
     #[arg(long, env = "COWSNAP_KUBELET_DIR")]
     kubelet_dir: Option<PathBuf>,
+    /// How the CSI Node service makes block devices of exports: kernel
+    /// (the kernel's NBD client, needs the nbd module), nbdfuse (nbdfuse
+    /// and a loop device), or auto (kernel when the module is loaded)
+    /// [default: auto].
+    #[arg(long, env = "COWSNAP_CSI_ATTACH")]
+    csi_attach: Option<String>,
     /// Register with this control service at start and then every
     /// --register-interval (RegisterWorker, under the id made from --node,
     /// which is also the CSI node id): host:port, http://host:port,
@@ -244,6 +250,7 @@ impl NbdLimitArgs {
 pub struct CsiNode {
     pub endpoint: String,
     pub kubelet_dir: PathBuf,
+    pub attach: AttachWith,
 }
 
 /// TLS on NBD, shared by `cowsnap worker` and `cowsnap up`.
@@ -304,6 +311,7 @@ struct FileConfig {
     nbd_tls_mode: Option<TlsMode>,
     csi_endpoint: Option<String>,
     kubelet_dir: Option<PathBuf>,
+    csi_attach: Option<String>,
     register_with: Option<String>,
     advertise: Option<String>,
     register_token_file: Option<PathBuf>,
@@ -329,6 +337,13 @@ pub struct Resolved {
 /// defaults.
 pub fn resolve(args: WorkerArgs) -> anyhow::Result<Resolved> {
     let file: FileConfig = config_file(args.config.as_deref())?;
+    let attach = parse_flag(
+        "--csi-attach",
+        &args
+            .csi_attach
+            .or(file.csi_attach)
+            .unwrap_or_else(|| "auto".into()),
+    )?;
     let csi = args
         .csi_endpoint
         .or(file.csi_endpoint)
@@ -338,6 +353,7 @@ pub fn resolve(args: WorkerArgs) -> anyhow::Result<Resolved> {
                 .kubelet_dir
                 .or(file.kubelet_dir)
                 .unwrap_or_else(|| DEFAULT_KUBELET_DIR.into()),
+            attach,
         });
     let io = parse_flag("--io", &args.io.or(file.io).unwrap_or_default())?;
     let grpc_listen = args
@@ -456,6 +472,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
                     data_dir,
                     kubelet_dir: c.kubelet_dir,
                     nbd: worker.nbd.clone(),
+                    attach: c.attach,
                 };
                 let node = NodeGrpc::start(node_cfg, worker.worker.clone())
                     .await

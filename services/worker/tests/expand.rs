@@ -56,9 +56,15 @@ async fn a_volume_grows_online_and_its_snapshots_keep_their_size() {
 
     let v = expand(&mut c, "v1", 8 * MIB).await.unwrap();
     assert_eq!(v.size_bytes, 8 * MIB);
-    // Online: the connection open across the grow still works, within
-    // the size it was told.
+    // Online: the connection open across the grow still works, and may
+    // address the new bytes (a kernel NBD device is resized in place).
     assert_eq!(n.read_ok(0, 4096), old[..4096]);
+    assert_eq!(n.read_ok(4 * MIB, 4096), vec![0u8; 4096]);
+    assert_ne!(
+        n.call(0, common::CMD_READ, 8 * MIB, 4096, &[]).error,
+        0,
+        "past the new end is still refused"
+    );
     assert_eq!(client_size(&w, "volumes/v1"), 8 * MIB);
     assert_eq!(client_size(&w, "volumes/v1/snapshots/s1"), 4 * MIB);
 

@@ -9,9 +9,19 @@
 //! /dev/loopN ──▶ DIR/export (FUSE file) ──▶ nbdfuse ──NBD──▶ worker
 //! ```
 //!
+//! Where the kernel has its NBD client (the `nbd` module), the export is
+//! handed to it instead ([`kernel_nbd`](super::kernel_nbd)), with no
+//! process in between, and the device can be reconnected after the
+//! worker restarts and grown while in use:
+//!
+//! ```text
+//! /dev/nbdN ──NBD (kernel)──▶ worker
+//! ```
+//!
 //! `DIR` is the volume's own directory under the node's data dir, so
-//! whatever a crash leaves attached is found again by its path. The kernel
-//! NBD client (netlink) path for hosts with `/dev/nbd*` is not built.
+//! whatever a crash leaves attached is found again by its path: loop
+//! devices by their backing file, kernel NBD devices by their backend
+//! label (`cowsnap:DIR`).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +31,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::error::{NodeError, Result};
+use super::kernel_nbd;
 use super::mounts::{mounted_at, run};
+use cowsnap_worker::nbd::LocalAddr;
 
 /// The name of the export's file in its FUSE mount.
 const FUSE_FILE: &str = "export";
@@ -32,22 +44,77 @@ const NBDFUSE_READY: Duration = Duration::from_secs(30);
 /// A volume attached on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
-    /// The FUSE mount point nbdfuse serves the export in.
+    /// The attachment's own directory: the FUSE mount point nbdfuse serves
+    /// the export in, or the label of its kernel NBD device.
     pub fuse_dir: PathBuf,
     /// The nbdfuse process when attached, for the record: a detach finds
     /// nbdfuse by its command line (a pid may be reused after a restart).
     pub nbdfuse_pid: u32,
-    /// The loop device over the FUSE file.
-    pub loop_device: PathBuf,
+    /// The block device: the loop device over the FUSE file, or
+    /// `/dev/nbdN`.
+    #[serde(alias = "loop_device")]
+    pub device: PathBuf,
+    /// The index of the kernel NBD device serving it, when the kernel's
+    /// client does (no nbdfuse, no loop device then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_index: Option<u32>,
 }
 
 impl Attachment {
     pub fn fuse_file(&self) -> PathBuf {
         self.fuse_dir.join(FUSE_FILE)
     }
+
+    /// What a read-only loop device of a read-only publish goes over: the
+    /// FUSE file, or the kernel NBD device itself.
+    pub fn backing(&self) -> PathBuf {
+        match self.nbd_index {
+            Some(_) => self.device.clone(),
+            None => self.fuse_file(),
+        }
+    }
 }
 
-/// Attaches `uri` (an NBD URI naming the export) under `fuse_dir`, which
+/// The backend label of the kernel NBD device attached for `dir`.
+pub fn nbd_label(dir: &Path) -> String {
+    format!("cowsnap:{}", dir.display())
+}
+
+/// The kernel NBD devices connected with `dir`'s label.
+fn nbd_devices_for(dir: &Path) -> Vec<kernel_nbd::Device> {
+    let label = nbd_label(dir);
+    kernel_nbd::connected()
+        .into_iter()
+        .filter(|d| d.backend == label)
+        .collect()
+}
+
+/// Attaches `export` of the NBD server at `addr` through the kernel's NBD
+/// client, labelled with `dir` (created: it marks the attachment for
+/// recovery, as nbdfuse's mount point does).
+pub fn attach_kernel(addr: &LocalAddr, export: &str, dir: &Path) -> Result<Attachment> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NodeError::internal(format!("{}: cannot create: {e}", dir.display())))?;
+    let d = kernel_nbd::attach(addr, export, &nbd_label(dir))
+        .map_err(|e| NodeError::internal(format!("{e:#}")))?;
+    Ok(Attachment {
+        fuse_dir: dir.to_path_buf(),
+        nbdfuse_pid: 0,
+        device: d.path(),
+        nbd_index: Some(d.index),
+    })
+}
+
+/// The devices under `dir` a crash may have left: loop devices over files
+/// in it and kernel NBD devices labelled with it.
+pub fn devices_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = loops_under(dir);
+    out.extend(nbd_devices_for(dir).iter().map(|d| d.path()));
+    out
+}
+
+/// Attaches `uri` (an NBD URI naming the export) through nbdfuse and a
+/// loop device under `fuse_dir`, which
 /// must hold nothing attached. With `loop_hint`, that loop device is
 /// taken if it is free (so a bind mount of its node keeps working after a
 /// re-attach), otherwise any free one.
@@ -126,13 +193,11 @@ pub fn attach(uri: &str, fuse_dir: &Path, loop_hint: Option<&Path>) -> Result<At
     let att = Attachment {
         fuse_dir: fuse_dir.to_path_buf(),
         nbdfuse_pid: pid,
-        loop_device: PathBuf::new(),
+        device: PathBuf::new(),
+        nbd_index: None,
     };
     match loop_device {
-        Ok(l) => Ok(Attachment {
-            loop_device: l,
-            ..att
-        }),
+        Ok(l) => Ok(Attachment { device: l, ..att }),
         Err(e) => {
             let _ = detach(&att);
             Err(e)
@@ -141,9 +206,14 @@ pub fn attach(uri: &str, fuse_dir: &Path, loop_hint: Option<&Path>) -> Result<At
 }
 
 /// Whether an attachment is whole: its loop device is over its FUSE file
-/// and an nbdfuse serves that file.
+/// and an nbdfuse serves that file, or its kernel NBD device is connected
+/// with its label.
 pub fn is_attached(att: &Attachment) -> bool {
-    loop_backing_file(&att.loop_device).as_deref() == Some(att.fuse_file().as_path())
+    if let Some(i) = att.nbd_index {
+        return kernel_nbd::device(i)
+            .is_some_and(|d| d.connected && d.backend == nbd_label(&att.fuse_dir));
+    }
+    loop_backing_file(&att.device).as_deref() == Some(att.fuse_file().as_path())
         && !nbdfuse_serving(&att.fuse_dir).is_empty()
 }
 
@@ -223,17 +293,27 @@ fn wait_until(mut done: impl FnMut() -> bool) -> bool {
 /// transient opener (a probe), and for nbdfuse to exit once unmounted.
 const DETACH_WAIT: Duration = Duration::from_secs(10);
 
-/// Detaches what `attach` made, whatever is left of it: the loop device
-/// (if it is still over this attachment's file), the FUSE mount, the
-/// nbdfuse process. Fails if the loop device stays in use (mounted).
+/// Detaches what `attach` or `attach_kernel` made, whatever is left of
+/// it: kernel NBD devices with its label; the loop device (if it is still
+/// over this attachment's file), the FUSE mount, the nbdfuse process.
+/// Fails if a device stays in use (mounted).
 pub fn detach(att: &Attachment) -> Result<()> {
+    for d in nbd_devices_for(&att.fuse_dir) {
+        if kernel_nbd::in_use(&d.path()) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "{} is still in use; unmount it first",
+                d.path().display()
+            )));
+        }
+        kernel_nbd::detach(d.index).map_err(|e| NodeError::internal(format!("{e:#}")))?;
+    }
     let file = att.fuse_file();
     let mut loops = loops_under(&att.fuse_dir);
-    if !att.loop_device.as_os_str().is_empty()
-        && loop_backing_file(&att.loop_device).as_deref() == Some(file.as_path())
-        && !loops.contains(&att.loop_device)
+    if !att.device.as_os_str().is_empty()
+        && loop_backing_file(&att.device).as_deref() == Some(file.as_path())
+        && !loops.contains(&att.device)
     {
-        loops.push(att.loop_device.clone());
+        loops.push(att.device.clone());
     }
     for l in &loops {
         run(Command::new("losetup").arg("-d").arg(l))?;

@@ -136,10 +136,23 @@ pub fn reconnect(index: u32, addr: &LocalAddr, export: &str, backend: &str) -> a
     Ok(())
 }
 
+/// Gives connected `/dev/nbd{index}`, labelled `backend`, the current
+/// size of `export` (it grew): the kernel tells the block layer, and a
+/// mounted file system can grow into it. Returns the size.
+pub fn refresh_size(
+    index: u32,
+    addr: &LocalAddr,
+    export: &str,
+    backend: &str,
+) -> anyhow::Result<u64> {
+    let (_, info) = open_export(addr, export)?;
+    resize(index, backend, info.size)?;
+    Ok(info.size)
+}
+
 /// Sets the size of connected `/dev/nbd{index}`, labelled `backend`, to
-/// `size` (the export grew): the kernel tells the block layer, a mounted
-/// file system can grow into it.
-pub fn resize(index: u32, backend: &str, size: u64) -> anyhow::Result<()> {
+/// `size`.
+fn resize(index: u32, backend: &str, size: u64) -> anyhow::Result<()> {
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let mut m = Msg::new(family, NBD_CMD_RECONFIGURE);

@@ -3,7 +3,8 @@
 //! (bind mounts) and keeps what it did in a state file so a restarted
 //! plugin finds it again.
 //!
-//! - [`attach`]: NBD export → block device (nbdfuse + loop device);
+//! - [`attach`]: NBD export → block device (the kernel's NBD client,
+//!   [`kernel_nbd`], where it exists; nbdfuse + loop device elsewhere);
 //! - [`mounts`]: mountinfo, mount/umount/mkfs/blkid, file system growth;
 //! - [`state`]: the saved state; [`stage`], [`publish`], [`stats`],
 //!   [`expand`] and [`recover`]: the node's operations on it;
@@ -45,12 +46,40 @@ pub struct NodeConfig {
     pub kubelet_dir: PathBuf,
     /// Where the worker's NBD server listens (this node's own worker).
     pub nbd: LocalAddr,
+    /// How exports become block devices here.
+    pub attach: AttachWith,
+}
+
+/// How the node plugin makes a block device of a volume's export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachWith {
+    /// The kernel's NBD client when its `nbd` module is loaded, else
+    /// nbdfuse.
+    #[default]
+    Auto,
+    /// The kernel's NBD client (netlink); the plugin does not start
+    /// without it.
+    Kernel,
+    /// nbdfuse and a loop device.
+    Nbdfuse,
+}
+
+impl std::str::FromStr for AttachWith {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(AttachWith::Auto),
+            "kernel" => Ok(AttachWith::Kernel),
+            "nbdfuse" => Ok(AttachWith::Nbdfuse),
+            _ => Err(format!("{s:?}: expected auto, kernel or nbdfuse")),
+        }
+    }
 }
 
 impl NodeConfig {
-    /// The NBD URI nbdfuse connects to for `export`; a server on every
+    /// The worker's NBD server as this node reaches it: a server on every
     /// address is reached on the loopback one.
-    fn nbd_uri(&self, export: &str) -> String {
+    fn nbd_addr(&self) -> LocalAddr {
         match &self.nbd {
             LocalAddr::Tcp(a) if a.ip().is_unspecified() => {
                 let lo = if a.is_ipv4() {
@@ -58,10 +87,15 @@ impl NodeConfig {
                 } else {
                     IpAddr::V6(Ipv6Addr::LOCALHOST)
                 };
-                LocalAddr::Tcp(SocketAddr::new(lo, a.port())).uri(export)
+                LocalAddr::Tcp(SocketAddr::new(lo, a.port()))
             }
-            a => a.uri(export),
+            a => a.clone(),
         }
+    }
+
+    /// The NBD URI nbdfuse connects to for `export`.
+    fn nbd_uri(&self, export: &str) -> String {
+        self.nbd_addr().uri(export)
     }
 
     /// Where the attachment of volume `id` lives.
@@ -138,6 +172,22 @@ impl Node {
     pub fn open(mut cfg: NodeConfig) -> Result<Node> {
         cowsnap_proto::server::private_dir(&cfg.attach_root())
             .map_err(|e| NodeError::internal(format!("{e:#}")))?;
+        let kernel = kernel_nbd::available();
+        cfg.attach = match cfg.attach {
+            AttachWith::Auto if kernel => AttachWith::Kernel,
+            AttachWith::Auto => AttachWith::Nbdfuse,
+            AttachWith::Kernel if !kernel => {
+                return Err(NodeError::FailedPrecondition(
+                    "the kernel's NBD client is not available (no nbd netlink family: modprobe nbd)"
+                        .into(),
+                ));
+            }
+            a => a,
+        };
+        tracing::info!(attach = ?cfg.attach, "CSI node: volumes attach with {}", match cfg.attach {
+            AttachWith::Kernel => "the kernel's NBD client",
+            _ => "nbdfuse and a loop device",
+        });
         cfg.data_dir = resolve(&cfg.data_dir);
         cfg.kubelet_dir = resolve(&cfg.kubelet_dir);
         let file = StateFile::new(&cfg.data_dir);
@@ -163,6 +213,17 @@ impl Node {
         self.lock().volumes.keys().cloned().collect()
     }
 
+    /// Attaches volume `id`'s export the way this node does (`hint`: the
+    /// loop device it had, taken again if free).
+    fn attach_export(&self, id: &str, hint: Option<&Path>) -> Result<attach::Attachment> {
+        let export = cowsnap_proto::names::volume(id);
+        let dir = self.cfg.fuse_dir(id);
+        match self.cfg.attach {
+            AttachWith::Kernel => attach::attach_kernel(&self.cfg.nbd_addr(), &export, &dir),
+            _ => attach::attach(&self.cfg.nbd_uri(&export), &dir, hint),
+        }
+    }
+
     /// Whether volume `id` is staged here.
     pub fn is_staged(&self, id: &str) -> bool {
         self.lock().volumes.contains_key(id)
@@ -179,6 +240,7 @@ mod tests {
             data_dir: "/d".into(),
             kubelet_dir: "/var/lib/kubelet".into(),
             nbd: LocalAddr::Tcp("0.0.0.0:1".parse().unwrap()),
+            attach: AttachWith::Auto,
         }
     }
 
@@ -232,7 +294,45 @@ mod tests {
     }
 
     #[test]
+    fn the_attach_mode_follows_the_kernel() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |attach| {
+            Node::open(NodeConfig {
+                data_dir: tmp.path().join("data"),
+                kubelet_dir: tmp.path().join("kubelet"),
+                attach,
+                ..cfg()
+            })
+        };
+        let auto = open(AttachWith::Auto).unwrap();
+        let kernel = open(AttachWith::Kernel);
+        if kernel_nbd::available() {
+            assert_eq!(auto.config().attach, AttachWith::Kernel);
+            assert_eq!(kernel.unwrap().config().attach, AttachWith::Kernel);
+        } else {
+            // As on these machines: no nbd module.
+            assert_eq!(auto.config().attach, AttachWith::Nbdfuse);
+            let e = kernel.err().expect("refused without the nbd module");
+            assert!(
+                matches!(&e, NodeError::FailedPrecondition(m) if m.contains("modprobe nbd")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            open(AttachWith::Nbdfuse).unwrap().config().attach,
+            AttachWith::Nbdfuse
+        );
+    }
+
+    #[test]
     fn the_nbd_uri_names_the_export() {
         assert_eq!(cfg().nbd_uri("volumes/v1"), "nbd://127.0.0.1:1/volumes/v1");
+        assert_eq!(
+            cfg().nbd_addr(),
+            LocalAddr::Tcp("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!("kernel".parse(), Ok(AttachWith::Kernel));
+        assert_eq!("nbdfuse".parse(), Ok(AttachWith::Nbdfuse));
+        assert!("nbd".parse::<AttachWith>().is_err());
     }
 }

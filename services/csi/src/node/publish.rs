@@ -133,7 +133,7 @@ impl Node {
 /// Bind-mounts a staged volume onto `target`, creating the target (a file
 /// for a block volume, a directory for a file system) if it is missing.
 /// A read-only block publish gets a read-only loop device of its own over
-/// the attachment's file, returned.
+/// the attachment's file (or kernel NBD device), returned.
 pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<Option<PathBuf>> {
     let create = |r: std::io::Result<()>| {
         r.map_err(|e| NodeError::internal(format!("{}: cannot create: {e}", target.display())))
@@ -154,13 +154,13 @@ pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<Opti
                 )?;
             }
             if !p.readonly {
-                mounts::bind(&s.attachment.loop_device, target, false, &p.flags)?;
+                mounts::bind(&s.attachment.device, target, false, &p.flags)?;
                 return Ok(None);
             }
             let ro = mounts::run(
                 Command::new("losetup")
                     .args(["--show", "-f", "-r", "--direct-io=on"])
-                    .arg(s.attachment.fuse_file()),
+                    .arg(s.attachment.backing()),
             )
             .map(|out| PathBuf::from(out.trim()))?;
             match mounts::bind(&ro, target, true, &p.flags) {
@@ -181,7 +181,7 @@ pub(super) fn bind_target(s: &Staged, target: &Path, p: &Publish) -> Result<Opti
 
 /// Unmounts `target` and removes it (the plugin made it), and detaches the
 /// publish's own read-only loop device if it has one (and it is still over
-/// the volume's file).
+/// the volume's file or device).
 pub(super) fn unbind_target(target: &Path, s: &Staged, p: &Publish) -> Result<()> {
     mounts::unmount(target)?;
     let removed = match std::fs::symlink_metadata(target) {
@@ -193,8 +193,8 @@ pub(super) fn unbind_target(target: &Path, s: &Staged, p: &Publish) -> Result<()
     removed
         .map_err(|e| NodeError::internal(format!("{}: cannot remove: {e}", target.display())))?;
     if let Some(l) = &p.read_only_loop
-        && *l != s.attachment.loop_device
-        && attach::loop_backing_file(l).as_deref() == Some(s.attachment.fuse_file().as_path())
+        && *l != s.attachment.device
+        && attach::loop_backing_file(l).as_deref() == Some(s.attachment.backing().as_path())
     {
         mounts::run(Command::new("losetup").arg("-d").arg(l))?;
     }

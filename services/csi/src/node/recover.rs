@@ -10,6 +10,11 @@
 //! targets are made again. Attachments under the plugin's directory that
 //! no record owns (a stage a crash cut short) are released.
 //!
+//! A kernel NBD device outlives the connection: the kernel holds its I/O
+//! for a while (`kernel_nbd::DEAD_CONN_TIMEOUT`), so it is given a new
+//! connection and nothing is unmounted. Only when that fails (the device
+//! gave up, or the node rebooted) is it attached anew as above.
+//!
 //! Must run while the worker's NBD server serves (nbdfuse connects to it).
 //! A repeated NodeStage uses the same re-attach for a volume whose
 //! attachment is gone (nbdfuse killed, loop device detached by hand).
@@ -17,6 +22,7 @@
 use super::Node;
 use super::attach;
 use super::error::Result;
+use super::kernel_nbd;
 use super::mounts;
 use super::publish::{bind_target, unbind_target};
 use super::stage::release_leftovers;
@@ -59,6 +65,19 @@ impl Node {
     /// targets made again.
     pub(super) fn reattach(&self, st: &mut NodeState, id: &str) -> Result<()> {
         let s = st.volumes[id].clone();
+        if let Some(index) = s.attachment.nbd_index {
+            let label = attach::nbd_label(&s.attachment.fuse_dir);
+            let export = cowsnap_proto::names::volume(id);
+            match kernel_nbd::reconnect(index, &self.cfg.nbd_addr(), &export, &label) {
+                Ok(()) => {
+                    tracing::info!(volume = %id, device = %s.attachment.device.display(), "reconnected a staged volume");
+                    return self.mount_staging(&s);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %id, "cannot reconnect {}: {e:#}; attaching anew", s.attachment.device.display());
+                }
+            }
+        }
         for t in s.published.keys() {
             if let Err(e) = mounts::unmount(t) {
                 tracing::error!(volume = %id, target = %t.display(), "re-attach: {e}");
@@ -70,12 +89,7 @@ impl Node {
             tracing::error!(volume = %id, "re-attach: {e}");
         }
         attach::detach(&s.attachment)?;
-        let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(id));
-        let att = attach::attach(
-            &uri,
-            &s.attachment.fuse_dir,
-            Some(&s.attachment.loop_device),
-        )?;
+        let att = self.attach_export(id, Some(&s.attachment.device))?;
         let v = st.volumes.get_mut(id).expect("staged");
         v.attachment = att;
         let v = v.clone();
@@ -102,7 +116,7 @@ impl Node {
             }
         }
         self.file.save(st)?;
-        tracing::info!(volume = %id, device = %v.attachment.loop_device.display(), "recovered a staged volume");
+        tracing::info!(volume = %id, device = %v.attachment.device.display(), "recovered a staged volume");
         Ok(())
     }
 }

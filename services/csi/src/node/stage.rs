@@ -45,12 +45,11 @@ impl Node {
             }
             return self.mount_staging(s);
         }
-        let uri = self.cfg.nbd_uri(&cowsnap_proto::names::volume(&req.volume));
         let fuse_dir = self.cfg.fuse_dir(&req.volume);
         // Whatever an interrupted stage of this volume left is detached
         // first (nothing in the state owns it).
         release_leftovers(&fuse_dir)?;
-        let att = attach::attach(&uri, &fuse_dir, None)?;
+        let att = self.attach_export(&req.volume, None)?;
         let staged = Staged {
             staging_path: req.staging_path.clone(),
             access: req.access.clone(),
@@ -84,7 +83,7 @@ impl Node {
         }
         tracing::info!(
             volume = %req.volume,
-            device = %staged.attachment.loop_device.display(),
+            device = %staged.attachment.device.display(),
             staging = %staged.staging_path.display(),
             "staged"
         );
@@ -98,7 +97,7 @@ impl Node {
         let Access::Mount { fs_type, .. } = &s.access else {
             return Ok(false);
         };
-        let dev = &s.attachment.loop_device;
+        let dev = &s.attachment.device;
         match mounts::probe_fs(dev)? {
             None => {
                 tracing::info!(device = %dev.display(), "making a {fs_type} file system (first use)");
@@ -118,7 +117,7 @@ impl Node {
             return Ok(());
         };
         if let Some(m) = mounts::mounted_at(&s.staging_path)? {
-            if Path::new(&m.source) == s.attachment.loop_device {
+            if Path::new(&m.source) == s.attachment.device {
                 return Ok(());
             }
             return Err(NodeError::AlreadyExists(format!(
@@ -130,7 +129,7 @@ impl Node {
         std::fs::create_dir_all(&s.staging_path).map_err(|e| {
             NodeError::internal(format!("{}: cannot create: {e}", s.staging_path.display()))
         })?;
-        mounts::mount_fs(&s.attachment.loop_device, &s.staging_path, fs_type, flags)
+        mounts::mount_fs(&s.attachment.device, &s.staging_path, fs_type, flags)
     }
 
     /// Unstages volume `volume` from `staging_path`: idempotent (a volume
@@ -180,7 +179,7 @@ fn grow_to_device(s: &Staged, mounted: bool) -> Result<()> {
     if flags.iter().any(|f| f == "ro") {
         return Ok(());
     }
-    let dev = &s.attachment.loop_device;
+    let dev = &s.attachment.device;
     let size = super::stats::block_size(dev)?;
     mounts::grow_fs(
         dev,
@@ -191,9 +190,10 @@ fn grow_to_device(s: &Staged, mounted: bool) -> Result<()> {
 }
 
 /// Detaches whatever lies under `fuse_dir` though no record owns it: loop
-/// devices over files in it, its FUSE mount.
+/// devices over files in it, kernel NBD devices labelled with it, its FUSE
+/// mount.
 pub(super) fn release_leftovers(fuse_dir: &Path) -> Result<()> {
-    let loops = attach::loops_under(fuse_dir);
+    let loops = attach::devices_under(fuse_dir);
     if loops.is_empty() && mounts::mounted_at(fuse_dir)?.is_none() {
         let _ = std::fs::remove_dir(fuse_dir);
         return Ok(());
@@ -208,6 +208,7 @@ pub(super) fn release_leftovers(fuse_dir: &Path) -> Result<()> {
     attach::detach(&Attachment {
         fuse_dir: fuse_dir.to_path_buf(),
         nbdfuse_pid: 0,
-        loop_device: PathBuf::new(),
+        device: PathBuf::new(),
+        nbd_index: None,
     })
 }

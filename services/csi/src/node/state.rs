@@ -137,7 +137,8 @@ mod tests {
                 attachment: Attachment {
                     fuse_dir: "/d/pvc-1".into(),
                     nbdfuse_pid: 42,
-                    loop_device: "/dev/loop3".into(),
+                    device: "/dev/loop3".into(),
+                    nbd_index: None,
                 },
                 published: BTreeMap::from([(
                     PathBuf::from("/var/lib/kubelet/t"),
@@ -151,5 +152,20 @@ mod tests {
         );
         f.save(&st).unwrap();
         assert_eq!(f.load().unwrap(), st);
+        // A kernel NBD attachment keeps its device index.
+        let v = st.volumes.get_mut("pvc-1").unwrap();
+        v.attachment.device = "/dev/nbd2".into();
+        v.attachment.nbd_index = Some(2);
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
+    }
+
+    #[test]
+    fn an_attachment_saved_before_kernel_nbd_loads_as_nbdfuse() {
+        let old = r#"{"fuse_dir":"/d/pvc-1","nbdfuse_pid":42,"loop_device":"/dev/loop3"}"#;
+        let a: Attachment = serde_json::from_str(old).unwrap();
+        assert_eq!(a.device, PathBuf::from("/dev/loop3"));
+        assert_eq!(a.nbd_index, None);
+        assert_eq!(a.backing(), PathBuf::from("/d/pvc-1/export"));
     }
 }

@@ -48,7 +48,7 @@ impl Node {
         }
         match &s.access {
             Access::Mount { .. } => fs_stats(path),
-            Access::Block => block_size(&s.attachment.loop_device)
+            Access::Block => block_size(&s.attachment.device)
                 .map(|total_bytes| VolumeStats::Block { total_bytes }),
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use cowsnap_csi::node::{Node, NodeConfig};
+use cowsnap_csi::node::{AttachWith, Node, NodeConfig};
 use cowsnap_worker::nbd::LocalAddr;
 use cowsnap_worker::server::{RunningWorker, ServeOptions, start};
 use cowsnap_worker::worker::{NewVolume, WorkerConfig};
@@ -91,6 +91,7 @@ impl Fixture {
                 data_dir: self.dir.path().join("data"),
                 kubelet_dir: self.dir.path().join("kubelet"),
                 nbd: self.nbd(),
+                attach: AttachWith::Auto,
             })
             .unwrap(),
         )

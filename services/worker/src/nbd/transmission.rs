@@ -569,7 +569,13 @@ impl Conn {
                 format_args!("not aligned to the minimum block size {}", self.min_block),
             ));
         }
-        if off.checked_add(len).is_none_or(|end| end > self.size) {
+        // Within the size negotiated, or the export's size now: a volume
+        // grown online serves its new bytes to connections opened before
+        // (a kernel NBD device is resized in place). Exports never shrink.
+        if off
+            .checked_add(len)
+            .is_none_or(|end| end > self.size && end > self.export.size())
+        {
             let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) {
                 proto::ENOSPC
             } else {
@@ -578,7 +584,10 @@ impl Conn {
             return Err(self.error(
                 req,
                 errno,
-                format_args!("beyond the end of the export ({} bytes)", self.size),
+                format_args!(
+                    "beyond the end of the export ({} bytes)",
+                    self.size.max(self.export.size())
+                ),
             ));
         }
         Ok(())
