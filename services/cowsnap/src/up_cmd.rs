@@ -144,7 +144,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
                     node: node_id,
                     data_dir: dir.join("worker"),
                     kubelet_dir,
-                    nbd: worker.nbd.clone(),
+                    nbd: worker.nbd_node.clone(),
                     attach: csi_attach,
                 };
                 let node = NodeGrpc::start(node_cfg, worker.worker.clone())

@@ -471,7 +471,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<u8> {
                     node: node_id,
                     data_dir,
                     kubelet_dir: c.kubelet_dir,
-                    nbd: worker.nbd.clone(),
+                    nbd: worker.nbd_node.clone(),
                     attach: c.attach,
                 };
                 let node = NodeGrpc::start(node_cfg, worker.worker.clone())

@@ -34,17 +34,22 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
-        let dir = scratch();
+        Rig::start_with(scratch(), &[]).await
+    }
+
+    /// A rig in `dir`, `cowsnap up` given `extra` environment too.
+    async fn start_with(dir: tempfile::TempDir, extra: &[(&str, String)]) -> Rig {
         let kubelet = dir.path().join("kubelet");
         std::fs::create_dir_all(&kubelet).unwrap();
         let socket = dir.path().join("csi.sock");
-        let env = [
+        let mut env = vec![
             (
                 "COWSNAP_CSI_ENDPOINT",
                 format!("unix://{}", socket.display()),
             ),
             ("COWSNAP_KUBELET_DIR", kubelet.display().to_string()),
         ];
+        env.extend(extra.iter().cloned());
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut up = Up::start_with_env(&dir.path().join("data"), &env);
         up.ready().await;
@@ -543,6 +548,69 @@ async fn a_published_block_volume_works_again_after_kill9() {
     assert_eq!(loops_under(rig.dir.path()).len(), 1);
     let mut n = rig.node().await;
     unpublish_unstage(&mut n, &vol, &staging, &target).await;
+    rig.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_attaches_when_its_nbd_listener_requires_tls() {
+    let dir = scratch();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    up_common::certs::make_certs(&certs);
+    let file = |n: &str| certs.join(n).display().to_string();
+    let rig = Rig::start_with(
+        dir,
+        &[
+            ("COWSNAP_NBD_TLS_CERT", file("server.pem")),
+            ("COWSNAP_NBD_TLS_KEY", file("server.key")),
+            ("COWSNAP_NBD_TLS_CA", file("ca.pem")),
+        ],
+    )
+    .await;
+    // The node reaches its worker on a private plain-text socket: root's
+    // alone, while the TCP listener refuses plain clients.
+    let private = rig.dir.path().join("data/worker/private");
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&private), 0o700);
+    assert!(private.join("nbd.sock").exists());
+    let vol = rig.create_volume(create("pvc-tls", None)).await.volume_id;
+    let plain = Command::new("nbdinfo")
+        .arg(rig.nbd_uri(&format!("volumes/{vol}")))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain client is refused on TCP");
+    let mut n = rig.node().await;
+    let (staging, target) = (rig.path("staging/tls"), rig.path("pods/p/tls"));
+    stage_publish(&mut n, &vol, &staging, &target, None).await;
+    write_device(&target, 5 * MIB, 0x5a).await;
+    unpublish_unstage(&mut n, &vol, &staging, &target).await;
+    // Read back over TLS with a client certificate, as a remote client.
+    let uri = format!(
+        "nbds://{}/volumes/{vol}?tls-certificates={}",
+        rig.up.nbd(),
+        file("client")
+    );
+    let out = rig.dir.path().join("back.raw");
+    let copy = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        copy.status.success(),
+        "nbdcopy {uri}: {}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let back = std::fs::read(&out).unwrap();
+    assert!(
+        back[5 * MIB as usize..6 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0x5a)
+    );
+    assert!(back[..5 * MIB as usize].iter().all(|&b| b == 0));
     rig.assert_nothing_left();
 }
 

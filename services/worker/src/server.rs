@@ -47,6 +47,11 @@ pub struct RunningWorker {
     pub grpc: Listen,
     /// Where its NBD server listens.
     pub nbd: LocalAddr,
+    /// Where clients on this node (the CSI node plugin) reach NBD without
+    /// TLS: where NBD listens, or, when that requires TLS, a unix socket in
+    /// a private directory of the data dir (`DATA_DIR/private/nbd.sock`:
+    /// only root reaches it; the kernel's NBD client speaks no TLS).
+    pub nbd_node: LocalAddr,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -98,11 +103,25 @@ pub async fn start(
         None => None,
     };
     let tls_required = nbd_tls.as_ref().is_some_and(|t| t.required());
+    let quotas = Quotas::new(limits);
     let nbd = NbdServer::bind(&opts.nbd_listen)
         .await?
-        .with_quotas(Quotas::new(limits))
+        .with_quotas(quotas.clone())
         .with_tls(nbd_tls);
     let nbd_local = nbd.local_addr().clone();
+    // The node's own clients, when the public listener requires TLS: a
+    // plain-text unix socket only root can reach, sharing the limits.
+    let nbd_private = if tls_required {
+        let dir = cfg.data_dir.join("private");
+        cowsnap_proto::server::private_dir(&dir)?;
+        let listen = crate::nbd::listener::Listen::Unix(dir.join("nbd.sock"));
+        Some(NbdServer::bind(&listen).await?.with_quotas(quotas))
+    } else {
+        None
+    };
+    let nbd_node = nbd_private
+        .as_ref()
+        .map_or_else(|| nbd_local.clone(), |p| p.local_addr().clone());
     cfg.nbd_uri = match &opts.nbd_advertise {
         Some(uri) => {
             if tls_required && !uri.starts_with("nbds") {
@@ -158,13 +177,18 @@ pub async fn start(
     let w = worker.clone();
     let task = tokio::spawn(async move {
         let grpc_task = tokio::spawn(grpc.serve(router, shutdown.clone()));
+        let private_task =
+            nbd_private.map(|p| tokio::spawn(p.run(exports.clone(), shutdown.clone())));
         let nbd_task = tokio::spawn(nbd.run(exports, shutdown.clone()));
         shutdown.cancelled().await;
         reporter
             .set_not_serving::<WorkerServiceServer<WorkerGrpc>>()
             .await;
         let g = grpc_task.await?;
-        let n = nbd_task.await?;
+        let mut n = nbd_task.await?;
+        if let Some(p) = private_task {
+            n = n.and(p.await?);
+        }
         w.shutdown().await;
         tracing::info!("worker stopped: engines flushed");
         g.and(n)
@@ -173,6 +197,7 @@ pub async fn start(
         worker,
         grpc: grpc_local,
         nbd: nbd_local,
+        nbd_node,
         task,
     })
 }
