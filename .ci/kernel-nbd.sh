@@ -269,6 +269,7 @@ unpublish() { G Node/NodeUnpublishVolume "{\"volumeId\":\"$1\",\"targetPath\":\"
 unstage() { G Node/NodeUnstageVolume "{\"volumeId\":\"$1\",\"stagingTargetPath\":\"/kubelet/staging/$1\"}" > /dev/null; }
 
 start_up
+kc_kv EXPANSION "$(G Identity/GetPluginCapabilities '{}' | grep -o '"type": "[A-Z]*LINE"' | tr -d ' "')"
 create pvc-blk "$BLOCK"
 create pvc-fs "$EXT4"
 stage pvc-blk "$BLOCK"; publish pvc-blk "$BLOCK"
@@ -327,6 +328,7 @@ awk '/^@@KC-BEGIN/{on=1; next} /^@@KC-END/{on=0} on' "$W/guest.txt"
 rc=$(sed -n 's/^@@KC-EXIT=\([0-9]*\)@@.*/\1/p' "$W/guest.txt" | tail -n1)
 check "node: the guest script" "${rc:-none}" 0
 label=cowsnap:/data/up/worker/csi-node
+check "node: expansion advertised by up with the kernel's client" "$(kv EXPANSION)" type:ONLINE
 check "node: the block volume on a kernel NBD device" "$(kv BLK_BACKEND)" "$label/pvc-blk"
 check "node: the ext4 volume on a kernel NBD device" "$(kv FS_BACKEND)" "$label/pvc-fs"
 check "node: the staging mount's source" "$(kv FS_SOURCE)" /dev/nbd1

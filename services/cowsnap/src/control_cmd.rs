@@ -84,6 +84,12 @@ pub struct ControlArgs {
     /// driver that reports it [default: off].
     #[arg(long, env = "COWSNAP_CSI_ADVERTISE_SNAPSHOT_METADATA")]
     csi_advertise_snapshot_metadata: bool,
+    /// Advertise ONLINE volume expansion (published volumes grow): only
+    /// when every node's plugin attaches with the kernel's NBD client
+    /// (worker --csi-attach kernel); an nbdfuse device cannot grow while
+    /// published [default: off, OFFLINE].
+    #[arg(long, env = "COWSNAP_CSI_ONLINE_EXPANSION")]
+    csi_online_expansion: bool,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -194,6 +200,7 @@ pub fn resolve(args: ControlArgs) -> anyhow::Result<(ControlConfig, Option<Strin
 
 pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
     let advertise_metadata = args.csi_advertise_snapshot_metadata;
+    let online_expansion = args.csi_online_expansion;
     let (cfg, csi_endpoint) = resolve(args)?;
     run_until_signal(async |shutdown| {
         let _telemetry = cowsnap_control::telemetry::init("info", "cowsnap-control")?;
@@ -208,7 +215,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<u8> {
             Some(bound) => {
                 let router = cowsnap_csi::endpoint::router(
                     cowsnap_csi::identity::Identity::new(Some(control.control.clone()))
-                        .advertise_snapshot_metadata(advertise_metadata),
+                        .advertise_snapshot_metadata(advertise_metadata)
+                        .online_expansion(online_expansion),
                     Some(cowsnap_csi::controller::Controller::new(
                         control.control.clone(),
                     )),

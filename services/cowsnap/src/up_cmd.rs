@@ -150,9 +150,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<u8> {
                 let node = NodeGrpc::start(node_cfg, worker.worker.clone())
                     .await
                     .context("cannot start the CSI node plugin")?;
+                // Its one node's devices grow in place with the kernel's
+                // client: expansion is ONLINE then.
+                let online = node.attach() == AttachWith::Kernel;
                 let router = cowsnap_csi::endpoint::router(
                     cowsnap_csi::identity::Identity::new(Some(control.control.clone()))
-                        .advertise_snapshot_metadata(advertise_metadata),
+                        .advertise_snapshot_metadata(advertise_metadata)
+                        .online_expansion(online),
                     Some(cowsnap_csi::controller::Controller::new(
                         control.control.clone(),
                     )),

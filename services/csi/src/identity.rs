@@ -1,7 +1,8 @@
 //! The CSI Identity service: the plugin's name and version, what it offers
 //! (the controller service when this endpoint serves it, with OFFLINE
-//! volume expansion, and the snapshot metadata service beside it when asked
-//! to advertise it; topology constraints: a volume is reachable from its
+//! volume expansion, or ONLINE when every node attaches with the kernel's
+//! NBD client, and the snapshot metadata service beside it when asked to
+//! advertise it; topology constraints: a volume is reachable from its
 //! worker's node), and whether it is ready (the catalog answers).
 
 use std::sync::Arc;
@@ -24,6 +25,9 @@ pub struct Identity {
     /// Whether to advertise SNAPSHOT_METADATA_SERVICE (see
     /// [`Identity::advertise_snapshot_metadata`]).
     snapshot_metadata: bool,
+    /// Whether volume expansion is ONLINE (see
+    /// [`Identity::online_expansion`]).
+    online_expansion: bool,
 }
 
 impl Identity {
@@ -31,7 +35,18 @@ impl Identity {
         Identity {
             control,
             snapshot_metadata: false,
+            online_expansion: false,
         }
+    }
+
+    /// Advertises ONLINE volume expansion when `on` (else OFFLINE): right
+    /// when every node attaches with the kernel's NBD client, whose
+    /// devices grow in place; an nbdfuse device learns its size when it
+    /// attaches (see node::expand), so with nbdfuse nodes the CO must grow
+    /// volumes that are not published.
+    pub fn online_expansion(mut self, on: bool) -> Identity {
+        self.online_expansion = on;
+        self
     }
 
     /// Advertises SNAPSHOT_METADATA_SERVICE when `on` and this endpoint
@@ -61,6 +76,24 @@ fn volume_expansion(t: ExpansionType) -> csi::PluginCapability {
     }
 }
 
+/// What an endpoint advertises: with the Controller service, volume
+/// expansion (ONLINE or OFFLINE) and, if asked, SnapshotMetadata.
+fn capabilities(controller: bool, online: bool, metadata: bool) -> Vec<csi::PluginCapability> {
+    let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
+    if controller {
+        capabilities.insert(0, service(ServiceType::ControllerService));
+        capabilities.push(volume_expansion(if online {
+            ExpansionType::Online
+        } else {
+            ExpansionType::Offline
+        }));
+        if metadata {
+            capabilities.push(service(ServiceType::SnapshotMetadataService));
+        }
+    }
+    capabilities
+}
+
 #[tonic::async_trait]
 impl IdentityService for Identity {
     async fn get_plugin_info(
@@ -78,19 +111,12 @@ impl IdentityService for Identity {
         &self,
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
-        if self.control.is_some() {
-            capabilities.insert(0, service(ServiceType::ControllerService));
-            // The export grows online, but a node's device learns its size
-            // when it attaches (see node::expand): the CO grows volumes
-            // that are not published.
-            capabilities.push(volume_expansion(ExpansionType::Offline));
-            if self.snapshot_metadata {
-                capabilities.push(service(ServiceType::SnapshotMetadataService));
-            }
-        }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities,
+            capabilities: capabilities(
+                self.control.is_some(),
+                self.online_expansion,
+                self.snapshot_metadata,
+            ),
         }))
     }
 
@@ -104,5 +130,35 @@ impl IdentityService for Identity {
                 .map_err(|e| Status::unavailable(format!("the catalog does not answer: {e}")))?;
         }
         Ok(Response::new(csi::ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expansion(caps: &[csi::PluginCapability]) -> Vec<i32> {
+        caps.iter()
+            .filter_map(|c| match &c.r#type {
+                Some(csi::plugin_capability::Type::VolumeExpansion(e)) => Some(e.r#type),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn expansion_is_advertised_with_the_controller_online_or_offline() {
+        assert_eq!(
+            expansion(&capabilities(true, false, false)),
+            [ExpansionType::Offline as i32]
+        );
+        assert_eq!(
+            expansion(&capabilities(true, true, false)),
+            [ExpansionType::Online as i32]
+        );
+        // A node-only endpoint (Identity + Node) advertises none.
+        assert!(expansion(&capabilities(false, true, true)).is_empty());
+        assert_eq!(capabilities(false, true, true).len(), 1);
+        assert_eq!(capabilities(true, false, true).len(), 4);
     }
 }

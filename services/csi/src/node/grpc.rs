@@ -50,6 +50,11 @@ impl NodeGrpc {
         Ok(NodeGrpc { node, worker })
     }
 
+    /// How this node attaches volumes (resolved: kernel or nbdfuse).
+    pub fn attach(&self) -> super::AttachWith {
+        self.node.config().attach
+    }
+
     /// The tonic service, for an endpoint's router.
     pub fn server(self) -> csi::node_server::NodeServer<NodeGrpc> {
         csi::node_server::NodeServer::new(self)
