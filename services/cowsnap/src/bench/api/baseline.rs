@@ -27,6 +27,15 @@ pub fn percentile(samples: &mut [f64], q: f64) -> f64 {
     samples[rank - 1]
 }
 
+/// Both baselines in a fresh `dir`: the SQLite commit and the FUA write
+/// (medians, seconds), and the I/O backend's name.
+pub async fn measure(dir: &Path, n: usize) -> anyhow::Result<(f64, f64, &'static str)> {
+    std::fs::create_dir_all(dir)?;
+    let commit = sqlite_commit(dir, n).await?;
+    let (fua, backend) = fua_write(dir, n).await?;
+    Ok((commit, fua, backend))
+}
+
 /// Median latency (seconds) of one committed single-row INSERT, `n` times,
 /// on a fresh database in `dir` opened as the catalog opens its own
 /// (`services/control/src/catalog/mod.rs`: WAL, `synchronous=FULL`,

@@ -4,7 +4,8 @@
 //!
 //! - CreateSnapshot end to end (p50, p99) on volumes holding data, against
 //!   one SQLite commit plus one 4 KiB FUA write measured in the same run on
-//!   the same file system ([`baseline`]); target p50 ≤ 3× that sum;
+//!   the same file system ([`baseline`]), before and after the latency
+//!   run, the lower of each kept; target p50 ≤ 3× that sum;
 //! - calls per second of create, get, list and delete of volumes and
 //!   snapshots from 1, 8 and 64 concurrent clients ([`calls`]), first when
 //!   the catalog holds about 1,000 volumes, then once it has grown to
@@ -123,15 +124,15 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
     let load_start = up::load_average();
     let volume_bytes = args.volume_kib * 1024;
 
-    // Baselines first, on a quiet file system.
-    let base_dir = dir.join("baseline");
-    std::fs::create_dir_all(&base_dir)?;
-    let commit_s = baseline::sqlite_commit(&base_dir, args.baseline_samples).await?;
-    let (fua_s, io_backend) = baseline::fua_write(&base_dir, args.baseline_samples).await?;
+    // Baselines first, on a quiet file system, and again after the
+    // latency run: one burst of load on the host makes a baseline slow
+    // and a ratio look better than it is, so the lower of each is kept.
+    let (commit_1, fua_1, io_backend) =
+        baseline::measure(&dir.join("baseline-1"), args.baseline_samples).await?;
     say(&format!(
         "baselines: SQLite commit {:.3} ms, 4 KiB FUA write {:.3} ms ({io_backend})",
-        commit_s * 1e3,
-        fua_s * 1e3
+        commit_1 * 1e3,
+        fua_1 * 1e3
     ));
 
     let devices = (args.volumes * (args.snapshots_per_volume + 1)) as u64 + 1024;
@@ -151,6 +152,16 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
         args.latency_samples
     ));
     let (p50, p99) = latency::create_snapshot_latency(args, &ch, nbd, volume_bytes).await?;
+    let (commit_2, fua_2, _) =
+        baseline::measure(&dir.join("baseline-2"), args.baseline_samples).await?;
+    let (commit_s, fua_s) = (commit_1.min(commit_2), fua_1.min(fua_2));
+    say(&format!(
+        "baselines again: SQLite commit {:.3} ms, 4 KiB FUA write {:.3} ms; kept {:.3} and {:.3} ms",
+        commit_2 * 1e3,
+        fua_2 * 1e3,
+        commit_s * 1e3,
+        fua_s * 1e3
+    ));
 
     let channels: Vec<Channel> = (0..8)
         .map(|_| up::channel(api))
