@@ -241,6 +241,9 @@ impl Operations {
         catalog::operations::finish(tx, op.id, o, now_ms()).await
     }
 
+    /// Commits the settle of `op`, begun with [`Catalog::settle`] (its
+    /// record is durable already: the settle can be derived again, so it
+    /// does not wait for the disk).
     async fn commit(&self, tx: Tx, op: &Operation) -> Result<Operation> {
         tx.commit().await?;
         self.notify();
@@ -308,7 +311,7 @@ impl Operations {
     /// Ends an operation the worker refused (or that cannot go on), undoing
     /// what was recorded for it.
     async fn fail_undo(&self, op: &Operation, e: ControlError) -> Result<Operation> {
-        let mut tx = self.catalog.write().await?;
+        let mut tx = self.catalog.settle().await?;
         let now = now_ms();
         match op.kind {
             OpKind::CreateVolume | OpKind::RestoreVolume | OpKind::CloneVolume => {
@@ -353,7 +356,7 @@ impl Operations {
         {
             Ok(_) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 catalog::volumes::set_state(&mut tx, &id, State::Ready, "", now_ms()).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
@@ -374,7 +377,7 @@ impl Operations {
         {
             Ok(_) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 catalog::volumes::set_size(&mut tx, &id, op.args.size_bytes, now_ms()).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
                 self.finish(&mut tx, op, Ok(r.as_ref())).await?;
@@ -429,7 +432,7 @@ impl Operations {
         match w.delete_volume(&op.target.to_string()).await {
             Ok(()) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 catalog::volumes::delete(&mut tx, op.target.volume()).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
@@ -450,7 +453,7 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let id = op.target.volume().to_string();
                 let now = now_ms();
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 let error = catalog::volumes::get(&mut tx, &id)
                     .await?
                     .map(|v| v.error)
@@ -481,7 +484,7 @@ impl Operations {
             Ok(ws) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let now = now_ms();
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), now).await?;
                 catalog::snapshots::set_state(&mut tx, vol, snap, State::Ready, now).await?;
                 let r = catalog::snapshots::get(&mut tx, vol, snap)
@@ -503,7 +506,7 @@ impl Operations {
             Ok(()) | Err(ControlError::NotFound(_)) => {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let (vol, snap) = op.target.snapshot()?;
-                let mut tx = self.catalog.write().await?;
+                let mut tx = self.catalog.settle().await?;
                 catalog::snapshots::delete(&mut tx, vol, snap).await?;
                 Self::reclaim_if_released(&mut tx, vol, now_ms()).await?;
                 self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
@@ -539,7 +542,7 @@ impl Operations {
                     self.settle_task(op, None).await
                 } else {
                     let (vol, snap) = op.target.snapshot()?;
-                    let mut tx = self.catalog.write().await?;
+                    let mut tx = self.catalog.settle().await?;
                     let now = now_ms();
                     catalog::snapshots::delete(&mut tx, vol, snap).await?;
                     catalog::volumes::set_state(&mut tx, vol, State::Ready, "", now).await?;
@@ -607,7 +610,7 @@ impl Operations {
     /// settle the resources and the operation.
     async fn settle_task(&self, op: &Operation, error: Option<String>) -> Result<Operation> {
         let now = now_ms();
-        let mut tx = self.catalog.write().await?;
+        let mut tx = self.catalog.settle().await?;
         match (op.kind, error) {
             (OpKind::MergeSnapshot, None) => {
                 let (vol, snap) = op.target.snapshot()?;

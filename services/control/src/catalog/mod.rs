@@ -19,6 +19,12 @@
 //! Every function takes a connection, so callers group them in one
 //! transaction ([`Catalog::write`]) where a change spans rows.
 //!
+//! The settle of a recorded operation (what its worker answered) is
+//! committed without its own fsync ([`Catalog::settle`]): it can always be
+//! derived again, by reconciliation driving the operation, whose record
+//! was committed durably before the worker acted (D11). In WAL mode such a
+//! commit is never torn, and the next durable commit makes it durable too.
+//!
 //! A pooled connection whose transaction ended in an error is closed, not
 //! reused: SQLite rolls a transaction back by itself on some errors
 //! (`SQLITE_FULL` when the file system is full, I/O errors), the `ROLLBACK`
@@ -45,6 +51,9 @@ use crate::model::Labels;
 #[derive(Clone)]
 pub struct Catalog {
     pool: SqlitePool,
+    /// Connections with `synchronous=NORMAL`, for settles only
+    /// ([`Catalog::settle`]).
+    settle_pool: SqlitePool,
 }
 
 pub type Tx = Transaction<'static, sqlx::Sqlite>;
@@ -59,18 +68,24 @@ impl Catalog {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .after_release(|conn, _| Box::pin(async move { Ok(reusable(conn).await) }))
-            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
-            .connect_with(opts)
+        let pool_of = |max, opts| {
+            SqlitePoolOptions::new()
+                .max_connections(max)
+                .after_release(|conn, _| Box::pin(async move { Ok(reusable(conn).await) }))
+                .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+                .connect_with(opts)
+        };
+        let pool = pool_of(4, opts.clone())
             .await
             .with_context(|| format!("{}: cannot open the catalog", path.display()))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
             .with_context(|| format!("{}: cannot migrate the catalog", path.display()))?;
-        Ok(Catalog { pool })
+        let settle_pool = pool_of(2, opts.synchronous(SqliteSynchronous::Normal))
+            .await
+            .with_context(|| format!("{}: cannot open the catalog", path.display()))?;
+        Ok(Catalog { pool, settle_pool })
     }
 
     /// A connection for reads (and single-statement writes).
@@ -84,7 +99,14 @@ impl Catalog {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// A write transaction that settles a recorded operation: its commit
+    /// does not wait for the disk (see the module doc).
+    pub async fn settle(&self) -> Result<Tx> {
+        Ok(self.settle_pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     pub async fn close(&self) {
+        self.settle_pool.close().await;
         self.pool.close().await;
     }
 }
@@ -114,4 +136,54 @@ pub fn labels_json(labels: &Labels) -> String {
 pub fn labels_from(json: &str) -> Result<Labels> {
     serde_json::from_str(json)
         .map_err(|e| ControlError::Internal(anyhow::anyhow!("bad labels in the catalog: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn synchronous(c: &mut SqliteConnection) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(c)
+            .await
+            .unwrap()
+    }
+
+    async fn count(c: &mut SqliteConnection) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(c)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn settles_commit_without_fsync_and_writes_stay_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
+        let mut tx = cat.write().await.unwrap();
+        assert_eq!(synchronous(&mut tx).await, 2, "writes: FULL");
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        for i in 0..8 {
+            let mut tx = cat.settle().await.unwrap();
+            assert_eq!(synchronous(&mut tx).await, 1, "settles: NORMAL");
+            sqlx::query("INSERT INTO t VALUES (?)")
+                .bind(i)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let mut c = cat.conn().await.unwrap();
+        assert_eq!(synchronous(&mut c).await, 2, "reads and plain writes: FULL");
+        assert_eq!(count(&mut c).await, 8, "settles are committed");
+        drop(c);
+        cat.close().await;
+        let cat = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
+        let mut c = cat.conn().await.unwrap();
+        assert_eq!(count(&mut c).await, 8, "and there after a reopen");
+    }
 }
