@@ -58,24 +58,19 @@ pub fn run(cmd: NbdCommand) -> anyhow::Result<u8> {
             uri,
             backend,
         } => {
-            let (addr, export) = parse_uri(&uri)?;
-            let index = index(&device)?;
-            kernel_nbd::reconnect(index, &addr, &export, backend.as_deref().unwrap_or(&uri))?;
+            let (index, addr, export, backend) = attached(&device, &uri, backend)?;
+            kernel_nbd::reconnect(index, &addr, &export, &backend)?;
         }
         NbdCommand::Resize {
             device,
             uri,
             backend,
         } => {
-            let (addr, export) = parse_uri(&uri)?;
-            let index = index(&device)?;
-            let size = kernel_nbd::refresh_size(
-                index,
-                &addr,
-                &export,
-                backend.as_deref().unwrap_or(&uri),
-            )?;
-            println!("{size}");
+            let (index, addr, export, backend) = attached(&device, &uri, backend)?;
+            println!(
+                "{}",
+                kernel_nbd::refresh_size(index, &addr, &export, &backend)?
+            );
         }
         NbdCommand::Detach { device } => {
             let index = index(&device)?;
@@ -97,6 +92,22 @@ pub fn run(cmd: NbdCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// An attached device and its export, as `reconnect` and `resize` name
+/// them: its index, the server, the export, its label (the URI if none).
+fn attached(
+    device: &Path,
+    uri: &str,
+    backend: Option<String>,
+) -> anyhow::Result<(u32, LocalAddr, String, String)> {
+    let (addr, export) = parse_uri(uri)?;
+    Ok((
+        index(device)?,
+        addr,
+        export,
+        backend.unwrap_or_else(|| uri.to_string()),
+    ))
 }
 
 fn index(dev: &Path) -> anyhow::Result<u32> {

@@ -349,3 +349,35 @@ async fn an_xfs_volume_is_made_mounted_and_published() {
     .unwrap();
     f.assert_nothing_attached();
 }
+
+/// The kernel NBD client's handshake (what it hands the kernel) against
+/// the real worker: the export's size and transmission flags; an unknown
+/// export is refused by name. The kernel side runs in .ci/kernel-nbd.sh.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kernel_clients_handshake_learns_the_export_from_a_real_worker() {
+    use cowsnap_csi::node::kernel_nbd;
+    use cowsnap_worker::nbd::proto;
+    let f = Fixture::start().await;
+    f.create_volume("k1", 8 << 20).await;
+    let addr = f.nbd();
+    let (fd, info) =
+        tokio::task::spawn_blocking(move || kernel_nbd::open_export(&addr, "volumes/k1").unwrap())
+            .await
+            .unwrap();
+    drop(fd);
+    assert_eq!(info.size, 8 << 20);
+    for flag in [
+        proto::FLAG_HAS_FLAGS,
+        proto::FLAG_SEND_FLUSH,
+        proto::FLAG_SEND_FUA,
+    ] {
+        assert_ne!(info.flags & flag, 0, "flag {flag:#x} in {:#x}", info.flags);
+    }
+    assert_eq!(info.flags & proto::FLAG_READ_ONLY, 0);
+    let addr = f.nbd();
+    let e = tokio::task::spawn_blocking(move || kernel_nbd::open_export(&addr, "volumes/none"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("volumes/none refused"), "{e}");
+}

@@ -245,28 +245,26 @@ fn block_size(size: u64) -> u64 {
 /// simple replies: the kernel's client knows no structured replies).
 pub fn open_export(addr: &LocalAddr, export: &str) -> anyhow::Result<(OwnedFd, ExportInfo)> {
     let fail = |e: std::io::Error| anyhow::anyhow!("NBD server {addr}: {e}");
+    // The handshake has a deadline; the connection the kernel gets none.
+    macro_rules! negotiate {
+        ($s:expr) => {{
+            let s = $s;
+            s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
+            s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
+            let info =
+                handshake(&s, export).map_err(|e| anyhow::anyhow!("NBD server {addr}: {e}"))?;
+            s.set_read_timeout(None).map_err(fail)?;
+            s.set_write_timeout(None).map_err(fail)?;
+            Ok((s.into(), info))
+        }};
+    }
     match addr {
         LocalAddr::Tcp(a) => {
             let s = std::net::TcpStream::connect_timeout(a, HANDSHAKE_TIMEOUT).map_err(fail)?;
             s.set_nodelay(true).map_err(fail)?;
-            s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-            s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-            let info =
-                handshake(&s, export).map_err(|e| anyhow::anyhow!("NBD server {addr}: {e}"))?;
-            s.set_read_timeout(None).map_err(fail)?;
-            s.set_write_timeout(None).map_err(fail)?;
-            Ok((s.into(), info))
+            negotiate!(s)
         }
-        LocalAddr::Unix(p) => {
-            let s = std::os::unix::net::UnixStream::connect(p).map_err(fail)?;
-            s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-            s.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-            let info =
-                handshake(&s, export).map_err(|e| anyhow::anyhow!("NBD server {addr}: {e}"))?;
-            s.set_read_timeout(None).map_err(fail)?;
-            s.set_write_timeout(None).map_err(fail)?;
-            Ok((s.into(), info))
-        }
+        LocalAddr::Unix(p) => negotiate!(std::os::unix::net::UnixStream::connect(p).map_err(fail)?),
     }
 }
 
