@@ -77,12 +77,6 @@ pub fn run(cmd: NbdCommand) -> anyhow::Result<u8> {
             if !kernel_nbd::device(index).is_some_and(|d| d.connected) {
                 bail!("{} is not attached", device.display());
             }
-            if kernel_nbd::in_use(&device) {
-                bail!(
-                    "{} is in use (mounted?); release it first",
-                    device.display()
-                );
-            }
             kernel_nbd::detach(index)?;
         }
         NbdCommand::List => {

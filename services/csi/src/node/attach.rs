@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::error::{NodeError, Result};
-use super::kernel_nbd;
+use super::kernel_nbd::{self, InUse};
 use super::mounts::{mounted_at, run};
 use cowsnap_worker::nbd::LocalAddr;
 
@@ -299,13 +299,13 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 /// Fails if a device stays in use (mounted).
 pub fn detach(att: &Attachment) -> Result<()> {
     for d in nbd_devices_for(&att.fuse_dir) {
-        if kernel_nbd::in_use(&d.path()) {
-            return Err(NodeError::FailedPrecondition(format!(
+        kernel_nbd::detach(d.index).map_err(|e| match e.downcast_ref::<kernel_nbd::InUse>() {
+            Some(InUse(dev)) => NodeError::FailedPrecondition(format!(
                 "{} is still in use; unmount it first",
-                d.path().display()
-            )));
-        }
-        kernel_nbd::detach(d.index).map_err(|e| NodeError::internal(format!("{e:#}")))?;
+                dev.display()
+            )),
+            None => NodeError::internal(format!("{e:#}")),
+        })?;
     }
     let file = att.fuse_file();
     let mut loops = loops_under(&att.fuse_dir);

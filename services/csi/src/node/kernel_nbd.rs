@@ -164,10 +164,30 @@ fn resize(index: u32, backend: &str, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A device something holds (a mounted file system, a device-mapper
+/// table): not disconnected.
+#[derive(Debug)]
+pub struct InUse(pub PathBuf);
+
+impl std::fmt::Display for InUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is in use (mounted?); release it first",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for InUse {}
+
 /// Disconnects `/dev/nbd{index}`: the kernel sends NBD_CMD_DISC, drops
-/// the socket and the device reads as empty. I/O still in flight fails,
-/// so callers make sure nothing uses the device first.
+/// the socket and the device reads as empty. Refused ([`InUse`]) while
+/// something holds the device: the kernel would fail its I/O.
 pub fn detach(index: u32) -> anyhow::Result<()> {
+    if in_use(&path(index)) {
+        return Err(InUse(path(index)).into());
+    }
     let mut nl = Netlink::open()?;
     let family = nl.family_id()?;
     let mut m = Msg::new(family, NBD_CMD_DISCONNECT);
@@ -188,7 +208,7 @@ pub fn detach(index: u32) -> anyhow::Result<()> {
 
 /// Whether something holds `dev` open exclusively (a mounted file
 /// system, a device-mapper table): an exclusive open of it fails then.
-pub fn in_use(dev: &Path) -> bool {
+fn in_use(dev: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
     matches!(
         std::fs::OpenOptions::new()
