@@ -35,6 +35,24 @@ fn exceptions(s: &pb::Snapshot) -> u64 {
 }
 
 /// The export's size as a real client (qemu-img) sees it on a new connection.
+/// The delta of snapshot `name` against `base` ("": the volume now): its
+/// size and its (offset, length) ranges.
+async fn delta(c: &mut Client, name: &str, base: &str) -> (u64, Vec<(u64, u64)>) {
+    let d = c
+        .get_snapshot_delta(pb::GetSnapshotDeltaRequest {
+            name: name.into(),
+            base_snapshot: base.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        d.size_bytes,
+        d.ranges.iter().map(|r| (r.offset, r.length)).collect(),
+    )
+}
+
 fn client_size(w: &Worker, export: &str) -> u64 {
     let out = tool("qemu-img", &["info", "--output=json", &w.nbd_uri(export)]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -97,30 +115,15 @@ async fn a_volume_grows_online_and_its_snapshots_keep_their_size() {
     let s2 = create_snapshot(&mut c, "v1", "s2", 0).await;
     assert_eq!(s2.size_bytes, 8 * MIB);
     // s2 against s1: the chunks s1 copied, and all of s2 past s1's end.
-    let d = c
-        .get_snapshot_delta(pb::GetSnapshotDeltaRequest {
-            name: "volumes/v1/snapshots/s2".into(),
-            base_snapshot: "volumes/v1/snapshots/s1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.size_bytes, 8 * MIB);
-    let ranges: Vec<_> = d.ranges.iter().map(|r| (r.offset, r.length)).collect();
-    assert_eq!(ranges, [(0, MIB), (4 * MIB, 4 * MIB)]);
+    assert_eq!(
+        delta(&mut c, "volumes/v1/snapshots/s2", "volumes/v1/snapshots/s1").await,
+        (8 * MIB, vec![(0, MIB), (4 * MIB, 4 * MIB)])
+    );
     // s1 against the volume now: only what s1 holds, within s1.
-    let d = c
-        .get_snapshot_delta(pb::GetSnapshotDeltaRequest {
-            name: "volumes/v1/snapshots/s1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(d.size_bytes, 4 * MIB);
-    let ranges: Vec<_> = d.ranges.iter().map(|r| (r.offset, r.length)).collect();
-    assert_eq!(ranges, [(0, MIB)]);
+    assert_eq!(
+        delta(&mut c, "volumes/v1/snapshots/s1", "").await,
+        (4 * MIB, vec![(0, MIB)])
+    );
 
     // Merging s1 would leave the grown part as it is: refused.
     let e = c
