@@ -157,7 +157,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn settles_commit_without_fsync_and_writes_stay_full() {
+    async fn settles_run_with_synchronous_normal_and_writes_stay_full() {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
         let mut tx = cat.write().await.unwrap();
