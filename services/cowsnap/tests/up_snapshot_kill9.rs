@@ -49,6 +49,7 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
     let (_tmp, mut up) = up_in_scratch().await;
     let points = [
         "create_snapshot:before_worker",
+        "worker:create_snapshot:recorded",
         "worker:create_snapshot:attached",
         "create_snapshot:after_worker",
     ];
@@ -62,28 +63,33 @@ async fn kill9_at_each_step_of_a_snapshot_create() {
         assert!(r.is_err(), "{point}: killed during the call");
         assert!(!up.exited().success());
         let name = format!("volumes/{vol}/snapshots/s");
-        if point == "worker:create_snapshot:attached" {
+        if point.starts_with("worker:create_snapshot:") {
             assert!(
                 up.device_files().contains(&name),
-                "{point}: the COW file exists, its record does not"
+                "{point}: the COW file exists"
             );
-            // The new state was written (and fsynced) beside the device
-            // work, into the temporary file only: the state that is read
-            // at start does not name the snapshot yet.
-            let names_it = |f: &str| {
-                let bytes = std::fs::read(up.dir.join("worker").join(f)).unwrap();
-                let st: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                st["volumes"][&vol]["snapshots"]
+            // The record was written beside the device work, into the
+            // journal after the checkpoint, as `creating`: start-up keeps
+            // the snapshot if its COW header was written (it was, at
+            // `attached`), else drops it and the control service creates it
+            // again.
+            let dir = up.dir.join("worker");
+            let checkpoint: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+            assert!(
+                checkpoint["volumes"][&vol]["snapshots"]
                     .as_array()
                     .unwrap()
-                    .iter()
-                    .any(|s| s["id"] == "s")
-            };
-            assert!(
-                names_it("state.json.tmp"),
-                "{point}: the next state is ready"
+                    .is_empty(),
+                "{point}: not in the checkpoint"
             );
-            assert!(!names_it("state.json"), "{point}: and not in place");
+            let st = cowsnap_worker::state::StateFile::new(&dir).load().unwrap();
+            let s = st.volumes()[&vol].snapshots.iter().find(|s| s.id == "s");
+            assert_eq!(
+                s.map(|s| s.phase),
+                Some(cowsnap_worker::state::Phase::Creating),
+                "{point}: in the journal"
+            );
         }
         up.restart_armed(None).await;
         up.settle().await;

@@ -110,7 +110,7 @@ impl Worker {
         let (volume_id, device) = (new.volume_id.as_str(), new.device.as_str());
         let layout = chunk_layout("chunk_sectors", new.chunk_sectors, src_chunk)?;
         let vname = names::volume(volume_id);
-        if let Some(existing) = inner.st.volumes.get(volume_id) {
+        if let Some(existing) = inner.st.volumes().get(volume_id) {
             // Idempotent: the same restore or clone returns its task.
             let task = self
                 .tasks
@@ -144,21 +144,18 @@ impl Worker {
             ));
         }
         let task = self.new_task(inner, kind, vname.clone(), source.to_string());
-        inner.st.volumes.insert(
-            volume_id.to_string(),
-            VolumeRec {
-                id: volume_id.to_string(),
-                size_bytes: size,
-                chunk_sectors: layout.chunk_sectors(),
-                device: place.path,
-                file_backed: place.file_backed,
-                phase: Phase::Creating,
-                snapshots: Vec::new(),
-                merging: None,
-                retired: false,
-                create_time: now(),
-            },
-        );
+        inner.st.insert_volume(VolumeRec {
+            id: volume_id.to_string(),
+            size_bytes: size,
+            chunk_sectors: layout.chunk_sectors(),
+            device: place.path,
+            file_backed: place.file_backed,
+            phase: Phase::Creating,
+            snapshots: Vec::new(),
+            merging: None,
+            retired: false,
+            create_time: now(),
+        });
         self.save(inner)?;
         if kind == TaskKind::Clone {
             // The clone is of the source as it is now: a temporary snapshot
@@ -170,7 +167,7 @@ impl Worker {
             }
             .to_string();
             if let Err(e) = self.create_temp_snapshot(inner, sv, &temp).await {
-                inner.st.volumes.remove(volume_id);
+                inner.st.remove_volume(volume_id);
                 task.update(|t| {
                     t.done = true;
                     t.error = Some(e.client_message());
@@ -202,7 +199,7 @@ impl Worker {
                 let temp = SnapshotKind::CloneSource { task: &rec.id };
                 inner
                     .st
-                    .volumes
+                    .volumes()
                     .get(&sv)
                     .and_then(|v| v.snapshots.iter().find(|s| s.kind() == temp))
                     .cloned()
@@ -251,7 +248,7 @@ impl Worker {
         let mut inner = self.inner.lock().await;
         let v = inner
             .st
-            .volumes
+            .volumes()
             .get(vol)
             .cloned()
             .ok_or_else(|| WorkerError::NotFound(format!("{} vanished", rec.target)))?;
@@ -291,7 +288,7 @@ impl Worker {
     ) -> Result<SnapId> {
         let v = inner
             .st
-            .volumes
+            .volumes()
             .get(vol)
             .cloned()
             .ok_or_else(|| WorkerError::NotFound(format!("volume {vol} vanished")))?;

@@ -99,7 +99,7 @@ impl Inner {
     /// name already.
     fn volume_by_id(&self, id: &str) -> Result<&VolumeRec> {
         self.st
-            .volumes
+            .volumes()
             .get(id)
             .ok_or_else(|| WorkerError::NotFound(format!("{} not found", names::volume(id))))
     }
@@ -110,7 +110,7 @@ impl Inner {
         let (vol, snap) =
             names::parse_snapshot(name).map_err(|e| WorkerError::invalid("name", e))?;
         let v =
-            self.st.volumes.get(vol).ok_or_else(|| {
+            self.st.volumes().get(vol).ok_or_else(|| {
                 WorkerError::NotFound(format!("{name} not found (no volume {vol})"))
             })?;
         let s = v
@@ -123,7 +123,7 @@ impl Inner {
 
     /// The record of volume id `vol`, which the caller knows exists.
     fn volume_mut(&mut self, vol: &str) -> &mut VolumeRec {
-        self.st.volumes.get_mut(vol).expect("volume exists")
+        self.st.volume_mut(vol).expect("volume exists")
     }
 
     fn set_snapshot_phase(&mut self, vol: &str, snap: &str, phase: Phase) {
@@ -237,7 +237,7 @@ impl Worker {
 
     fn save(&self, inner: &mut Inner) -> Result<()> {
         inner.st.tasks = self.tasks.records();
-        self.file.save(&inner.st).map_err(WorkerError::Internal)
+        self.file.save(&mut inner.st).map_err(WorkerError::Internal)
     }
 
     /// Saves `task` as succeeded, with whatever `inner` holds, but leaves

@@ -93,7 +93,7 @@ impl Worker {
     /// Bytes that file-backed devices may still claim beyond what they use.
     pub(super) fn committed_unallocated(&self, st: &WorkerState) -> u64 {
         let mut n = 0u64;
-        for v in st.volumes.values() {
+        for v in st.volumes().values() {
             if v.file_backed {
                 n += v.size_bytes.saturating_sub(Devices::allocated(&v.device));
             }

@@ -24,11 +24,13 @@ impl Worker {
         for rec in inner.st.tasks.values() {
             self.tasks.insert(rec.clone());
         }
-        let vols: Vec<VolumeRec> = inner.st.volumes.values().cloned().collect();
+        let vols: Vec<VolumeRec> = inner.st.volumes().values().cloned().collect();
         for v in vols {
             self.recover_volume(&mut inner, v).await;
         }
-        self.save(&mut inner).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // A fresh checkpoint: the journal starts empty.
+        inner.st.tasks = self.tasks.records();
+        self.file.checkpoint(&mut inner.st)?;
         self.remove_unrecorded_cow_files(&inner);
         // Resume unfinished tasks.
         let pending: Vec<TaskRec> = self.tasks.list().into_iter().filter(|t| !t.done).collect();
@@ -48,7 +50,7 @@ impl Worker {
     fn remove_unrecorded_cow_files(&self, inner: &Inner) {
         let recorded: std::collections::HashSet<&std::ffi::OsStr> = inner
             .st
-            .volumes
+            .volumes()
             .values()
             .flat_map(|v| v.snapshots.iter())
             .filter(|s| s.file_backed)
@@ -78,7 +80,7 @@ impl Worker {
             if let Err(e) = self.devices.release(&v.device, v.file_backed) {
                 tracing::error!(volume = %vname, "cannot release the device of a volume being deleted: {e}");
             }
-            inner.st.volumes.remove(&v.id);
+            inner.st.remove_volume(&v.id);
             return;
         }
         let copying = self
@@ -118,7 +120,7 @@ impl Worker {
         }
         v.snapshots = keep;
         let ready = v.phase == Phase::Ready;
-        inner.st.volumes.insert(v.id.clone(), v.clone());
+        inner.st.insert_volume(v.clone());
         inner.live.insert(v.id.clone(), Live::Up { origin, snaps });
         if ready {
             self.export_volume(&v, &inner.live[&v.id]);

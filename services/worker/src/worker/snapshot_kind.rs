@@ -90,17 +90,17 @@ mod tests {
         let old = r#"{"volumes":{"src":{"id":"src","size_bytes":1048576,"chunk_sectors":16,"device":"/data/devices/src.vol","file_backed":true,"phase":"ready","snapshots":[{"id":".clone-3","cow_size_bytes":1114112,"chunk_sectors":16,"device":"/data/devices/src..clone-3.cow","file_backed":true,"writable":false,"phase":"ready","create_time":5}],"merging":null,"create_time":4}},"tasks":{"3":{"id":"3","kind":"clone","target":"volumes/dst","source":"volumes/src","done":false,"error":null,"done_units":0,"total_units":256,"create_time":5,"temp_snapshot":".clone-3"}},"next_task":3}"#;
         std::fs::write(dir.path().join("state.json"), old).unwrap();
         let f = StateFile::new(dir.path());
-        let st = f.load().unwrap();
+        let mut st = f.load().unwrap();
         let t = &st.tasks["3"];
         assert_eq!(
             (t.kind, t.total_units, t.done),
             (TaskKind::Clone, 256, false)
         );
-        let s = &st.volumes["src"].snapshots[0];
+        let s = &st.volumes()["src"].snapshots[0];
         assert_eq!(s.kind(), SnapshotKind::CloneSource { task: "3" });
         assert_eq!(s.phase, Phase::Ready);
         // Written back without it, and loads the same.
-        f.save(&st).unwrap();
+        f.checkpoint(&mut st).unwrap();
         let new = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
         assert!(!new.contains("temp_snapshot"), "{new}");
         assert_eq!(f.load().unwrap(), st);

@@ -14,7 +14,7 @@ use super::placement::full_cow_bytes;
 use super::snapshot_kind::SnapshotKind;
 use super::{Inner, SnapshotInfo, Worker, chunk_layout, same_or_exists};
 use crate::error::{Result, WorkerError};
-use crate::state::{Phase, SnapshotRec, StateFile, now, sync_dir};
+use crate::state::{Phase, SnapshotRec, now, sync_dir};
 
 /// What a new snapshot asks for.
 #[derive(Clone, Debug, Default)]
@@ -138,15 +138,16 @@ impl Worker {
             device: path.clone(),
             file_backed,
             writable,
-            phase: Phase::Ready,
+            phase: Phase::Creating,
             create_time: now(),
             error: None,
         };
-        // One state write (D9 of docs/design.md), durable only after the
-        // device work: a crash before it leaves a COW device no record
-        // names, which is harmless (a raw device is zeroed again before any
-        // use; a file is removed at the next start, see `recovery`), and
-        // the create was not acknowledged.
+        // One state write (D9 of docs/design.md), beside the device work:
+        // the record says `Creating` until the next save, and start-up
+        // keeps such a snapshot only if its COW header was written. A crash
+        // before both are durable leaves a record start-up drops, or a COW
+        // device no record names (a file, removed at start; a raw device,
+        // zeroed before any use); the create was not acknowledged.
         inner.volume_mut(vol).snapshots.push(s.clone());
         let added = match self
             .attach_and_save(&mut inner, &origin, &sname, &s, layout)
@@ -158,8 +159,18 @@ impl Worker {
                     .volume_mut(vol)
                     .snapshots
                     .retain(|s| s.id != snapshot_id);
+                if let Err(e) = self.save(&mut inner) {
+                    tracing::error!(snapshot = %sname, "cannot record that the create failed (start-up drops it): {e}");
+                }
                 return Err(e);
             }
+        };
+        // Durable with the next save; until then start-up makes it ready
+        // from its header.
+        inner.set_snapshot_phase(vol, snapshot_id, Phase::Ready);
+        let s = SnapshotRec {
+            phase: Phase::Ready,
+            ..s
         };
         inner
             .live
@@ -167,7 +178,7 @@ impl Worker {
             .expect("live volume")
             .add_snap(snapshot_id, added);
         self.watch_invalid(&origin, added, vol, snapshot_id);
-        let v = inner.st.volumes[vol].clone();
+        let v = inner.st.volumes()[vol].clone();
         if SnapshotKind::of(snapshot_id).is_visible() {
             self.export_snapshot(vol, &s, &origin, added);
         }
@@ -177,18 +188,17 @@ impl Worker {
 
     /// Makes the COW device of the new snapshot `s` (a new file, or a
     /// zeroed raw device), attaches it to `origin`'s engine, and saves the
-    /// state, which `inner` holds with `s` in it. What must be durable
-    /// before the state names the snapshot runs side by side with the
-    /// state's first half (the new state in a fsynced temporary file,
-    /// which nothing reads): the engine's attach (origin flush beside the
-    /// COW format, one `RWF_DSYNC` write of its header chunk and zeroed
-    /// area 0) and, for a new file, the fsync of its directory entry. Its
+    /// state, which `inner` holds with `s` in it (`Creating`). The three
+    /// durable parts run side by side, in one device round trip: the
+    /// journal record, the engine's attach (origin flush beside the COW
+    /// format, one `RWF_DSYNC` write of its header chunk and zeroed area 0)
+    /// and, for a new file, the fsync of its directory entry. The file's
     /// size needs no fsync of its own: a `RWF_DSYNC` write completes as
     /// though followed by `fdatasync`, which makes durable a size set by
-    /// `ftruncate` (open(2), fdatasync(2)). Only once all of them are done
-    /// is the state renamed into place (and its directory fsynced), so the
-    /// record is never durable before its device (D9). On error the device
-    /// is given back and the engine does not hold the snapshot.
+    /// `ftruncate` (open(2), fdatasync(2)). A raw device was zeroed (and
+    /// synced) before any of it, so no old header can pass for the new
+    /// one. On error the device is given back and the engine does not hold
+    /// the snapshot.
     async fn attach_and_save(
         &self,
         inner: &mut Inner,
@@ -199,8 +209,8 @@ impl Worker {
     ) -> Result<SnapId> {
         let path = s.device.as_path();
         let release = || {
-            if s.file_backed {
-                let _ = self.devices.release(path, true);
+            if let Err(e) = self.devices.release(path, s.file_backed) {
+                tracing::error!(snapshot = %sname, device = %path.display(), "cannot give back the device of a failed create: {e}");
             }
         };
         let made = if s.file_backed {
@@ -210,19 +220,25 @@ impl Worker {
             self.devices.zero_raw(path, layout.chunk_bytes() * 2)
         };
         if let Err(e) = made {
-            release();
+            if s.file_backed {
+                release();
+            }
             return Err(e);
         }
         inner.st.tasks = self.tasks.records();
-        let bytes = match StateFile::encode(&inner.st) {
-            Ok(b) => b,
+        let save = match self.file.prepare(&mut inner.st) {
+            Ok(save) => save,
             Err(e) => {
                 release();
                 return Err(WorkerError::Internal(e));
             }
         };
         let file = self.file.clone();
-        let state_tmp = tokio::task::spawn_blocking(move || file.write_tmp(&bytes));
+        let recorded = tokio::task::spawn_blocking(move || {
+            let r = file.commit(save);
+            cowsnap_proto::kill_point::reached("worker:create_snapshot:recorded");
+            r
+        });
         let dir_entry = s.file_backed.then(|| {
             let dir = self.devices.dir().to_path_buf();
             tokio::task::spawn_blocking(move || sync_dir(&dir))
@@ -230,9 +246,9 @@ impl Worker {
         let attached = self
             .attach_device(origin, path, s.file_backed, s.cow_size_bytes, layout, true)
             .await;
-        // Every blocking half is waited for, whatever failed: none may
+        // Every blocking part is waited for, whatever failed: none may
         // outlive this call (and the lock) to race the next save.
-        let state_tmp = joined(state_tmp.await);
+        let recorded = joined(recorded.await);
         let dir_entry = match dir_entry {
             Some(h) => joined(h.await),
             None => Ok(()),
@@ -245,8 +261,7 @@ impl Worker {
             }
         };
         cowsnap_proto::kill_point::reached("worker:create_snapshot:attached");
-        let saved = state_tmp.and(dir_entry).and_then(|()| self.file.replace());
-        if let Err(e) = saved {
+        if let Err(e) = recorded.and(dir_entry) {
             // Not recorded: take it out of the engine and give the device
             // back, as if the create had never started.
             match origin.delete_snapshot(added).await {
@@ -404,8 +419,7 @@ impl Worker {
             let mut inner = me.inner.lock().await;
             let Some(rec) = inner
                 .st
-                .volumes
-                .get_mut(&vol)
+                .volume_mut(&vol)
                 .and_then(|v| v.snapshots.iter_mut().find(|s| s.id == snap))
             else {
                 return;

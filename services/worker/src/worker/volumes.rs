@@ -54,7 +54,7 @@ impl Worker {
         let layout = chunk_layout("chunk_sectors", *chunk_sectors, DEFAULT_CHUNK_SECTORS)?;
         let mut inner = self.inner.lock().await;
         let file = self.devices.volume_file(volume_id);
-        if let Some(v) = inner.st.volumes.get(volume_id) {
+        if let Some(v) = inner.st.volumes().get(volume_id) {
             let asked_dev = self.asked_device(device, file)?;
             let asked_size = if size_bytes == 0 && !device.is_empty() {
                 v.size_bytes
@@ -98,7 +98,7 @@ impl Worker {
             retired: false,
             create_time: now(),
         };
-        inner.st.volumes.insert(volume_id.to_string(), rec);
+        inner.st.insert_volume(rec);
         self.save(&mut inner)?;
         let origin = self
             .prepare_device(&path, file_backed, size)
@@ -107,7 +107,7 @@ impl Worker {
             Ok(o) => Arc::new(o),
             Err(e) => {
                 // Undo the intent: nothing was acknowledged.
-                inner.st.volumes.remove(volume_id);
+                inner.st.remove_volume(volume_id);
                 if file_backed {
                     let _ = self.devices.release(&path, true);
                 }
@@ -137,7 +137,7 @@ impl Worker {
         let inner = self.inner.lock().await;
         inner
             .st
-            .volumes
+            .volumes()
             .values()
             .map(|v| self.volume_info(&inner, v))
             .collect()
@@ -263,7 +263,7 @@ impl Worker {
         }
         self.devices.release(&v.device, v.file_backed)?;
         cowsnap_proto::kill_point::reached("worker:delete_volume:released");
-        inner.st.volumes.remove(&v.id);
+        inner.st.remove_volume(&v.id);
         self.save(&mut inner)?;
         tracing::info!(volume = %name, "volume deleted");
         Ok(())

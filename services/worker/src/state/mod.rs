@@ -1,18 +1,19 @@
-//! The worker's own state, persisted in `DATA_DIR/state.json`: which
-//! devices hold which volumes and snapshots (in creation order), which merge
-//! is in progress, which long-running tasks exist. Everything else (the
-//! exceptions, the data) lives on the devices themselves.
+//! The worker's own state: which devices hold which volumes and snapshots
+//! (in creation order), which merge is in progress, which long-running
+//! tasks exist. Everything else (the exceptions, the data) lives on the
+//! devices themselves. [`StateFile`] keeps it durable (D8 of
+//! docs/design.md): a checkpoint `state.json` plus a journal of changes.
 //!
-//! Every change (D8 of docs/design.md) is written to `state.json.tmp`, fsynced, renamed over
-//! `state.json`, and the directory fsynced: after a crash the file holds
-//! either the old or the new state. Records carry their lifecycle state so
-//! that start-up can finish or undo whatever was half done (a create that
-//! wrote an intent but not its device, a delete that released the device but
-//! not the record).
+//! Records carry their lifecycle state so that start-up can finish or undo
+//! whatever was half done (a create that wrote an intent but not its
+//! device, a delete that released the device but not the record).
 
-use std::collections::BTreeMap;
+mod journal;
+
+pub use journal::StateFile;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -114,12 +115,43 @@ impl TaskRec {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerState {
-    pub volumes: BTreeMap<String, VolumeRec>,
+    /// Read through [`WorkerState::volumes`]; changed only through the
+    /// methods that note what changed, so a save writes only that.
+    volumes: BTreeMap<String, VolumeRec>,
     pub tasks: BTreeMap<String, TaskRec>,
     pub next_task: u64,
+    /// The checkpoint's generation: journal records of another one are
+    /// not part of this state (see [`StateFile`]). Absent in files
+    /// written before the journal: 0.
+    #[serde(default)]
+    generation: u64,
+    /// Volumes changed since the last save.
+    #[serde(skip)]
+    dirty: BTreeSet<String>,
 }
 
 impl WorkerState {
+    pub fn volumes(&self) -> &BTreeMap<String, VolumeRec> {
+        &self.volumes
+    }
+
+    /// The record of volume `id`, to change.
+    pub fn volume_mut(&mut self, id: &str) -> Option<&mut VolumeRec> {
+        let v = self.volumes.get_mut(id)?;
+        self.dirty.insert(id.to_string());
+        Some(v)
+    }
+
+    pub fn insert_volume(&mut self, v: VolumeRec) {
+        self.dirty.insert(v.id.clone());
+        self.volumes.insert(v.id.clone(), v);
+    }
+
+    pub fn remove_volume(&mut self, id: &str) -> Option<VolumeRec> {
+        self.dirty.insert(id.to_string());
+        self.volumes.remove(id)
+    }
+
     /// The volume or snapshot (name) using `device`, if any.
     pub fn device_user(&self, device: &Path) -> Option<String> {
         for v in self.volumes.values() {
@@ -152,82 +184,6 @@ impl WorkerState {
     }
 }
 
-/// `state.json` in the data dir.
-#[derive(Clone)]
-pub struct StateFile {
-    path: PathBuf,
-}
-
-impl StateFile {
-    pub fn new(data_dir: &Path) -> StateFile {
-        StateFile {
-            path: data_dir.join("state.json"),
-        }
-    }
-
-    /// The saved state, or an empty one on first start.
-    pub fn load(&self) -> anyhow::Result<WorkerState> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => {
-                let mut st: WorkerState = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("{}: corrupt worker state", self.path.display()))?;
-                for v in st.volumes.values_mut() {
-                    for s in v.snapshots.iter_mut().filter(|s| s.size_bytes == 0) {
-                        s.size_bytes = v.size_bytes;
-                    }
-                }
-                Ok(st)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WorkerState::default()),
-            Err(e) => Err(e).with_context(|| format!("{}: cannot read", self.path.display())),
-        }
-    }
-
-    /// Replaces the saved state atomically and durably.
-    pub fn save(&self, state: &WorkerState) -> anyhow::Result<()> {
-        self.write_tmp(&Self::encode(state)?)?;
-        self.replace()
-    }
-
-    /// The bytes a save writes. Compact: the file is rewritten on every
-    /// change, and read by this code only (`load` reads the pretty form
-    /// older versions wrote).
-    pub fn encode(state: &WorkerState) -> anyhow::Result<Vec<u8>> {
-        Ok(serde_json::to_vec(state)?)
-    }
-
-    /// The first half of a save: `bytes` (from [`StateFile::encode`])
-    /// written to `state.json.tmp` and fsynced. `state.json` is untouched
-    /// until [`StateFile::replace`], so this may run beside work the new
-    /// state must not be durable before.
-    pub fn write_tmp(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        let tmp = self.tmp_path();
-        // Only the owner reads it (it names the devices), whatever the umask.
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = cowsnap_proto::server::private_file_options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()
-            .with_context(|| format!("{}: cannot sync", tmp.display()))?;
-        Ok(())
-    }
-
-    /// The second half of a save: the temporary file renamed over
-    /// `state.json`, and the directory fsynced.
-    pub fn replace(&self) -> anyhow::Result<()> {
-        std::fs::rename(self.tmp_path(), &self.path)
-            .with_context(|| format!("{}: cannot replace", self.path.display()))?;
-        sync_dir(self.path.parent().expect("state file has a directory"))
-    }
-
-    fn tmp_path(&self) -> PathBuf {
-        self.path.with_extension("json.tmp")
-    }
-}
-
 /// fsyncs a directory so a rename or unlink in it is durable.
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     File::open(dir)
@@ -256,22 +212,19 @@ mod tests {
             next_task: 7,
             ..WorkerState::default()
         };
-        st.volumes.insert(
-            "v1".into(),
-            VolumeRec {
-                id: "v1".into(),
-                size_bytes: 1 << 20,
-                chunk_sectors: 32,
-                device: "/x/v1.vol".into(),
-                file_backed: true,
-                phase: Phase::Ready,
-                snapshots: vec![],
-                merging: None,
-                retired: false,
-                create_time: 1,
-            },
-        );
-        f.save(&st).unwrap();
+        st.insert_volume(VolumeRec {
+            id: "v1".into(),
+            size_bytes: 1 << 20,
+            chunk_sectors: 32,
+            device: "/x/v1.vol".into(),
+            file_backed: true,
+            phase: Phase::Ready,
+            snapshots: vec![],
+            merging: None,
+            retired: false,
+            create_time: 1,
+        });
+        f.save(&mut st).unwrap();
         assert_eq!(f.load().unwrap(), st);
         assert_eq!(
             st.device_user(Path::new("/x/v1.vol")).as_deref(),
@@ -314,7 +267,7 @@ mod tests {
 }"#;
         std::fs::write(dir.path().join("state.json"), old).unwrap();
         let f = StateFile::new(dir.path());
-        let st = f.load().unwrap();
+        let mut st = f.load().unwrap();
         assert_eq!(st.next_task, 3);
         let v = &st.volumes["v1"];
         assert_eq!(v.snapshots[0].phase, Phase::Creating);
@@ -322,7 +275,7 @@ mod tests {
         assert!(!v.retired && v.snapshots[0].error.is_none());
         // Written before volumes could grow: the snapshot has the volume's size.
         assert_eq!(v.snapshots[0].size_bytes, 1048576);
-        f.save(&st).unwrap();
+        f.checkpoint(&mut st).unwrap();
         let compact = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
         assert!(!compact.contains('\n'), "{compact}");
         assert_eq!(f.load().unwrap(), st);
