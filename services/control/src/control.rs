@@ -117,7 +117,7 @@ impl Control {
     /// Fails with UNAVAILABLE, before anything is recorded, when the worker
     /// failed its last health check and still does not answer.
     pub(crate) async fn ensure_reachable(&self, worker_id: &str) -> Result<()> {
-        let w = self.workers.get(worker_id).await?;
+        let w = self.workers.get_uncounted(worker_id).await?;
         if w.healthy {
             return Ok(());
         }

@@ -1,7 +1,8 @@
-//! Volume calls: create (placed on the worker with the most room), get,
-//! list, delete (at once, or deferred while the volume has snapshots:
-//! DELETED_WITH_SNAPSHOTS until the last goes, then reclaimed), and restore
-//! and clone (long-running, on the source's worker, which copies locally).
+//! Volume calls: create (placed on the worker with the fewest volumes
+//! among those with room), get, list, delete (at once, or deferred while
+//! the volume has snapshots: DELETED_WITH_SNAPSHOTS until the last goes,
+//! then reclaimed), and restore and clone (long-running, on the source's
+//! worker, which copies locally).
 
 use cowsnap_proto::names;
 

@@ -752,8 +752,68 @@ async fn restore_from_an_invalid_snapshot_is_refused_up_front() {
     assert_eq!(s.state(), pb::State::Invalid);
 }
 
+/// Volumes each worker holds, as the control service lists them.
+async fn volume_counts(c: &mut Clients) -> Vec<(String, u32)> {
+    c.workers
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| (w.name, w.volume_count))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_are_registered_checked_and_placed_by_room() {
+async fn new_volumes_go_to_the_worker_holding_the_fewest() {
+    init_logs();
+    let dir = scratch();
+    // Both on one file system: they report (nearly) the same free room.
+    let a = Worker::start(dir.path(), "node-a").await;
+    let b = Worker::start(dir.path(), "node-b").await;
+    let control = Control::start(Control::config(dir.path(), &[&a, &b])).await;
+    let mut c = control.clients().await;
+    // One after the other, each goes to the worker with fewer volumes.
+    let mut on = Vec::new();
+    for i in 0..6 {
+        let v = c.create_volume(&format!("v{i}"), 4 * MIB).await;
+        on.push(v.worker);
+    }
+    for pair in on.chunks(2) {
+        assert_ne!(pair[0], pair[1], "placements: {on:?}");
+    }
+    assert_eq!(
+        volume_counts(&mut c).await,
+        [
+            ("workers/node-a".to_string(), 3),
+            ("workers/node-b".to_string(), 3)
+        ]
+    );
+    // Two deleted from one worker: the next two go to it.
+    let first = on[0].clone();
+    let mut deleted = 0;
+    for (i, w) in on.iter().enumerate() {
+        if *w == first && deleted < 2 {
+            c.volumes
+                .delete_volume(pb::DeleteVolumeRequest {
+                    name: format!("volumes/v{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            deleted += 1;
+        }
+    }
+    for i in 6..8 {
+        let v = c.create_volume(&format!("v{i}"), 4 * MIB).await;
+        assert_eq!(v.worker, first, "v{i}");
+    }
+    assert!(volume_counts(&mut c).await.iter().all(|(_, n)| *n == 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_registered_checked_and_placed_on_one_that_answers() {
     init_logs();
     let dir = scratch();
     let a = Worker::start(dir.path(), "node-a").await;
@@ -810,7 +870,7 @@ async fn workers_are_registered_checked_and_placed_by_room() {
     if victim_is_b {
         b.stop().await;
     }
-    // (Placement picked the worker with the most room; stop that one.)
+    // (Placement picked one of the two; stop that one.)
     let mut a = a;
     if !victim_is_b {
         a.stop().await;

@@ -1,7 +1,10 @@
 //! Smoke test of `cowsnap bench api`: a run with a tiny catalog completes
-//! against a real `cowsnap up`, and its JSON report carries both baselines
-//! and every figure with a positive value, baseline and ratio, and the
-//! catalog grew to the size asked. Speed itself is measured, never asserted.
+//! against a real `cowsnap up` and a second worker registered with it, and
+//! its JSON report carries both baselines and every figure with a positive
+//! value, baseline and ratio, the catalog grew to the size asked, its
+//! volumes are spread over both workers, and nothing is left behind. Speed
+//! itself is measured, never asserted. Too few workers for the descriptor
+//! limit is refused before anything starts.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +43,8 @@ fn bench_api_tiny_json_has_every_figure() {
             "5",
             "--grow-clients",
             "4",
+            "--workers",
+            "2",
             "--json",
             "--dir",
         ])
@@ -106,7 +111,43 @@ fn bench_api_tiny_json_has_every_figure() {
             "figure {id} lacks its target: {f}"
         );
     }
-    // The scratch subdirectory (and the service in it) is gone.
+    // Both workers hold volumes: the grown ones, the latency run's, the 64
+    // scratch volumes and what the rates made were placed alternately (the
+    // rates' deletes need not take as many from each).
+    let per_worker = report["volumes_per_worker"].as_array().expect("list");
+    assert_eq!(per_worker.len(), 2, "{report}");
+    let counts: Vec<u64> = per_worker.iter().map(|w| w[1].as_u64().unwrap()).collect();
+    let (least, most) = (counts[0].min(counts[1]), counts[0].max(counts[1]));
+    assert!(least > 0 && most <= 2 * least, "{counts:?}: {report}");
+    // The scratch subdirectory (and the services in it) is gone.
     let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
     assert!(left.is_empty(), "scratch files left behind: {left:?}");
+}
+
+#[test]
+fn bench_api_refuses_too_few_workers_before_starting() {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-api-few-workers");
+    std::fs::create_dir_all(&base).unwrap();
+    // Ten billion device files on one worker: over any descriptor limit
+    // Linux allows (fs.nr_open stays below 2^31).
+    let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
+        .args([
+            "bench",
+            "api",
+            "--volumes",
+            "10000",
+            "--snapshots-per-volume",
+        ])
+        .args(["1000000", "--workers", "1", "--dir"])
+        .arg(&base)
+        .output()
+        .expect("run cowsnap");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--workers 1: each worker would hold about 10000011024 device files"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+    assert!(left.is_empty(), "nothing is started: {left:?}");
 }

@@ -56,6 +56,24 @@ pub async fn get(c: &mut SqliteConnection, id: &str) -> Result<Option<Worker>> {
     Ok(row.map(Worker::from))
 }
 
+/// A worker as a call on it needs it (its address and health), without
+/// counting its volumes: `volume_count` is left 0. That count reads every
+/// volume row of the worker, which a call made for each snapshot create or
+/// get would pay more of as the catalog grows.
+pub async fn get_uncounted(c: &mut SqliteConnection, id: &str) -> Result<Option<Worker>> {
+    let row = sqlx::query_as!(
+        Row,
+        r#"SELECT w.id, w.address, w.node, w.nbd_uri, w.capacity_bytes, w.free_bytes, w.version,
+                  w.io_backend, w.healthy, w.last_error, w.last_seen_time, w.create_time,
+                  0 AS "volume_count!: i64"
+           FROM workers w WHERE w.id = ?"#,
+        id
+    )
+    .fetch_optional(&mut *c)
+    .await?;
+    Ok(row.map(Worker::from))
+}
+
 pub async fn list(c: &mut SqliteConnection) -> Result<Vec<Worker>> {
     let rows = sqlx::query_as!(
         Row,

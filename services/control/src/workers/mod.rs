@@ -1,6 +1,7 @@
 //! The data workers: the registry of which workers exist (registration,
-//! deregistration), their health, and placement of new volumes by free
-//! room. The registry alone writes a worker's health into the catalog.
+//! deregistration), their health, and placement of new volumes (on the
+//! worker with the fewest volumes among those with room). The registry
+//! alone writes a worker's health into the catalog.
 //!
 //! - `client`: the typed client of one worker, one line per call;
 //! - `layer`: the tower layer its channel is built with, which reports
@@ -150,8 +151,17 @@ impl Workers {
 
     /// The client of a registered worker.
     pub async fn client(&self, worker_id: &str) -> Result<WorkerClient> {
-        let w = self.get(worker_id).await?;
+        let w = self.get_uncounted(worker_id).await?;
         self.client_at(&w.id, &w.address)
+    }
+
+    /// A registered worker without its volume count (0 here; see
+    /// [`catalog::workers::get_uncounted`]): what calls on it need.
+    pub async fn get_uncounted(&self, worker_id: &str) -> Result<Worker> {
+        let mut c = self.catalog.conn().await?;
+        catalog::workers::get_uncounted(&mut c, worker_id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("workers/{worker_id} not found")))
     }
 
     pub async fn get(&self, worker_id: &str) -> Result<Worker> {
@@ -313,9 +323,13 @@ impl Workers {
         Ok(())
     }
 
-    /// The healthy worker with the most free room for a new volume of
-    /// `size` bytes (room taken by volumes still being created counts as
-    /// used).
+    /// Where a new volume of `size` bytes goes: among the healthy workers
+    /// with room for it (room taken by volumes still being created counts
+    /// as used), the one holding the fewest volumes, then the one with the
+    /// most room. Workers on one file system report the same free room,
+    /// and a sparse volume barely changes it: by room alone, every volume
+    /// would go to whichever worker reported a few bytes more at its last
+    /// health check.
     pub async fn place(&self, size: u64) -> Result<Worker> {
         self.place_among(size, &[]).await
     }
@@ -356,7 +370,10 @@ impl Workers {
                 "no worker is registered (WorkerService.RegisterWorker)".into(),
             ));
         }
-        let mut best: Option<(u64, Worker)> = None;
+        // The fewest volumes among workers with room; if none has room,
+        // the most room there is, for the error.
+        let mut fits: Option<(u64, Worker)> = None;
+        let mut roomiest: Option<(u64, Worker)> = None;
         let mut healthy = 0;
         for w in all {
             if !w.healthy {
@@ -366,19 +383,27 @@ impl Workers {
             let room = w
                 .free_bytes
                 .saturating_sub(catalog::volumes::creating_bytes(&mut c, &w.id).await?);
-            if best.as_ref().is_none_or(|(r, _)| room > *r) {
-                best = Some((room, w));
+            if room >= size
+                && fits.as_ref().is_none_or(|(r, f)| {
+                    (w.volume_count, std::cmp::Reverse(room))
+                        < (f.volume_count, std::cmp::Reverse(*r))
+                })
+            {
+                fits = Some((room, w.clone()));
+            }
+            if roomiest.as_ref().is_none_or(|(r, _)| room > *r) {
+                roomiest = Some((room, w));
             }
         }
-        match best {
-            None => Err(ControlError::Unavailable(format!(
+        match (fits, roomiest) {
+            (Some((_, w)), _) => Ok(w),
+            (None, None) => Err(ControlError::Unavailable(format!(
                 "no worker is healthy ({healthy} of them answer)"
             ))),
-            Some((room, w)) if room < size => Err(ControlError::ResourceExhausted(format!(
+            (None, Some((room, w))) => Err(ControlError::ResourceExhausted(format!(
                 "no worker has room for {size} bytes: the most is {room} bytes on {}",
                 w.name()
             ))),
-            Some((_, w)) => Ok(w),
         }
     }
 }

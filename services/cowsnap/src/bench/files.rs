@@ -44,7 +44,9 @@ pub fn sparse_file(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
 
 /// Runs `measure` on a new multi-threaded runtime, in a fresh scratch
 /// directory inside `parent` (default: the current directory) that is
-/// removed afterwards, whatever the outcome.
+/// removed afterwards, whatever the outcome. Ctrl-C (SIGINT) or SIGTERM
+/// drops the measurement (whose child processes are killed as their
+/// handles drop), removes the directory and fails the run.
 pub fn in_scratch<T>(
     parent: Option<&Path>,
     measure: impl AsyncFnOnce(&Path) -> anyhow::Result<T>,
@@ -58,11 +60,33 @@ pub fn in_scratch<T>(
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let result = rt.block_on(measure(scratch.path()));
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = measure(scratch.path()) => r,
+            sig = interrupted() => Err(sig),
+        }
+    });
     drop(rt);
     let dir = scratch.path().display().to_string();
     scratch
         .close()
         .with_context(|| format!("removing the scratch directory {dir}"))?;
     result
+}
+
+/// Waits for SIGINT or SIGTERM: the error a run stopped by one ends with.
+async fn interrupted() -> anyhow::Error {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // No handler: the signal's default action ends the process.
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    anyhow::anyhow!("interrupted by {name}")
 }

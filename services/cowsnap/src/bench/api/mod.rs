@@ -1,6 +1,13 @@
 //! `cowsnap bench api`: the control path at scale. It starts `cowsnap up`
 //! on a fresh data dir (file-backed devices, small sparse volumes) and
-//! measures, over the real gRPC API:
+//! `--workers` − 1 more `cowsnap worker` processes, each on a data dir of
+//! its own, that register themselves with it (`--register-with`), as the
+//! workers of a cluster's nodes do: a worker holds every device file of its
+//! volumes and snapshots open, and the default catalog (110,000 devices)
+//! does not fit under one process's descriptor limit here (20,000), while
+//! eight workers hold about 14,000 each. The control service places each
+//! new volume on the worker holding the fewest. The bench measures, over
+//! the real gRPC API:
 //!
 //! - CreateSnapshot end to end (p50, p99) on volumes holding data, against
 //!   one SQLite commit plus one 4 KiB FUA write measured in the same run on
@@ -16,7 +23,9 @@
 //!   the disk the data dir uses at the end.
 //!
 //! Growth stops early when `--grow-budget-secs` runs out; the report then
-//! says how far it got. Speed is reported, never asserted.
+//! says how far it got. Speed is reported, never asserted. Every process
+//! is stopped and the scratch dir removed at the end, also after an error
+//! or Ctrl-C.
 
 mod baseline;
 mod calls;
@@ -47,6 +56,12 @@ pub struct ApiArgs {
     /// Snapshots taken of each of those volumes.
     #[arg(long, default_value_t = 10)]
     snapshots_per_volume: usize,
+    /// Workers the volumes are spread over: `cowsnap up`'s own and N − 1
+    /// `cowsnap worker` processes. Each holds one open descriptor per
+    /// device file of its volumes and snapshots, so N must make that fit
+    /// under the descriptor limit (checked before anything starts).
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
     /// Volumes at the first measuring point (the baseline of every rate).
     #[arg(long, default_value_t = 1_000)]
     first_point: usize,
@@ -102,10 +117,19 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
             args.volumes
         );
     }
+    if args.workers == 0 {
+        bail!("--workers 0: at least one worker (cowsnap up's own) is needed");
+    }
     if args.measure_secs <= 0.0 || args.latency_samples == 0 || args.baseline_samples == 0 {
         bail!("--measure-secs, --latency-samples and --baseline-samples must be positive");
     }
-    let report = in_scratch(args.dir.as_deref(), async |dir| measure(&args, dir).await)?;
+    // Checked before anything starts: too few workers for the catalog's
+    // device files fails here, not halfway through growing it.
+    let devices = (args.volumes * (args.snapshots_per_volume + 1)) as u64 + 1024;
+    let fd_limit = up::raise_fd_limit(devices, args.workers)?;
+    let report = in_scratch(args.dir.as_deref(), async |dir| {
+        measure(&args, dir, fd_limit).await
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -114,7 +138,7 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
+async fn measure(args: &ApiArgs, dir: &Path, fd_limit: String) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let say = |m: &str| {
         if !args.json {
@@ -135,15 +159,15 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
         fua_1 * 1e3
     ));
 
-    let devices = (args.volumes * (args.snapshots_per_volume + 1)) as u64 + 1024;
-    let fd_limit = up::raise_fd_limit(devices);
     say(&fd_limit);
-    let mut up = up::start(dir).await?;
-    let (api, nbd) = (up.api, up.nbd);
+    let mut up = up::start(dir, args.workers).await?;
+    let api = up.api;
     let ch = up::channel(api)?;
     let mut vols = Volumes::new(ch.clone());
-    // The control service registers its worker shortly after it listens.
-    up::wait_for_worker(&mut vols, volume_bytes).await?;
+    // The control service registers its own worker shortly after it
+    // listens, the others register themselves.
+    say(&format!("waiting for {} workers", args.workers));
+    up::wait_for_workers(&ch, args.workers, volume_bytes).await?;
 
     // CreateSnapshot latency: volumes holding data, written through NBD
     // (untimed) before each snapshot, ten snapshots per volume.
@@ -151,7 +175,7 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
         "CreateSnapshot latency, {} samples",
         args.latency_samples
     ));
-    let (p50, p99) = latency::create_snapshot_latency(args, &ch, nbd, volume_bytes).await?;
+    let (p50, p99) = latency::create_snapshot_latency(args, &ch, volume_bytes).await?;
     let (commit_2, fua_2, _) =
         baseline::measure(&dir.join("baseline-2"), args.baseline_samples).await?;
     let (commit_s, fua_s) = (commit_1.min(commit_2), fua_1.min(fua_2));
@@ -240,11 +264,10 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
     ));
     let at_last = calls::rates(args, &channels, &p, &first_error, &say).await;
 
+    let volumes_per_worker = up::volumes_per_worker(&ch).await?;
     let (disk_bytes, apparent_bytes) = up::disk_use(&up.data);
-    let worker_state_bytes = std::fs::metadata(up.data.join("worker").join("state.json"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    up.proc.stop(Duration::from_secs(30)).await;
+    let worker_state_bytes = up.worker_state_bytes();
+    up.stop(Duration::from_secs(60)).await;
 
     let mut report = Report {
         io_backend,
@@ -261,6 +284,7 @@ async fn measure(args: &ApiArgs, dir: &Path) -> anyhow::Result<Report> {
         disk_bytes,
         apparent_bytes,
         worker_state_bytes,
+        volumes_per_worker,
         fd_limit,
         load_start,
         load_end: up::load_average(),

@@ -28,11 +28,15 @@ pub struct Report {
     /// apparent size.
     pub(super) disk_bytes: u64,
     pub(super) apparent_bytes: u64,
-    /// Size of the worker's `state.json` at the end: it is written whole
-    /// (and fsynced) once per snapshot create or delete.
+    /// Size of the workers' `state.json` files at the end, added up: each
+    /// is written whole (and fsynced) once per snapshot create or delete
+    /// on its worker.
     pub(super) worker_state_bytes: u64,
-    /// The descriptor limit `cowsnap up` ran with (its worker holds one per
-    /// device file).
+    /// Volumes on each worker at the end (`workers/ID`, count), as the
+    /// control service lists them.
+    pub(super) volumes_per_worker: Vec<(String, u32)>,
+    /// Device files per worker and the descriptor limit the processes ran
+    /// with (a worker holds one per device file).
     pub(super) fd_limit: String,
     /// `uptime`'s load averages at the start and the end.
     pub(super) load_start: String,
@@ -140,7 +144,8 @@ pub(super) fn table(args: &ApiArgs, r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "cowsnap bench api: cowsnap up (I/O backend {}), volumes of {} KiB, rates over {} s each",
+        "cowsnap bench api: cowsnap up and {} more workers (I/O backend {}), volumes of {} KiB, rates over {} s each",
+        args.workers - 1,
         r.io_backend,
         r.volume_bytes / 1024,
         args.measure_secs
@@ -182,9 +187,22 @@ pub(super) fn table(args: &ApiArgs, r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "worker state.json at the end: {:.1} MB (rewritten whole, once per snapshot create or delete); {}",
+        "workers' state.json at the end: {:.1} MB in all (each rewritten whole, once per snapshot create or delete on it); {}",
         r.worker_state_bytes as f64 / 1e6,
         r.fd_limit
+    );
+    let counts: Vec<u32> = r.volumes_per_worker.iter().map(|(_, n)| *n).collect();
+    let _ = writeln!(
+        o,
+        "volumes per worker at the end ({} workers): {} to {} ({})",
+        counts.len(),
+        counts.iter().min().unwrap_or(&0),
+        counts.iter().max().unwrap_or(&0),
+        r.volumes_per_worker
+            .iter()
+            .map(|(w, n)| format!("{} {n}", w.trim_start_matches("workers/")))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(
         o,
