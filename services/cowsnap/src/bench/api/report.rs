@@ -28,9 +28,9 @@ pub struct Report {
     /// apparent size.
     pub(super) disk_bytes: u64,
     pub(super) apparent_bytes: u64,
-    /// Size of the workers' `state.json` files at the end, added up: each
-    /// is written whole (and fsynced) once per snapshot create or delete
-    /// on its worker.
+    /// Size of the workers' `state.json` checkpoints at the end, added up
+    /// (a save appends a record to the journal; a checkpoint is written
+    /// whole at start-up and when the journal fills).
     pub(super) worker_state_bytes: u64,
     /// Volumes on each worker at the end (`workers/ID`, count), as the
     /// control service lists them.
@@ -187,7 +187,7 @@ pub(super) fn table(args: &ApiArgs, r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "workers' state.json at the end: {:.1} MB in all (each rewritten whole, once per snapshot create or delete on it); {}",
+        "workers' state.json at the end: {:.1} MB in all (checkpoints, written whole when a journal fills); {}",
         r.worker_state_bytes as f64 / 1e6,
         r.fd_limit
     );
