@@ -184,7 +184,7 @@ impl StateFile {
     /// Writes the whole state as a new checkpoint (start-up does, so the
     /// journal starts empty).
     pub fn checkpoint(&self, st: &mut WorkerState) -> anyhow::Result<()> {
-        let save = self.prepare_checkpoint(st)?;
+        let save = self.prepare_as(st, true)?;
         self.commit(save)
     }
 
@@ -193,51 +193,60 @@ impl StateFile {
     /// from here on: the caller commits the result before it prepares
     /// another save, and if the commit fails the next save is a checkpoint.
     pub fn prepare(&self, st: &mut WorkerState) -> anyhow::Result<Save> {
-        let (broken, at, capacity, tasks_same) = {
-            let j = self.journal.lock().expect("journal");
-            let tasks_same = j.tasks == st.tasks && j.next_task == st.next_task;
-            (j.broken, j.end, j.capacity, tasks_same)
-        };
-        if broken {
-            return self.prepare_checkpoint(st);
-        }
-        if st.dirty.is_empty() && tasks_same {
-            return Ok(Save::Nothing);
-        }
-        let dirty = std::mem::take(&mut st.dirty);
-        let change = Change {
-            volumes: dirty
-                .into_iter()
-                .map(|id| {
-                    let v = st.volumes.get(&id).cloned();
-                    (id, v)
-                })
-                .collect(),
-            tasks: (!tasks_same).then(|| st.tasks.clone()),
-            next_task: (!tasks_same).then_some(st.next_task),
-        };
-        let payload = serde_json::to_vec(&change)?;
-        let frame = frame(st.generation, &payload);
-        if at + frame.len() as u64 > capacity {
-            return self.prepare_checkpoint(st);
-        }
-        let mut j = self.journal.lock().expect("journal");
-        j.end = at + frame.len() as u64;
-        j.tasks = st.tasks.clone();
-        j.next_task = st.next_task;
-        Ok(Save::Append { at, frame })
+        self.prepare_as(st, false)
     }
 
-    fn prepare_checkpoint(&self, st: &mut WorkerState) -> anyhow::Result<Save> {
-        st.dirty.clear();
-        st.generation += 1;
-        let bytes = serde_json::to_vec(&*st)?;
+    /// [`StateFile::prepare`], a checkpoint whatever changed if `checkpoint`.
+    fn prepare_as(&self, st: &mut WorkerState, checkpoint: bool) -> anyhow::Result<Save> {
         let mut j = self.journal.lock().expect("journal");
+        let tasks_same = j.tasks == st.tasks && j.next_task == st.next_task;
+        let checkpoint = checkpoint || j.broken;
+        if !checkpoint && st.dirty.is_empty() && tasks_same {
+            return Ok(Save::Nothing);
+        }
+        let save = Self::encode(&j, st, tasks_same, checkpoint);
+        // Whatever the outcome, what changed is no longer noted in `st`:
+        // a save that could not even be encoded is followed by a checkpoint.
+        j.broken |= save.is_err();
+        let save = save?;
+        if let Save::Append { at, frame } = &save {
+            j.end = at + frame.len() as u64;
+        }
         j.tasks = st.tasks.clone();
         j.next_task = st.next_task;
+        Ok(save)
+    }
+
+    /// A record of what changed in `st`, or a checkpoint of it when asked
+    /// or when the record does not fit.
+    fn encode(
+        j: &Journal,
+        st: &mut WorkerState,
+        tasks_same: bool,
+        checkpoint: bool,
+    ) -> anyhow::Result<Save> {
+        let dirty = std::mem::take(&mut st.dirty);
+        if !checkpoint {
+            let change = Change {
+                volumes: dirty
+                    .into_iter()
+                    .map(|id| {
+                        let v = st.volumes.get(&id).cloned();
+                        (id, v)
+                    })
+                    .collect(),
+                tasks: (!tasks_same).then(|| st.tasks.clone()),
+                next_task: (!tasks_same).then_some(st.next_task),
+            };
+            let frame = frame(st.generation, &serde_json::to_vec(&change)?);
+            if j.end + frame.len() as u64 <= j.capacity {
+                return Ok(Save::Append { at: j.end, frame });
+            }
+        }
+        st.generation += 1;
         Ok(Save::Checkpoint {
             generation: st.generation,
-            bytes,
+            bytes: serde_json::to_vec(&*st)?,
         })
     }
 
@@ -390,6 +399,15 @@ mod tests {
         }
     }
 
+    /// A state file in `dir` whose first save (a checkpoint) holds `v`.
+    fn started(dir: &Path, v: VolumeRec) -> (StateFile, WorkerState) {
+        let f = StateFile::new(dir);
+        let mut st = f.load().unwrap();
+        st.insert_volume(v);
+        f.save(&mut st).unwrap();
+        (f, st)
+    }
+
     fn read(dir: &Path, name: &str) -> Vec<u8> {
         std::fs::read(dir.join(name)).unwrap()
     }
@@ -399,10 +417,7 @@ mod tests {
     #[test]
     fn saves_after_a_checkpoint_are_records_that_load_back() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::new(dir.path());
-        let mut st = f.load().unwrap();
-        st.insert_volume(volume("v1", 1));
-        f.save(&mut st).unwrap();
+        let (f, mut st) = started(dir.path(), volume("v1", 1));
         let checkpoint = read(dir.path(), "state.json");
         assert_eq!(read(dir.path(), "state.log").len() as u64, MIN_JOURNAL);
 
@@ -430,10 +445,7 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_dropped_and_the_ones_before_it_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::new(dir.path());
-        let mut st = f.load().unwrap();
-        st.insert_volume(volume("v1", 0));
-        f.save(&mut st).unwrap();
+        let (f, mut st) = started(dir.path(), volume("v1", 0));
         st.insert_volume(volume("v2", 0));
         f.save(&mut st).unwrap();
         let before = st.clone();
@@ -476,10 +488,7 @@ mod tests {
     #[test]
     fn a_checkpoint_retires_the_records_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::new(dir.path());
-        let mut st = f.load().unwrap();
-        st.insert_volume(volume("v1", 0));
-        f.save(&mut st).unwrap();
+        let (f, mut st) = started(dir.path(), volume("v1", 0));
         st.insert_volume(volume("v2", 0));
         f.save(&mut st).unwrap();
         assert_eq!(f.journal.lock().unwrap().end, {
@@ -503,10 +512,7 @@ mod tests {
     #[test]
     fn a_full_journal_is_folded_into_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::new(dir.path());
-        let mut st = f.load().unwrap();
-        st.insert_volume(volume("big", 400));
-        f.save(&mut st).unwrap();
+        let (f, mut st) = started(dir.path(), volume("big", 400));
         let first = st.generation;
         let mut saves = 0;
         while st.generation == first {
@@ -529,10 +535,7 @@ mod tests {
     #[test]
     fn a_save_without_changes_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let f = StateFile::new(dir.path());
-        let mut st = f.load().unwrap();
-        st.insert_volume(volume("v1", 0));
-        f.save(&mut st).unwrap();
+        let (f, mut st) = started(dir.path(), volume("v1", 0));
         assert!(matches!(f.prepare(&mut st).unwrap(), Save::Nothing));
         let _ = st.volumes();
         assert!(matches!(f.prepare(&mut st).unwrap(), Save::Nothing));

@@ -10,7 +10,7 @@
 
 mod journal;
 
-pub use journal::StateFile;
+pub use journal::{Save, StateFile};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -51,7 +51,7 @@ use tokio::sync::Mutex;
 use crate::devices::Devices;
 use crate::error::{Result, WorkerError};
 use crate::exports::{Export, Exports};
-use crate::state::{Phase, SnapshotRec, StateFile, VolumeRec, WorkerState};
+use crate::state::{Phase, Save, SnapshotRec, StateFile, VolumeRec, WorkerState};
 use crate::tasks::{TaskHandle, Tasks};
 
 pub use copy::CopiedVolume;
@@ -236,8 +236,17 @@ impl Worker {
     }
 
     fn save(&self, inner: &mut Inner) -> Result<()> {
+        let save = self.prepare_save(inner)?;
+        self.file.commit(save).map_err(WorkerError::Internal)
+    }
+
+    /// The first half of a save ([`StateFile::prepare`]), the tasks as
+    /// they are now included.
+    fn prepare_save(&self, inner: &mut Inner) -> Result<Save> {
         inner.st.tasks = self.tasks.records();
-        self.file.save(&mut inner.st).map_err(WorkerError::Internal)
+        self.file
+            .prepare(&mut inner.st)
+            .map_err(WorkerError::Internal)
     }
 
     /// Saves `task` as succeeded, with whatever `inner` holds, but leaves

@@ -225,12 +225,11 @@ impl Worker {
             }
             return Err(e);
         }
-        inner.st.tasks = self.tasks.records();
-        let save = match self.file.prepare(&mut inner.st) {
+        let save = match self.prepare_save(inner) {
             Ok(save) => save,
             Err(e) => {
                 release();
-                return Err(WorkerError::Internal(e));
+                return Err(e);
             }
         };
         let file = self.file.clone();
