@@ -13,7 +13,7 @@ use crate::error::{ControlError, Result};
 use crate::listing;
 use crate::model::{self, OpKind, OpState, Operation, Worker};
 use crate::operations::Operations;
-use crate::workers::Workers;
+use crate::workers::{WorkerClient, Workers};
 
 /// The operation id a ListOperations page token resumes before
 /// (`i64::MAX` for none).
@@ -114,16 +114,17 @@ impl Control {
         }
     }
 
-    /// Fails with UNAVAILABLE, before anything is recorded, when the worker
-    /// failed its last health check and still does not answer.
-    pub(crate) async fn ensure_reachable(&self, worker_id: &str) -> Result<()> {
+    /// The client of a worker about to be given an operation. Fails with
+    /// UNAVAILABLE, before anything is recorded, when the worker failed its
+    /// last health check and still does not answer.
+    pub(crate) async fn ensure_reachable(&self, worker_id: &str) -> Result<WorkerClient> {
         let w = self.workers.get_uncounted(worker_id).await?;
         if w.healthy {
-            return Ok(());
+            return self.workers.client_of(&w);
         }
         let w = self.workers.check(&w).await?;
         if w.healthy {
-            Ok(())
+            self.workers.client_of(&w)
         } else {
             Err(ControlError::Unavailable(format!(
                 "{} ({}) does not answer: {}",
@@ -136,17 +137,19 @@ impl Control {
 
     /// Records operation `new` in `tx` beside what the caller wrote there,
     /// commits both at once (D11 of docs/design.md: the intent is durable
-    /// before any worker acts), and drives it ([`Operations::drive`]).
+    /// before any worker acts), and drives it ([`Operations::drive_op`];
+    /// `w`: its worker's client, when the caller has it).
     pub(crate) async fn record_and_drive(
         &self,
         mut tx: catalog::Tx,
         new: catalog::operations::NewOp<'_>,
         now: i64,
+        w: Option<WorkerClient>,
     ) -> Result<Operation> {
         let op = catalog::operations::insert(&mut tx, new, now).await?;
         tx.commit().await?;
         self.ops.notify();
-        self.ops.drive(op).await
+        self.ops.drive_op(op, w).await
     }
 
     /// Whether the catalog answers a query now.

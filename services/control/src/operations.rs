@@ -223,13 +223,14 @@ impl Operations {
         Ok(())
     }
 
-    /// Ends an operation inside `tx` and counts it.
+    /// Ends an operation inside `tx`: returns it as the commit will leave
+    /// it (`None`: it had ended already, nothing changed).
     async fn finish(
         &self,
         tx: &mut Tx,
         op: &Operation,
         outcome: std::result::Result<Option<&OpResult>, &ControlError>,
-    ) -> Result<()> {
+    ) -> Result<Option<Operation>> {
         let failure;
         let o = match outcome {
             Ok(r) => Ok(r),
@@ -243,11 +244,15 @@ impl Operations {
 
     /// Commits the settle of `op`, begun with [`Catalog::settle`] (its
     /// record is durable already: the settle can be derived again, so it
-    /// does not wait for the disk).
-    async fn commit(&self, tx: Tx, op: &Operation) -> Result<Operation> {
+    /// does not wait for the disk), and counts it. `done`: the operation as
+    /// [`Operations::finish`] left it (`None`: read again).
+    async fn commit(&self, tx: Tx, op: &Operation, done: Option<Operation>) -> Result<Operation> {
         tx.commit().await?;
         self.notify();
-        let op = self.get(op.id).await?;
+        let op = match done {
+            Some(done) => done,
+            None => self.get(op.id).await?,
+        };
         if op.state.done() {
             self.metrics.operation_done(op.kind, op.state);
             match &op.error {
@@ -269,6 +274,16 @@ impl Operations {
     /// (the operation stays pending).
     pub async fn drive(self: &Arc<Self>, id: i64) -> Result<Operation> {
         let op = self.get(id).await?;
+        self.drive_op(op, None).await
+    }
+
+    /// [`Operations::drive`] for an operation the caller holds as it is
+    /// recorded, with the client of its worker when the caller has it.
+    pub async fn drive_op(
+        self: &Arc<Self>,
+        op: Operation,
+        w: Option<WorkerClient>,
+    ) -> Result<Operation> {
         match op.state {
             OpState::Succeeded | OpState::Failed => return Ok(op),
             OpState::Running => {
@@ -278,7 +293,7 @@ impl Operations {
             OpState::Pending => {}
         }
         self.crash_at(&op, CrashPoint::BeforeWorker)?;
-        self.drive_pending(&op).await.map_err(|e| match e {
+        self.drive_pending(&op, w).await.map_err(|e| match e {
             // The worker may have acted: the catalog could not record it.
             ControlError::CatalogFull(m) => ControlError::CatalogFull(format!(
                 "{m}; {} is recorded and completes once it has room",
@@ -288,14 +303,21 @@ impl Operations {
         })
     }
 
-    async fn drive_pending(self: &Arc<Self>, op: &Operation) -> Result<Operation> {
-        let w = match self.workers.client(&op.worker_id).await {
-            Ok(w) => w,
-            Err(ControlError::NotFound(m)) => {
-                let e = ControlError::FailedPrecondition(format!("its worker is gone: {m}"));
-                return self.fail_undo(op, e).await;
-            }
-            Err(e) => return Err(e),
+    async fn drive_pending(
+        self: &Arc<Self>,
+        op: &Operation,
+        w: Option<WorkerClient>,
+    ) -> Result<Operation> {
+        let w = match w {
+            Some(w) => w,
+            None => match self.workers.client(&op.worker_id).await {
+                Ok(w) => w,
+                Err(ControlError::NotFound(m)) => {
+                    let e = ControlError::FailedPrecondition(format!("its worker is gone: {m}"));
+                    return self.fail_undo(op, e).await;
+                }
+                Err(e) => return Err(e),
+            },
         };
         match op.kind {
             OpKind::CreateVolume => self.drive_create_volume(op, &w).await,
@@ -337,8 +359,8 @@ impl Operations {
                 }
             }
         }
-        self.finish(&mut tx, op, Err(&e)).await?;
-        self.commit(tx, op).await
+        let done = self.finish(&mut tx, op, Err(&e)).await?;
+        self.commit(tx, op, done).await
     }
 
     async fn volume_result(&self, tx: &mut Tx, id: &str) -> Result<Option<OpResult>> {
@@ -359,8 +381,8 @@ impl Operations {
                 let mut tx = self.catalog.settle().await?;
                 catalog::volumes::set_state(&mut tx, &id, State::Ready, "", now_ms()).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
-                self.commit(tx, op).await
+                let done = self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -380,8 +402,8 @@ impl Operations {
                 let mut tx = self.catalog.settle().await?;
                 catalog::volumes::set_size(&mut tx, &id, op.args.size_bytes, now_ms()).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
-                self.commit(tx, op).await
+                let done = self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -420,7 +442,8 @@ impl Operations {
             },
             now,
         )
-        .await?;
+        .await?
+        .id;
         tracing::info!(volume = %name, operation = op, "last snapshot gone: reclaim recorded");
         Ok(Some(op))
     }
@@ -434,9 +457,10 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let mut tx = self.catalog.settle().await?;
                 catalog::volumes::delete(&mut tx, op.target.volume()).await?;
-                self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
+                let done = self
+                    .finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
-                self.commit(tx, op).await
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -462,8 +486,8 @@ impl Operations {
                     .await?;
                 let r = self.volume_result(&mut tx, &id).await?;
                 Self::reclaim_if_released(&mut tx, &id, now).await?;
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
-                self.commit(tx, op).await
+                let done = self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -485,16 +509,17 @@ impl Operations {
                 self.crash_at(op, CrashPoint::AfterWorker)?;
                 let now = now_ms();
                 let mut tx = self.catalog.settle().await?;
-                catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), now).await?;
-                catalog::snapshots::set_state(&mut tx, vol, snap, State::Ready, now).await?;
+                let ready = Some(State::Ready);
+                catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), ready, now)
+                    .await?;
                 let r = catalog::snapshots::get(&mut tx, vol, snap)
                     .await?
                     .map(|mut s| {
                         s.operation = None;
                         OpResult::Snapshot(s)
                     });
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
-                self.commit(tx, op).await
+                let done = self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -509,9 +534,10 @@ impl Operations {
                 let mut tx = self.catalog.settle().await?;
                 catalog::snapshots::delete(&mut tx, vol, snap).await?;
                 Self::reclaim_if_released(&mut tx, vol, now_ms()).await?;
-                self.finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
+                let done = self
+                    .finish(&mut tx, op, Ok(op.args.deleted.as_ref()))
                     .await?;
-                self.commit(tx, op).await
+                self.commit(tx, op, done).await
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
             Err(e) => self.fail_undo(op, e).await,
@@ -547,8 +573,8 @@ impl Operations {
                     catalog::snapshots::delete(&mut tx, vol, snap).await?;
                     catalog::volumes::set_state(&mut tx, vol, State::Ready, "", now).await?;
                     let e = ControlError::NotFound(m);
-                    self.finish(&mut tx, op, Err(&e)).await?;
-                    self.commit(tx, op).await
+                    let done = self.finish(&mut tx, op, Err(&e)).await?;
+                    self.commit(tx, op, done).await
                 }
             }
             Err(e) if classify::unknown(&e) => Err(unknown(op, e)),
@@ -611,35 +637,35 @@ impl Operations {
     async fn settle_task(&self, op: &Operation, error: Option<String>) -> Result<Operation> {
         let now = now_ms();
         let mut tx = self.catalog.settle().await?;
-        match (op.kind, error) {
+        let done = match (op.kind, error) {
             (OpKind::MergeSnapshot, None) => {
                 let (vol, snap) = op.target.snapshot()?;
                 catalog::snapshots::delete(&mut tx, vol, snap).await?;
                 catalog::volumes::set_state(&mut tx, vol, State::Ready, "", now).await?;
                 let r = self.volume_result(&mut tx, vol).await?;
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.finish(&mut tx, op, Ok(r.as_ref())).await?
             }
             (OpKind::MergeSnapshot, Some(m)) => {
                 // The worker keeps the volume merging: MergeSnapshot again
                 // resumes it.
                 let e = ControlError::Aborted(format!("the merge failed on its worker: {m}"));
-                self.finish(&mut tx, op, Err(&e)).await?;
+                self.finish(&mut tx, op, Err(&e)).await?
             }
             (_, None) => {
                 let id = op.target.volume().to_string();
                 catalog::volumes::set_state(&mut tx, &id, State::Ready, "", now).await?;
                 let r = self.volume_result(&mut tx, &id).await?;
-                self.finish(&mut tx, op, Ok(r.as_ref())).await?;
+                self.finish(&mut tx, op, Ok(r.as_ref())).await?
             }
             (_, Some(m)) => {
                 let id = op.target.volume().to_string();
                 let why = format!("the {} failed on its worker: {m}", op.kind.as_str());
                 catalog::volumes::set_state(&mut tx, &id, State::Failed, &why, now).await?;
                 self.finish(&mut tx, op, Err(&ControlError::Aborted(why)))
-                    .await?;
+                    .await?
             }
-        }
-        self.commit(tx, op).await
+        };
+        self.commit(tx, op, done).await
     }
 
     /// Starts following a running operation's task, unless this process

@@ -315,16 +315,13 @@ impl Reconciler {
                 }
                 None => {}
                 Some(ws) => {
-                    catalog::snapshots::set_reported(&mut tx, id, &s.id, ws.reported(), now)
-                        .await?;
                     let to = match (s.state, ws.state) {
                         (State::Ready, State::Invalid) => Some(State::Invalid),
                         (State::Failed, State::Ready) => Some(State::Ready),
                         _ => None,
                     };
-                    if let Some(to) = to {
-                        catalog::snapshots::set_state(&mut tx, id, &s.id, to, now).await?;
-                    }
+                    catalog::snapshots::set_reported(&mut tx, id, &s.id, ws.reported(), to, now)
+                        .await?;
                 }
             }
         }
@@ -338,7 +335,7 @@ impl Reconciler {
             }
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, v.chunk_sectors), now)
                 .await?;
-            catalog::snapshots::set_reported(&mut tx, id, &ws.id, ws.reported(), now).await?;
+            catalog::snapshots::set_reported(&mut tx, id, &ws.id, ws.reported(), None, now).await?;
             tracing::warn!(snapshot = %names::snapshot(id, &ws.id), "adopted from its worker");
             adopted += 1;
         }
@@ -425,7 +422,8 @@ impl Reconciler {
         for ws in &wv.snapshots {
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, wv.chunk_sectors), now)
                 .await?;
-            catalog::snapshots::set_reported(&mut tx, &wv.id, &ws.id, ws.reported(), now).await?;
+            catalog::snapshots::set_reported(&mut tx, &wv.id, &ws.id, ws.reported(), None, now)
+                .await?;
         }
         tx.commit().await?;
         tracing::warn!(volume = %v.name(), worker = worker_id, "adopted from its worker");

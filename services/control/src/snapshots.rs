@@ -81,10 +81,12 @@ impl Control {
         }
         let name = names::snapshot(vol, snapshot_id);
         let _g = self.ops.lock(&[vol]).await;
-        let v = self.volume_for(parent, vol).await?;
-        let mut c = self.catalog.conn().await?;
-        if let Some(s) = catalog::snapshots::get(&mut c, vol, snapshot_id).await? {
-            drop(c);
+        // Both reads at once, each on a connection of its own.
+        let (v, existing) = tokio::try_join!(self.volume_for(parent, vol), async {
+            let mut c = self.catalog.conn().await?;
+            catalog::snapshots::get(&mut c, vol, snapshot_id).await
+        })?;
+        if let Some(s) = existing {
             // An unset COW size matches whatever size the first create got.
             let same_size = spec.cow_size_bytes == 0 || spec.cow_size_bytes == s.cow_size_bytes;
             if !same_size || s.writable != spec.writable || s.labels != spec.labels {
@@ -103,7 +105,6 @@ impl Control {
             }
             return Ok(s);
         }
-        drop(c);
         if v.state == State::DeletedWithSnapshots {
             return Err(ControlError::FailedPrecondition(format!(
                 "{parent} is deleted (kept only for its snapshots); no snapshot can be taken of it"
@@ -115,7 +116,7 @@ impl Control {
                 v.state.as_str().to_uppercase()
             )));
         }
-        self.ensure_reachable(&v.worker_id).await?;
+        let w = self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         let s = Snapshot {
@@ -152,12 +153,17 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         if let Some(e) = failure(&op) {
             return Err(e);
         }
-        self.snapshot(vol, snapshot_id).await
+        match op.result {
+            // The row as the settle left it (read inside it).
+            Some(OpResult::Snapshot(s)) => Ok(s),
+            _ => self.snapshot(vol, snapshot_id).await,
+        }
     }
 
     pub(crate) async fn volume_for(&self, parent: &str, vol: &str) -> Result<model::Volume> {
@@ -198,10 +204,8 @@ impl Control {
         let _g = self.ops.lock(&[vol]).await;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
-        catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), now).await?;
-        if ws.state == State::Invalid && s.state == State::Ready {
-            catalog::snapshots::set_state(&mut tx, vol, snap, State::Invalid, now).await?;
-        }
+        let to = becomes_invalid.then_some(State::Invalid);
+        catalog::snapshots::set_reported(&mut tx, vol, snap, ws.reported(), to, now).await?;
         tx.commit().await?;
         self.snapshot(vol, snap).await
     }
@@ -290,7 +294,7 @@ impl Control {
         }
         drop(c);
         let v = self.volume_for(&names::volume(vol), vol).await?;
-        self.ensure_reachable(&v.worker_id).await?;
+        let w = self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         catalog::snapshots::set_state(&mut tx, vol, snap, State::Deleting, now).await?;
@@ -311,6 +315,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         failure(&op).map_or(Ok(()), Err)?;
@@ -356,7 +361,7 @@ impl Control {
                 v.state.as_str().to_uppercase()
             )));
         }
-        self.ensure_reachable(&v.worker_id).await?;
+        let w = self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         catalog::snapshots::set_state(&mut tx, vol, snap, State::Merging, now).await?;
@@ -377,6 +382,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         match failure(&op) {

@@ -196,6 +196,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(self.workers.client_of(&worker)?),
             )
             .await?;
         self.made_volume(&op).await
@@ -248,7 +249,7 @@ impl Control {
                 v.state.as_str().to_uppercase()
             )));
         }
-        self.ensure_reachable(&v.worker_id).await?;
+        let w = self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
         let tx = self.catalog.write().await?;
         let args = OpArgs {
@@ -268,6 +269,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         self.made_volume(&op).await
@@ -390,7 +392,7 @@ impl Control {
             }
         }
         drop(c);
-        self.ensure_reachable(&v.worker_id).await?;
+        let w = self.ensure_reachable(&v.worker_id).await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         catalog::volumes::set_state(&mut tx, id, State::Deleting, &v.error, now).await?;
@@ -412,6 +414,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         failure(&op).map_or(Ok(()), Err)?;
@@ -546,7 +549,7 @@ impl Control {
                 src.state.as_str().to_uppercase()
             )));
         }
-        self.ensure_reachable(&src.worker_id).await?;
+        let w = self.ensure_reachable(&src.worker_id).await?;
         let now = now_ms();
         let mut tx = self.catalog.write().await?;
         let v = Volume {
@@ -580,6 +583,7 @@ impl Control {
                     args: &args,
                 },
                 now,
+                Some(w),
             )
             .await?;
         match failure(&op) {

@@ -71,6 +71,10 @@ impl Catalog {
         let pool_of = |max, opts| {
             SqlitePoolOptions::new()
                 .max_connections(max)
+                // A SQLite connection does not drop like a socket: one is
+                // checked on its way back (`reusable`), not with a ping on
+                // every acquire (a round trip to its thread per query).
+                .test_before_acquire(false)
                 .after_release(|conn, _| Box::pin(async move { Ok(reusable(conn).await) }))
                 .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
                 .connect_with(opts)
@@ -115,8 +119,13 @@ impl Catalog {
 /// still counts as inside a transaction once the rollback that dropping its
 /// transaction queued has run (that rollback failed; see the module doc).
 async fn reusable(conn: &mut SqliteConnection) -> bool {
-    // Commands run in order: once the ping answers, the queued rollback
-    // has run.
+    // Not in a transaction: nothing was queued behind the caller (a read,
+    // or a transaction that committed or rolled back while awaited).
+    if !conn.is_in_transaction() {
+        return true;
+    }
+    // A transaction dropped unfinished queued its rollback. Commands run in
+    // order: once the ping answers, that rollback has run.
     if let Err(e) = conn.ping().await {
         tracing::warn!("catalog connection closed: {e}");
         return false;

@@ -74,16 +74,20 @@ pub struct NewOp<'a> {
 }
 
 /// Records a pending operation; returns its id.
-pub async fn insert(c: &mut SqliteConnection, op: NewOp<'_>, now: i64) -> Result<i64> {
+pub async fn insert(c: &mut SqliteConnection, op: NewOp<'_>, now: i64) -> Result<Operation> {
     let (kind, args) = (
         op.kind.as_str(),
         serde_json::to_string(op.args).expect("arguments serialize"),
     );
-    let id = sqlx::query_scalar!(
+    // The row as inserted comes back with it: no second statement reads it.
+    let row = sqlx::query_as!(
+        Row,
         r#"INSERT INTO operations (kind, target, source, volume_id, worker_id, args, state,
                                    create_time, update_time)
            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
-           RETURNING id AS "id!: i64""#,
+           RETURNING id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
+                     percent, error_kind, error_field, error_message, result, create_time,
+                     update_time, end_time"#,
         kind,
         op.target,
         op.source,
@@ -95,7 +99,7 @@ pub async fn insert(c: &mut SqliteConnection, op: NewOp<'_>, now: i64) -> Result
     )
     .fetch_one(&mut *c)
     .await?;
-    Ok(id)
+    row.into_op()
 }
 
 pub async fn get(c: &mut SqliteConnection, id: i64) -> Result<Option<Operation>> {
@@ -201,12 +205,14 @@ pub async fn set_percent(c: &mut SqliteConnection, id: i64, percent: f64, now: i
 }
 
 /// Ends an operation: succeeded with its result, or failed with an error.
+/// Returns it as it is now, or `None` when it had ended already (nothing
+/// changed).
 pub async fn finish(
     c: &mut SqliteConnection,
     id: i64,
     outcome: std::result::Result<Option<&OpResult>, &Failure>,
     now: i64,
-) -> Result<()> {
+) -> Result<Option<Operation>> {
     let (state, percent, kind, field, message, result) = match outcome {
         Ok(r) => (
             OpState::Succeeded.as_str(),
@@ -226,12 +232,16 @@ pub async fn finish(
             String::new(),
         ),
     };
-    sqlx::query!(
-        "UPDATE operations
+    let row = sqlx::query_as!(
+        Row,
+        r#"UPDATE operations
          SET state = ?, percent = CASE WHEN ? = 100.0 THEN 100.0 ELSE percent END,
              error_kind = ?, error_field = ?, error_message = ?, result = ?, update_time = ?,
              end_time = ?
-         WHERE id = ? AND state IN ('pending', 'running')",
+         WHERE id = ? AND state IN ('pending', 'running')
+         RETURNING id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
+                   percent, error_kind, error_field, error_message, result, create_time,
+                   update_time, end_time"#,
         state,
         percent,
         kind,
@@ -242,9 +252,9 @@ pub async fn finish(
         now,
         id
     )
-    .execute(&mut *c)
+    .fetch_optional(&mut *c)
     .await?;
-    Ok(())
+    row.map(Row::into_op).transpose()
 }
 
 /// How many operations there are of each kind and state.

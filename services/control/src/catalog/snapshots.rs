@@ -218,14 +218,18 @@ pub async fn set_state(
 }
 
 /// Records what the worker reports of a snapshot: its COW size and chunk
-/// size, its usage and why it is invalid or failed.
+/// size, its usage and why it is invalid or failed; and its new `state`,
+/// if it changes with the report (one statement: a catalog statement is a
+/// round trip to the connection's thread).
 pub async fn set_reported(
     c: &mut SqliteConnection,
     volume_id: &str,
     id: &str,
     r: Reported<'_>,
+    state: Option<State>,
     now: i64,
 ) -> Result<()> {
+    let state = state.map(State::as_str);
     let (cow, chunk) = (r.cow_size_bytes as i64, i64::from(r.chunk_sectors));
     let error = r.error;
     let (a, t, m, e, u) = match r.usage {
@@ -241,7 +245,7 @@ pub async fn set_reported(
     sqlx::query!(
         "UPDATE snapshots SET cow_size_bytes = ?, chunk_sectors = ?, allocated_bytes = ?,
                 total_bytes = ?, metadata_bytes = ?, exceptions = ?, usage_time = ?,
-                error = ?, update_time = ?
+                error = ?, state = COALESCE(?, state), update_time = ?
          WHERE volume_id = ? AND id = ?",
         cow,
         chunk,
@@ -251,6 +255,7 @@ pub async fn set_reported(
         e,
         u,
         error,
+        state,
         now,
         volume_id,
         id

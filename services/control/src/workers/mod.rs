@@ -151,7 +151,11 @@ impl Workers {
 
     /// The client of a registered worker.
     pub async fn client(&self, worker_id: &str) -> Result<WorkerClient> {
-        let w = self.get_uncounted(worker_id).await?;
+        self.client_of(&self.get_uncounted(worker_id).await?)
+    }
+
+    /// The client of worker `w`, read from the catalog by the caller.
+    pub fn client_of(&self, w: &Worker) -> Result<WorkerClient> {
         self.client_at(&w.id, &w.address)
     }
 
