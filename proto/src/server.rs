@@ -154,6 +154,33 @@ pub fn private_file_options() -> OpenOptions {
     o
 }
 
+/// Replaces the file at `path` with `bytes`, atomically and durably: a
+/// private temporary file beside it (mode 0600) is written and fsynced,
+/// renamed over `path`, and the directory fsynced. After a crash `path`
+/// holds the old content or the new, never a mix.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().context("a file path has a name")?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = private_file_options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("{}: cannot create", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
+    let dir = path.parent().context("a file path has a directory")?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: cannot sync directory", dir.display()))
+}
+
 /// Creates `path` empty with mode 0600 if it is missing; an existing one
 /// this user owns loses its group and other bits (its content stays).
 pub fn private_file(path: &Path) -> anyhow::Result<()> {
@@ -205,6 +232,23 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn replace_file_leaves_the_new_content_private_and_no_temporary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state.json");
+        // A temporary left by a crash mid-replace is no obstacle.
+        std::fs::write(tmp.path().join("state.json.tmp"), b"torn").unwrap();
+        replace_file(&path, b"old").unwrap();
+        replace_file(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(mode(&path), 0o600);
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 
     #[test]

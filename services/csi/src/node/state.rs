@@ -11,8 +11,6 @@
 //! `node::recover`.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -94,25 +92,10 @@ impl StateFile {
 
     /// Replaces the saved state atomically and durably (D8).
     pub fn save(&self, state: &NodeState) -> Result<()> {
-        let io = |what: &str, p: &Path, e: std::io::Error| {
-            NodeError::internal(format!("{}: cannot {what}: {e}", p.display()))
-        };
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| NodeError::internal(format!("node state: {e}")))?;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = cowsnap_proto::server::private_file_options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io("create", &tmp, e))?;
-        f.write_all(&bytes).map_err(|e| io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| io("sync", &tmp, e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| io("replace", &self.path, e))?;
-        let dir = self.path.parent().expect("state file has a directory");
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("sync directory", dir, e))
+        cowsnap_proto::server::replace_file(&self.path, &bytes)
+            .map_err(|e| NodeError::internal(format!("{e:#}")))
     }
 }
 

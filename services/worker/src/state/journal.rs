@@ -29,7 +29,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -285,22 +284,8 @@ impl StateFile {
     /// Puts the checkpoint in place, then makes the journal ready for the
     /// records after it: written (zeros) to twice the checkpoint's size.
     fn write_checkpoint(&self, generation: u64, bytes: &[u8]) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
         // Only the owner reads it (it names the devices), whatever the umask.
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = cowsnap_proto::server::private_file_options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()
-            .with_context(|| format!("{}: cannot sync", tmp.display()))?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("{}: cannot replace", self.path.display()))?;
-        let dir = self.path.parent().expect("state file has a directory");
-        sync_dir(dir)?;
+        cowsnap_proto::server::replace_file(&self.path, bytes)?;
 
         let mut j = self.journal.lock().expect("journal");
         j.file = None;
@@ -324,7 +309,7 @@ impl StateFile {
             f.sync_all()
                 .with_context(|| format!("{}: cannot sync", self.log.display()))?;
             if had == 0 {
-                sync_dir(dir)?;
+                sync_dir(self.log.parent().expect("the journal has a directory"))?;
             }
         }
         j.capacity = had.max(want);
