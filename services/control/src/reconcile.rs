@@ -37,6 +37,7 @@ use crate::error::{ControlError, Result};
 use crate::metrics::Metrics;
 use crate::model::{Operation, Snapshot, State, Volume, now_ms};
 use crate::operations::Operations;
+use crate::snapshots::same_report;
 use crate::workers::{WorkerSnapshot, WorkerVolume, Workers};
 
 /// The label of resources adopted from a worker.
@@ -271,76 +272,80 @@ impl Reconciler {
         {
             return Ok(());
         }
+        // Nothing is written when the report changes nothing the catalog
+        // keeps (its usage's time aside): a pass over a quiet catalog of
+        // thousands of volumes reads, and takes no write lock. What is
+        // written mirrors the workers and the next pass derives it again:
+        // no fsync of its own ([`Catalog::settle`]).
         let now = now_ms();
-        let mut tx = self.catalog.write().await?;
         let Some(wv) = wv else {
-            if !matches!(v.state, State::Failed | State::DeletedWithSnapshots) {
-                tracing::error!(volume = %v.name(), "its worker no longer has it: marked FAILED");
-                catalog::volumes::set_state(
-                    &mut tx,
-                    id,
-                    State::Failed,
-                    "missing on its worker",
-                    now,
-                )
+            if matches!(v.state, State::Failed | State::DeletedWithSnapshots) {
+                return Ok(());
+            }
+            let mut tx = self.catalog.settle().await?;
+            tracing::error!(volume = %v.name(), "its worker no longer has it: marked FAILED");
+            catalog::volumes::set_state(&mut tx, id, State::Failed, "missing on its worker", now)
                 .await?;
-                for s in &snaps {
-                    catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
-                }
-                report.marked_failed += 1;
-                self.metrics.repaired("volume_missing");
+            for s in &snaps {
+                catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
             }
             tx.commit().await?;
+            report.marked_failed += 1;
+            self.metrics.repaired("volume_missing");
             return Ok(());
         };
-        if v.state == State::Failed
+        let back = v.state == State::Failed
             && wv.state == State::Ready
-            && v.error == "missing on its worker"
-        {
-            catalog::volumes::set_state(&mut tx, id, State::Ready, "", now).await?;
-            report.marked_ready += 1;
-        }
+            && v.error == "missing on its worker";
         let by_id: BTreeMap<&str, &WorkerSnapshot> =
             wv.snapshots.iter().map(|s| (s.id.as_str(), s)).collect();
-        for s in &snaps {
-            if matches!(s.state, State::Creating | State::Deleting | State::Merging) {
-                continue;
-            }
-            match by_id.get(s.id.as_str()) {
-                None if s.state != State::Failed => {
+        let changes: Vec<(&Snapshot, SnapshotChange)> = snaps
+            .iter()
+            .filter_map(|s| snapshot_change(s, by_id.get(s.id.as_str()).copied()).map(|c| (s, c)))
+            .collect();
+        // Snapshots the worker has and the catalog does not.
+        let adopt: Vec<&WorkerSnapshot> = wv
+            .snapshots
+            .iter()
+            .filter(|ws| {
+                !snaps.iter().any(|s| s.id == ws.id)
+                    && !matches!(ws.state, State::Creating | State::Deleting)
+            })
+            .collect();
+        if !back && changes.is_empty() && adopt.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.catalog.settle().await?;
+        if back {
+            catalog::volumes::set_state(&mut tx, id, State::Ready, "", now).await?;
+        }
+        let mut failed = 0;
+        for (s, change) in changes {
+            match change {
+                SnapshotChange::Failed => {
                     tracing::error!(snapshot = %s.name(), "its worker no longer has it: marked FAILED");
                     catalog::snapshots::set_state(&mut tx, id, &s.id, State::Failed, now).await?;
-                    report.marked_failed += 1;
-                    self.metrics.repaired("snapshot_missing");
+                    failed += 1;
                 }
-                None => {}
-                Some(ws) => {
-                    let to = match (s.state, ws.state) {
-                        (State::Ready, State::Invalid) => Some(State::Invalid),
-                        (State::Failed, State::Ready) => Some(State::Ready),
-                        _ => None,
-                    };
+                SnapshotChange::Reported(ws, to) => {
                     catalog::snapshots::set_reported(&mut tx, id, &s.id, ws.reported(), to, now)
                         .await?;
                 }
             }
         }
-        // Snapshots the worker has and the catalog does not.
-        let mut adopted = 0;
-        for ws in &wv.snapshots {
-            if snaps.iter().any(|s| s.id == ws.id)
-                || matches!(ws.state, State::Creating | State::Deleting)
-            {
-                continue;
-            }
+        for ws in &adopt {
             catalog::snapshots::insert(&mut tx, &adopted_snapshot(ws, v.chunk_sectors), now)
                 .await?;
             catalog::snapshots::set_reported(&mut tx, id, &ws.id, ws.reported(), None, now).await?;
             tracing::warn!(snapshot = %names::snapshot(id, &ws.id), "adopted from its worker");
-            adopted += 1;
         }
         tx.commit().await?;
-        report.adopted += adopted;
+        report.marked_ready += usize::from(back);
+        report.marked_failed += failed;
+        for _ in 0..failed {
+            self.metrics.repaired("snapshot_missing");
+        }
+        report.adopted += adopt.len();
         Ok(())
     }
 
@@ -453,6 +458,33 @@ fn differs(v: &Volume, snaps: &[Snapshot], wv: Option<&WorkerVolume>) -> bool {
             !matches!(w.state, State::Creating | State::Deleting)
                 && !snaps.iter().any(|s| s.id == w.id)
         })
+}
+
+/// What a sweep writes of a settled snapshot of the catalog.
+enum SnapshotChange<'a> {
+    /// Its worker no longer has it.
+    Failed,
+    /// What its worker reports differs from the catalog's row; with the
+    /// state that report moves it to, if any.
+    Reported(&'a WorkerSnapshot, Option<State>),
+}
+
+/// What a sweep writes of snapshot `s`, given what its worker reports of
+/// it (`ws`; `None`: the worker does not have it). Nothing for a snapshot
+/// an operation works on, nor when the report matches the row.
+fn snapshot_change<'a>(s: &Snapshot, ws: Option<&'a WorkerSnapshot>) -> Option<SnapshotChange<'a>> {
+    if matches!(s.state, State::Creating | State::Deleting | State::Merging) {
+        return None;
+    }
+    let Some(ws) = ws else {
+        return (s.state != State::Failed).then_some(SnapshotChange::Failed);
+    };
+    let to = match (s.state, ws.state) {
+        (State::Ready, State::Invalid) => Some(State::Invalid),
+        (State::Failed, State::Ready) => Some(State::Ready),
+        _ => None,
+    };
+    (to.is_some() || !same_report(s, &ws.reported())).then_some(SnapshotChange::Reported(ws, to))
 }
 
 fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {

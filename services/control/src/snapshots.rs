@@ -35,7 +35,7 @@ pub fn snapshot_cursor(page_token: &str) -> Result<(String, i64)> {
 
 /// Whether `fresh` (a worker's report) says what the catalog row `s`
 /// already holds, the time of the usage aside.
-fn same_report(s: &Snapshot, fresh: &model::Reported<'_>) -> bool {
+pub(crate) fn same_report(s: &Snapshot, fresh: &model::Reported<'_>) -> bool {
     let usage = |u: &model::Usage| {
         (
             u.allocated_bytes,

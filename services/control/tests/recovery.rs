@@ -478,6 +478,95 @@ async fn reconciliation_marks_lost_resources_and_adopts_unknown_ones() {
     assert_eq!(w.inventory().await, c.inventory().await);
 }
 
+/// The catalog's snapshots of `vol`: (id, state, usage's exceptions and
+/// the time the catalog has for them).
+async fn listed_snapshots(c: &mut Clients, vol: &str) -> Vec<(String, pb::State, u64, i64)> {
+    let list = c
+        .snapshots
+        .list_snapshots(pb::ListSnapshotsRequest {
+            parent: format!("volumes/{vol}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    list.snapshots
+        .into_iter()
+        .map(|s| {
+            let u = s.usage.unwrap_or_default();
+            let t = u
+                .update_time
+                .map(|t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
+            let id = s.name.rsplit('/').next().unwrap().to_string();
+            (id, s.state(), u.exceptions, t.unwrap_or(0))
+        })
+        .collect()
+}
+
+/// A sweep writes what a worker changed of a volume's snapshots (one lost
+/// is FAILED, one made behind the control service's back adopted, new
+/// usage recorded) and nothing at all when the worker changed nothing: the
+/// usage's time in the catalog stays that of the last change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_records_snapshot_changes_and_rewrites_nothing_unchanged() {
+    init_logs();
+    let dir = scratch();
+    let w = Worker::start(dir.path(), "node-a").await;
+    let control = Control::start(Control::config(dir.path(), &[&w])).await;
+    let mut c = control.clients().await;
+    let v = c.create_volume("v", 4 * MIB).await;
+    for s in ["s1", "s2"] {
+        c.create_snapshot("v", s).await;
+    }
+    let mut wc = worker_client(&w.address).await;
+    wc.delete_snapshot(cowsnap_proto::worker::v1::DeleteSnapshotRequest {
+        name: "volumes/v/snapshots/s2".into(),
+    })
+    .await
+    .unwrap();
+    wc.create_snapshot(cowsnap_proto::worker::v1::CreateSnapshotRequest {
+        parent: "volumes/v".into(),
+        snapshot_id: "s3".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // New usage: the first write to the volume copies a chunk into each
+    // snapshot.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 64k", &v.nbd_uri])
+        .output()
+        .expect("qemu-io (qemu-utils) runs");
+    assert!(out.status.success(), "{out:?}");
+
+    let report = control.running().reconcile_now().await.unwrap();
+    assert_eq!((report.marked_failed, report.adopted), (1, 1), "{report:?}");
+    let after = listed_snapshots(&mut c, "v").await;
+    let states: Vec<(&str, pb::State)> = after
+        .iter()
+        .map(|(id, st, ..)| (id.as_str(), *st))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("s1", pb::State::Ready),
+            ("s2", pb::State::Failed),
+            ("s3", pb::State::Ready)
+        ]
+    );
+    let s1 = &after[0];
+    assert!(
+        s1.2 > 0,
+        "the copied chunk is in the catalog's usage: {after:?}"
+    );
+
+    // Nothing changed on the worker: a pass rewrites nothing.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = control.running().reconcile_now().await.unwrap();
+    assert_eq!((report.marked_failed, report.adopted), (0, 0), "{report:?}");
+    assert_eq!(listed_snapshots(&mut c, "v").await, after);
+}
+
 /// Runs a command as part of the test's set-up; any failure is the test's.
 fn run(cmd: &mut Command) -> String {
     let out = cmd

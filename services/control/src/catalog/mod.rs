@@ -103,8 +103,10 @@ impl Catalog {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    /// A write transaction that settles a recorded operation: its commit
-    /// does not wait for the disk (see the module doc).
+    /// A write transaction that settles a recorded operation, or records
+    /// what a reconciliation sweep found on a worker (the next pass finds
+    /// it again): its commit does not wait for the disk (see the module
+    /// doc).
     pub async fn settle(&self) -> Result<Tx> {
         Ok(self.settle_pool.begin_with("BEGIN IMMEDIATE").await?)
     }
