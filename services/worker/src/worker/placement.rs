@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use cowsnap_store::Layout;
 
 use super::Worker;
-use crate::devices::{self, Devices, RawDevice};
+use crate::devices::{self, RawDevice};
 use crate::error::{Result, WorkerError};
 use crate::state::WorkerState;
 
@@ -92,18 +92,13 @@ impl Worker {
 
     /// Bytes that file-backed devices may still claim beyond what they use.
     pub(super) fn committed_unallocated(&self, st: &WorkerState) -> u64 {
-        let mut n = 0u64;
-        for v in st.volumes().values() {
-            if v.file_backed {
-                n += v.size_bytes.saturating_sub(Devices::allocated(&v.device));
-            }
-            for s in v.snapshots.iter().filter(|s| s.file_backed) {
-                n += s
-                    .cow_size_bytes
-                    .saturating_sub(Devices::allocated(&s.device));
-            }
-        }
-        n
+        let files = st.volumes().values().flat_map(|v| {
+            let snaps = v.snapshots.iter().filter(|s| s.file_backed);
+            (v.file_backed.then_some((v.device.as_path(), v.size_bytes)))
+                .into_iter()
+                .chain(snaps.map(|s| (s.device.as_path(), s.cow_size_bytes)))
+        });
+        self.devices.unallocated(files)
     }
 
     /// RESOURCE_EXHAUSTED unless the data dir's file system has room for
