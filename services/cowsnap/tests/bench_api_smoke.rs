@@ -7,7 +7,7 @@
 //! limit is refused before anything starts.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 const KINDS: &[&str] = &[
     "create_volume",
@@ -21,14 +21,33 @@ const KINDS: &[&str] = &[
     "delete_snapshot",
 ];
 
-#[test]
-fn bench_api_tiny_json_has_every_figure() {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-api-smoke");
+/// Runs `cowsnap bench api ARGS --dir BASE`, BASE a fresh directory named
+/// `scratch` under the tests' target dir; what it printed, and BASE.
+fn bench_api(scratch: &str, args: &[&str]) -> (Output, PathBuf) {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(scratch);
     std::fs::create_dir_all(&base).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
-        .args([
-            "bench",
-            "api",
+        .args(["bench", "api"])
+        .args(args)
+        .arg("--dir")
+        .arg(&base)
+        .output()
+        .expect("run cowsnap");
+    (out, base)
+}
+
+/// Fails unless `base` is empty: the scratch subdirectory (and the
+/// services in it) is gone.
+fn assert_nothing_left(base: &std::path::Path) {
+    let left: Vec<_> = std::fs::read_dir(base).unwrap().collect();
+    assert!(left.is_empty(), "scratch files left behind: {left:?}");
+}
+
+#[test]
+fn bench_api_tiny_json_has_every_figure() {
+    let (out, base) = bench_api(
+        "bench-api-smoke",
+        &[
             "--volumes",
             "6",
             "--first-point",
@@ -46,11 +65,8 @@ fn bench_api_tiny_json_has_every_figure() {
             "--workers",
             "2",
             "--json",
-            "--dir",
-        ])
-        .arg(&base)
-        .output()
-        .expect("run cowsnap");
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cowsnap bench api failed: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -119,35 +135,29 @@ fn bench_api_tiny_json_has_every_figure() {
     let counts: Vec<u64> = per_worker.iter().map(|w| w[1].as_u64().unwrap()).collect();
     let (least, most) = (counts[0].min(counts[1]), counts[0].max(counts[1]));
     assert!(least > 0 && most <= 2 * least, "{counts:?}: {report}");
-    // The scratch subdirectory (and the services in it) is gone.
-    let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
-    assert!(left.is_empty(), "scratch files left behind: {left:?}");
+    assert_nothing_left(&base);
 }
 
 #[test]
 fn bench_api_refuses_too_few_workers_before_starting() {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-api-few-workers");
-    std::fs::create_dir_all(&base).unwrap();
     // Ten billion device files on one worker: over any descriptor limit
     // Linux allows (fs.nr_open stays below 2^31).
-    let out = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
-        .args([
-            "bench",
-            "api",
+    let (out, base) = bench_api(
+        "bench-api-few-workers",
+        &[
             "--volumes",
             "10000",
             "--snapshots-per-volume",
-        ])
-        .args(["1000000", "--workers", "1", "--dir"])
-        .arg(&base)
-        .output()
-        .expect("run cowsnap");
+            "1000000",
+            "--workers",
+            "1",
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains("--workers 1: each worker would hold about 10000011024 device files"),
         "{stderr}"
     );
-    let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
-    assert!(left.is_empty(), "nothing is started: {left:?}");
+    assert_nothing_left(&base);
 }
