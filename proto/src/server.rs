@@ -175,7 +175,12 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
     drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
-    let dir = path.parent().context("a file path has a directory")?;
+    sync_dir(path.parent().context("a file path has a directory")?)
+}
+
+/// Makes the entries of directory `dir` durable (a file made, renamed or
+/// removed in it).
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("{}: cannot sync directory", dir.display()))

@@ -13,10 +13,8 @@ mod journal;
 pub use journal::{Save, StateFile};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Where a record is in its life.
@@ -184,12 +182,7 @@ impl WorkerState {
     }
 }
 
-/// fsyncs a directory so a rename or unlink in it is durable.
-pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: cannot sync directory", dir.display()))
-}
+pub use cowsnap_proto::server::sync_dir;
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
