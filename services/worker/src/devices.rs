@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -56,22 +57,30 @@ pub struct Devices {
     allocated: Mutex<Allocated>,
 }
 
-/// Allocated bytes of files, and when they were first read.
+/// Allocated bytes of files (keyed by their path's bytes: hashing a
+/// `Path` parses it, and a check looks up every device file), each with
+/// when it was read, and where the next check's re-reads start.
 #[derive(Default)]
 struct Allocated {
-    since: Option<Instant>,
-    bytes: HashMap<PathBuf, u64>,
+    bytes: HashMap<Box<[u8]>, (u64, Instant)>,
+    cursor: usize,
 }
 
-/// How long a file's allocated size, once read, stands for it in room
-/// checks. Every check sums it over every file-backed device, under the
-/// worker's lock: reading them all each time costs one `stat` per device
-/// (14,000 on a worker of 1,000 volumes of 10 snapshots: tens of ms per
-/// create). A figure read earlier errs on the safe side: a device's
-/// allocation only grows (nothing punches holes), so an old figure counts
-/// more still to claim, less room. A file made again under the same path,
+/// How long a file's allocated size, once read, surely stands for it in
+/// room checks. Every check sums it over every file-backed device, under
+/// the worker's lock: reading them all each time costs one `stat` per
+/// device (14,000 on a worker of 1,000 volumes of 10 snapshots: tens of ms
+/// per create). So a check reads only files it has no figure of, and
+/// re-reads at most [`ALLOCATED_REREADS`] figures older than this, taking
+/// turns over the list; older figures stand meanwhile. A figure read
+/// earlier errs on the safe side: a device's allocation only grows
+/// (nothing punches holes), so an old figure counts more still to claim,
+/// less room; and a check that would refuse for want of room asks again
+/// with every figure read afresh. A file made again under the same path,
 /// or removed, is forgotten at once.
 const ALLOCATED_MAX_AGE: Duration = Duration::from_secs(1);
+/// Figures older than [`ALLOCATED_MAX_AGE`] a room check re-reads at most.
+const ALLOCATED_REREADS: usize = 256;
 
 impl Devices {
     /// `data_dir/devices` (created) and the allow-list globs, which must be
@@ -330,30 +339,46 @@ impl Devices {
     }
 
     /// Bytes the file-backed devices `files` (path, size) may still claim
-    /// beyond what they have allocated (see [`ALLOCATED_MAX_AGE`]).
-    pub fn unallocated<'a>(&self, files: impl IntoIterator<Item = (&'a Path, u64)>) -> u64 {
+    /// beyond what they have allocated: from figures read earlier (see
+    /// [`ALLOCATED_MAX_AGE`]), or with `fresh`, every file read now.
+    pub fn unallocated<'a>(
+        &self,
+        files: impl IntoIterator<Item = (&'a Path, u64)>,
+        fresh: bool,
+    ) -> u64 {
         let mut a = self.allocated.lock().expect("allocated");
-        if a.since.is_none_or(|t| t.elapsed() > ALLOCATED_MAX_AGE) {
-            a.bytes.clear();
-            a.since = Some(Instant::now());
-        }
-        let mut n = 0u64;
+        let now = Instant::now();
+        let turn = a.cursor..a.cursor + ALLOCATED_REREADS;
+        let (mut n, mut count) = (0u64, 0usize);
         for (path, size) in files {
-            let got = match a.bytes.get(path) {
-                Some(&b) => b,
+            let key = path.as_os_str().as_bytes();
+            let due = fresh || turn.contains(&count);
+            count += 1;
+            let got = match a.bytes.get_mut(key) {
+                Some((b, at)) => {
+                    if fresh || (due && now.duration_since(*at) > ALLOCATED_MAX_AGE) {
+                        (*b, *at) = (allocated(path), now);
+                    }
+                    *b
+                }
                 None => {
                     let b = allocated(path);
-                    a.bytes.insert(path.to_path_buf(), b);
+                    a.bytes.insert(key.into(), (b, now));
                     b
                 }
             };
             n += size.saturating_sub(got);
         }
+        a.cursor = if turn.end >= count { 0 } else { turn.end };
         n
     }
 
     fn forget_allocated(&self, path: &Path) {
-        self.allocated.lock().expect("allocated").bytes.remove(path);
+        self.allocated
+            .lock()
+            .expect("allocated")
+            .bytes
+            .remove(path.as_os_str().as_bytes());
     }
 }
 
@@ -507,16 +532,41 @@ mod tests {
             f.sync_all().unwrap();
         }
         let files = || [(a.as_path(), 4 * MIB), (b.as_path(), 4 * MIB)];
-        assert_eq!(d.unallocated(files()), 6 * MIB);
+        assert_eq!(d.unallocated(files(), false), 6 * MIB);
         // Made again empty: all of it is to claim again at once.
         d.new_file(&a, 4 * MIB).unwrap();
-        assert_eq!(d.unallocated(files()), 7 * MIB);
+        assert_eq!(d.unallocated(files(), false), 7 * MIB);
         // Released, then made again with data: read afresh too.
         d.release(&b, true).unwrap();
         let f = d.new_file(&b, 4 * MIB).unwrap();
         f.write_all_at(&vec![1u8; 2 * MIB as usize], 0).unwrap();
         f.sync_all().unwrap();
-        assert_eq!(d.unallocated(files()), 6 * MIB);
+        assert_eq!(d.unallocated(files(), false), 6 * MIB);
+    }
+
+    /// A figure read earlier may stand for a file that has grown since,
+    /// but only on the safe side (more still to claim); asked afresh, the
+    /// check reads every file now.
+    #[test]
+    fn unallocated_afresh_reads_every_file_now() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = Devices::new(tmp.path(), &[]).unwrap();
+        const MIB: u64 = 1 << 20;
+        let paths: Vec<PathBuf> = (0..3).map(|i| d.dir().join(format!("f{i}"))).collect();
+        let files = || paths.iter().map(|p| (p.as_path(), 4 * MIB));
+        for p in &paths {
+            d.new_file(p, 4 * MIB).unwrap();
+        }
+        assert_eq!(d.unallocated(files(), false), 12 * MIB);
+        for p in &paths {
+            let f = OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&vec![1u8; MIB as usize], 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        assert!(d.unallocated(files(), false) >= 9 * MIB);
+        assert_eq!(d.unallocated(files(), true), 9 * MIB);
+        assert_eq!(d.unallocated(files(), false), 9 * MIB);
     }
 
     #[test]

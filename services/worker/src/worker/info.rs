@@ -97,7 +97,7 @@ impl Worker {
             io,
             node: self.cfg.node.clone(),
             nbd_uri: self.cfg.nbd_uri.clone(),
-            free_bytes: free.saturating_sub(self.committed_unallocated(&inner.st)),
+            free_bytes: free.saturating_sub(self.committed_unallocated(&inner.st, false)),
             capacity_bytes: capacity,
             devices,
             io_backend: self.backend.name().into(),

@@ -90,15 +90,17 @@ impl Worker {
         }
     }
 
-    /// Bytes that file-backed devices may still claim beyond what they use.
-    pub(super) fn committed_unallocated(&self, st: &WorkerState) -> u64 {
+    /// Bytes that file-backed devices may still claim beyond what they use
+    /// (from figures read earlier, or with `fresh` read now: see
+    /// [`crate::devices::Devices::unallocated`]).
+    pub(super) fn committed_unallocated(&self, st: &WorkerState, fresh: bool) -> u64 {
         let files = st.volumes().values().flat_map(|v| {
             let snaps = v.snapshots.iter().filter(|s| s.file_backed);
             (v.file_backed.then_some((v.device.as_path(), v.size_bytes)))
                 .into_iter()
                 .chain(snaps.map(|s| (s.device.as_path(), s.cow_size_bytes)))
         });
-        self.devices.unallocated(files)
+        self.devices.unallocated(files, fresh)
     }
 
     /// RESOURCE_EXHAUSTED unless the data dir's file system has room for
@@ -106,7 +108,12 @@ impl Worker {
     /// still claim.
     pub(super) fn ensure_file_room(&self, st: &WorkerState, bytes: u64) -> Result<()> {
         let (_, free) = self.devices.fs_space()?;
-        let room = free.saturating_sub(self.committed_unallocated(st));
+        let mut room = free.saturating_sub(self.committed_unallocated(st, false));
+        if bytes > room {
+            // Older figures count less room than there may be: the
+            // refusal stands only on figures read now.
+            room = free.saturating_sub(self.committed_unallocated(st, true));
+        }
         if bytes > room {
             tracing::warn!(
                 data_dir = %self.cfg.data_dir.display(),
