@@ -27,7 +27,7 @@
 //! Every repair takes the volume's lock and looks again before acting, so
 //! it never races a call in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use cowsnap_proto::names;
@@ -184,7 +184,12 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Compares one worker's volumes with the catalog's.
+    /// Compares one worker's volumes with the catalog's. The catalog's
+    /// side is read at once (the worker's volumes, their snapshots, the
+    /// unfinished operations) and only a volume whose report would change
+    /// something is swept, under its lock and after looking again: a pass
+    /// over a quiet catalog of thousands of volumes costs three reads per
+    /// worker, not three per volume.
     async fn sweep(
         &self,
         worker_id: &str,
@@ -193,18 +198,31 @@ impl Reconciler {
     ) -> Result<()> {
         let reported: HashMap<String, WorkerVolume> =
             reported.into_iter().map(|v| (v.id.clone(), v)).collect();
-        let listed = {
+        let (listed, snaps, active) = {
             let mut c = self.catalog.conn().await?;
-            catalog::volumes::list_on_worker(&mut c, worker_id).await?
+            (
+                catalog::volumes::list_on_worker(&mut c, worker_id).await?,
+                catalog::snapshots::list_on_worker(&mut c, worker_id).await?,
+                catalog::operations::active(&mut c).await?,
+            )
         };
-        let known: Vec<String> = listed.iter().map(|v| v.id.clone()).collect();
-        for v in listed {
-            let _g = self.ops.lock(&[&v.id]).await;
-            self.sweep_volume(worker_id, &v.id, reported.get(&v.id), report)
-                .await?;
+        let mut snaps_of: HashMap<&str, &[Snapshot]> = HashMap::new();
+        for group in snaps.chunk_by(|a, b| a.volume_id == b.volume_id) {
+            snaps_of.insert(group[0].volume_id.as_str(), group);
         }
+        for v in &listed {
+            let wv = reported.get(&v.id);
+            let snaps = snaps_of.get(v.id.as_str()).copied().unwrap_or_default();
+            if works_on(&active, &v.id) || !needs_sweep(worker_id, v, snaps, wv) {
+                continue;
+            }
+            let _g = self.ops.lock(&[&v.id]).await;
+            self.sweep_volume(worker_id, &v.id, wv, report).await?;
+        }
+        let known: HashSet<&str> = listed.iter().map(|v| v.id.as_str()).collect();
         for (id, wv) in &reported {
-            if known.contains(id) || matches!(wv.state, State::Creating | State::Deleting) {
+            if known.contains(id.as_str()) || matches!(wv.state, State::Creating | State::Deleting)
+            {
                 continue;
             }
             let _g = self.ops.lock(&[id]).await;
@@ -217,9 +235,7 @@ impl Reconciler {
     /// snapshots (then reconciliation leaves it to the operation).
     async fn busy(&self, vol: &str) -> Result<bool> {
         let mut c = self.catalog.conn().await?;
-        Ok(catalog::operations::active(&mut c).await?.iter().any(|o| {
-            o.target.volume() == vol || o.source.as_ref().is_some_and(|s| s.volume() == vol)
-        }))
+        Ok(works_on(&catalog::operations::active(&mut c).await?, vol))
     }
 
     async fn sweep_volume(
@@ -294,9 +310,7 @@ impl Reconciler {
             self.metrics.repaired("volume_missing");
             return Ok(());
         };
-        let back = v.state == State::Failed
-            && wv.state == State::Ready
-            && v.error == "missing on its worker";
+        let back = back(&v, wv);
         let by_id: BTreeMap<&str, &WorkerSnapshot> =
             wv.snapshots.iter().map(|s| (s.id.as_str(), s)).collect();
         let changes: Vec<(&Snapshot, SnapshotChange)> = snaps
@@ -438,6 +452,42 @@ impl Reconciler {
     }
 }
 
+/// Whether one of the unfinished operations `active` works on volume
+/// `vol` or one of its snapshots, or reads from them.
+fn works_on(active: &[Operation], vol: &str) -> bool {
+    active
+        .iter()
+        .any(|o| o.target.volume() == vol || o.source.as_ref().is_some_and(|s| s.volume() == vol))
+}
+
+/// Whether a volume marked FAILED because its worker lost it is back.
+fn back(v: &Volume, wv: &WorkerVolume) -> bool {
+    v.state == State::Failed && wv.state == State::Ready && v.error == "missing on its worker"
+}
+
+/// Whether sweeping volume `v` (with its catalog snapshots `snaps`, and
+/// `wv`, its worker's report) would do anything: the same decisions as
+/// [`Reconciler::sweep_volume`], taken on a read made without the
+/// volume's lock. A volume that passes is swept under its lock, which
+/// reads again; one that does not is left to the next pass if it changes
+/// meanwhile.
+fn needs_sweep(worker_id: &str, v: &Volume, snaps: &[Snapshot], wv: Option<&WorkerVolume>) -> bool {
+    if v.worker_id != worker_id || matches!(v.state, State::Creating | State::Deleting) {
+        return false;
+    }
+    if differs(v, snaps, wv) || (v.state == State::DeletedWithSnapshots && snaps.is_empty()) {
+        return true;
+    }
+    let Some(wv) = wv else {
+        return false;
+    };
+    back(v, wv)
+        || snaps.iter().any(|s| {
+            let ws = wv.snapshots.iter().find(|w| w.id == s.id);
+            snapshot_change(s, ws).is_some()
+        })
+}
+
 /// Whether a worker's report of a volume would change the catalog's
 /// record of it or of its snapshots (something missing, or a snapshot to
 /// adopt).
@@ -511,5 +561,144 @@ fn adopted_snapshot(ws: &WorkerSnapshot, chunk: u32) -> Snapshot {
         nbd_base: String::new(),
         operation: None,
         error: ws.error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Usage;
+
+    fn volume(state: State) -> Volume {
+        Volume {
+            id: "v1".into(),
+            worker_id: "w1".into(),
+            size_bytes: 1 << 20,
+            chunk_sectors: 8,
+            labels: BTreeMap::new(),
+            state,
+            source: String::new(),
+            error: String::new(),
+            create_time: 1,
+            nbd_base: String::new(),
+            operation: None,
+        }
+    }
+
+    fn usage(allocated_bytes: u64) -> Usage {
+        Usage {
+            allocated_bytes,
+            total_bytes: 1 << 20,
+            metadata_bytes: 4096,
+            exceptions: 1,
+            update_time: 1,
+        }
+    }
+
+    fn reported(id: &str, used: u64) -> WorkerSnapshot {
+        WorkerSnapshot {
+            volume_id: "v1".into(),
+            id: id.into(),
+            size_bytes: 1 << 20,
+            cow_size_bytes: 1 << 20,
+            chunk_sectors: 8,
+            writable: false,
+            state: State::Ready,
+            usage: Some(usage(used)),
+            error: None,
+        }
+    }
+
+    fn catalog_row(ws: &WorkerSnapshot) -> Snapshot {
+        Snapshot {
+            usage: ws.usage.clone(),
+            state: State::Ready,
+            ..adopted_snapshot(ws, 8)
+        }
+    }
+
+    fn worker_volume(snapshots: Vec<WorkerSnapshot>) -> WorkerVolume {
+        WorkerVolume {
+            id: "v1".into(),
+            size_bytes: 1 << 20,
+            chunk_sectors: 8,
+            state: State::Ready,
+            snapshots,
+            retired: false,
+        }
+    }
+
+    #[test]
+    fn a_volume_whose_report_matches_the_catalog_is_not_swept() {
+        let ws = vec![reported("s1", 4096), reported("s2", 8192)];
+        let snaps: Vec<Snapshot> = ws.iter().map(catalog_row).collect();
+        let wv = worker_volume(ws);
+        assert!(!needs_sweep("w1", &volume(State::Ready), &snaps, Some(&wv)));
+        assert!(!needs_sweep(
+            "w1",
+            &volume(State::Ready),
+            &[],
+            Some(&worker_volume(vec![]))
+        ));
+    }
+
+    #[test]
+    fn every_change_a_sweep_writes_makes_the_volume_swept() {
+        let ws = vec![reported("s1", 4096), reported("s2", 8192)];
+        let snaps: Vec<Snapshot> = ws.iter().map(catalog_row).collect();
+        let ready = volume(State::Ready);
+        // New usage of one snapshot.
+        let wv = worker_volume(vec![reported("s1", 4096), reported("s2", 12288)]);
+        assert!(needs_sweep("w1", &ready, &snaps, Some(&wv)));
+        // A snapshot the worker lost, one it has and the catalog lacks.
+        let wv = worker_volume(vec![reported("s1", 4096)]);
+        assert!(needs_sweep("w1", &ready, &snaps, Some(&wv)));
+        let wv = worker_volume(vec![ws[0].clone(), ws[1].clone(), reported("s3", 0)]);
+        assert!(needs_sweep("w1", &ready, &snaps, Some(&wv)));
+        // A snapshot gone invalid.
+        let mut invalid = ws[1].clone();
+        invalid.state = State::Invalid;
+        let wv = worker_volume(vec![ws[0].clone(), invalid]);
+        assert!(needs_sweep("w1", &ready, &snaps, Some(&wv)));
+        // The volume missing on its worker, and back again.
+        assert!(needs_sweep("w1", &ready, &snaps, None));
+        let mut failed = volume(State::Failed);
+        failed.error = "missing on its worker".into();
+        assert!(!needs_sweep("w1", &failed, &[], None));
+        assert!(needs_sweep(
+            "w1",
+            &failed,
+            &[],
+            Some(&worker_volume(vec![]))
+        ));
+        // Deleted with snapshots: exported again, or its last snapshot gone.
+        let dws = volume(State::DeletedWithSnapshots);
+        assert!(needs_sweep(
+            "w1",
+            &dws,
+            &snaps,
+            Some(&worker_volume(ws.clone()))
+        ));
+        let mut retired = worker_volume(vec![]);
+        retired.retired = true;
+        assert!(needs_sweep("w1", &dws, &[], Some(&retired)));
+    }
+
+    #[test]
+    fn volumes_in_flight_or_elsewhere_are_left_alone() {
+        let wv = worker_volume(vec![reported("s1", 4096)]);
+        for state in [State::Creating, State::Deleting] {
+            assert!(!needs_sweep("w1", &volume(state), &[], Some(&wv)));
+        }
+        assert!(!needs_sweep("w2", &volume(State::Ready), &[], Some(&wv)));
+        // A snapshot being created or deleted is the operation's business.
+        let mut creating = catalog_row(&wv.snapshots[0]);
+        creating.state = State::Creating;
+        assert!(!needs_sweep(
+            "w1",
+            &volume(State::Ready),
+            &[creating],
+            Some(&worker_volume(vec![]))
+        ));
     }
 }

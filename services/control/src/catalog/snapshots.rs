@@ -156,6 +156,32 @@ pub async fn list(
     rows.into_iter().map(Row::into_snapshot).collect()
 }
 
+/// Every snapshot of the volumes on `worker_id`, in (volume id, seq)
+/// order: what a reconciliation sweep compares with the worker's report
+/// in one read, instead of a read per volume.
+pub async fn list_on_worker(c: &mut SqliteConnection, worker_id: &str) -> Result<Vec<Snapshot>> {
+    let rows = sqlx::query_as!(
+        Row,
+        r#"SELECT s.volume_id, s.id, s.seq, s.size_bytes, s.cow_size_bytes, s.chunk_sectors, s.writable,
+                  s.labels, s.state, s.allocated_bytes, s.total_bytes, s.metadata_bytes,
+                  s.exceptions, s.usage_time, s.create_time, w.nbd_uri AS nbd_base,
+                  (SELECT MAX(o.id) FROM operations o
+                    WHERE o.target = 'volumes/' || s.volume_id || '/snapshots/' || s.id
+                      AND o.state IN ('pending', 'running')) AS "operation?: i64",
+                  s.error
+           FROM snapshots s JOIN volumes v ON v.id = s.volume_id
+                JOIN workers w ON w.id = v.worker_id
+           WHERE v.worker_id = ?
+           ORDER BY s.volume_id, s.seq"#,
+        worker_id
+    )
+    .fetch_all(&mut *c)
+    .await?;
+    rows.into_iter()
+        .map(|r| r.into_snapshot().map(|(s, _)| s))
+        .collect()
+}
+
 pub async fn count(c: &mut SqliteConnection, volume_id: &str) -> Result<u64> {
     let n = sqlx::query_scalar!(
         r#"SELECT COUNT(*) AS "n!: i64" FROM snapshots WHERE volume_id = ?"#,
