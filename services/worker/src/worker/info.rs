@@ -97,7 +97,10 @@ impl Worker {
             io,
             node: self.cfg.node.clone(),
             nbd_uri: self.cfg.nbd_uri.clone(),
-            free_bytes: free.saturating_sub(self.committed_unallocated(&inner.st, false)),
+            // Read afresh: the control service places volumes by this
+            // figure (every health check, 10 s apart), and older figures
+            // count less room than there is.
+            free_bytes: free.saturating_sub(self.committed_unallocated(&inner.st, true)),
             capacity_bytes: capacity,
             devices,
             io_backend: self.backend.name().into(),
