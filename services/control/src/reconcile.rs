@@ -311,12 +311,7 @@ impl Reconciler {
             return Ok(());
         };
         let back = back(&v, wv);
-        let by_id: BTreeMap<&str, &WorkerSnapshot> =
-            wv.snapshots.iter().map(|s| (s.id.as_str(), s)).collect();
-        let changes: Vec<(&Snapshot, SnapshotChange)> = snaps
-            .iter()
-            .filter_map(|s| snapshot_change(s, by_id.get(s.id.as_str()).copied()).map(|c| (s, c)))
-            .collect();
+        let changes = snapshot_changes(&snaps, wv);
         // Snapshots the worker has and the catalog does not.
         let adopt: Vec<&WorkerSnapshot> = wv
             .snapshots
@@ -481,11 +476,21 @@ fn needs_sweep(worker_id: &str, v: &Volume, snaps: &[Snapshot], wv: Option<&Work
     let Some(wv) = wv else {
         return false;
     };
-    back(v, wv)
-        || snaps.iter().any(|s| {
-            let ws = wv.snapshots.iter().find(|w| w.id == s.id);
-            snapshot_change(s, ws).is_some()
-        })
+    back(v, wv) || !snapshot_changes(snaps, wv).is_empty()
+}
+
+/// What a sweep writes of each of the catalog's snapshots `snaps`, given
+/// `wv`, their volume as its worker reports it.
+fn snapshot_changes<'a>(
+    snaps: &'a [Snapshot],
+    wv: &'a WorkerVolume,
+) -> Vec<(&'a Snapshot, SnapshotChange<'a>)> {
+    let by_id: BTreeMap<&str, &WorkerSnapshot> =
+        wv.snapshots.iter().map(|s| (s.id.as_str(), s)).collect();
+    snaps
+        .iter()
+        .filter_map(|s| snapshot_change(s, by_id.get(s.id.as_str()).copied()).map(|c| (s, c)))
+        .collect()
 }
 
 /// Whether a worker's report of a volume would change the catalog's

@@ -352,7 +352,7 @@ impl Devices {
         let (mut n, mut count) = (0u64, 0usize);
         for (path, size) in files {
             let key = path.as_os_str().as_bytes();
-            let due = fresh || turn.contains(&count);
+            let due = turn.contains(&count);
             count += 1;
             let got = match a.bytes.get_mut(key) {
                 Some((b, at)) => {
