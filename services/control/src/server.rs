@@ -284,32 +284,42 @@ pub async fn start(
     })
 }
 
-/// Health checks and reconciliation passes until `shutdown`.
+/// Health checks and reconciliation passes until `shutdown`, each on a
+/// clock of its own: a long pass (a large catalog, many calls in flight)
+/// does not hold back the health checks that notice a worker gone.
 async fn background(
     reconciler: Arc<Reconciler>,
     health_every: Duration,
     reconcile_every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut health = tokio::time::interval(health_every);
-    let mut reconcile = tokio::time::interval(reconcile_every);
-    for t in [&mut health, &mut reconcile] {
+    let every = |period: Duration| {
+        let mut t = tokio::time::interval(period);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t.reset();
-    }
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = health.tick() => {
-                if let Err(e) = reconciler.check_workers().await {
-                    tracing::warn!("health checks failed: {e}");
-                }
-            }
-            _ = reconcile.tick() => {
-                if let Err(e) = reconciler.run_once().await {
-                    tracing::warn!("reconciliation failed: {e}");
-                }
+        t
+    };
+    let health = async {
+        let mut t = every(health_every);
+        loop {
+            t.tick().await;
+            if let Err(e) = reconciler.check_workers().await {
+                tracing::warn!("health checks failed: {e}");
             }
         }
+    };
+    let reconcile = async {
+        let mut t = every(reconcile_every);
+        loop {
+            t.tick().await;
+            if let Err(e) = reconciler.run_once().await {
+                tracing::warn!("reconciliation failed: {e}");
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = health => {}
+        _ = reconcile => {}
     }
 }
