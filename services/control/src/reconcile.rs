@@ -40,6 +40,13 @@ use crate::operations::Operations;
 use crate::snapshots::same_report;
 use crate::workers::{WorkerSnapshot, WorkerVolume, Workers};
 
+/// The operations of the catalog at one moment, for a sweep: the newest
+/// recorded and the unfinished ones.
+struct Activity {
+    newest: i64,
+    active: Vec<Operation>,
+}
+
 /// The label of resources adopted from a worker.
 pub const ADOPTED_LABEL: &str = "cowsnap.io/adopted";
 
@@ -97,8 +104,9 @@ impl Reconciler {
                 continue;
             }
             let client = self.workers.client(&w.id).await?;
+            let before = self.activity().await?;
             match client.list_volumes().await {
-                Ok(vols) => self.sweep(&w.id, vols, &mut report).await?,
+                Ok(vols) => self.sweep(&w.id, vols, before, &mut report).await?,
                 Err(e) => tracing::warn!(worker = %w.name(), "cannot list its volumes: {e}"),
             }
         }
@@ -138,9 +146,15 @@ impl Reconciler {
     async fn operations(&self, report: &mut Report) -> Result<()> {
         // Operations recorded by the ones driven (reclaims) are driven in a
         // further round; those still pending after a round are not retried
-        // in this pass.
+        // in this pass. A round that drove none ends the pass's driving:
+        // what it found unfinished was in the hands of calls in flight,
+        // which keep recording new ones as long as clients call (a pass
+        // that chased them ran for minutes under a steady stream of
+        // creates, each one waiting for its call to end).
         let mut tried = std::collections::HashSet::new();
-        loop {
+        let mut driven = usize::MAX;
+        while report.operations_driven != driven {
+            driven = report.operations_driven;
             let active: Vec<_> = {
                 let mut c = self.catalog.conn().await?;
                 catalog::operations::active(&mut c).await?
@@ -149,10 +163,11 @@ impl Reconciler {
             .filter(|o| tried.insert(o.id))
             .collect();
             if active.is_empty() {
-                return Ok(());
+                break;
             }
             self.drive_all(active, report).await?;
         }
+        Ok(())
     }
 
     async fn drive_all(&self, active: Vec<Operation>, report: &mut Report) -> Result<()> {
@@ -184,28 +199,48 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Compares one worker's volumes with the catalog's. The catalog's
-    /// side is read at once (the worker's volumes, their snapshots, the
-    /// unfinished operations) and only a volume whose report would change
-    /// something is swept, under its lock and after looking again: a pass
-    /// over a quiet catalog of thousands of volumes costs three reads per
-    /// worker, not three per volume.
+    /// What operations were doing before a worker is asked for its
+    /// volumes: see [`Activity`].
+    async fn activity(&self) -> Result<Activity> {
+        let mut c = self.catalog.conn().await?;
+        Ok(Activity {
+            newest: catalog::operations::newest_id(&mut c).await?,
+            active: catalog::operations::active(&mut c).await?,
+        })
+    }
+
+    /// Compares one worker's volumes, `reported` (asked for after
+    /// `before` was read), with the catalog's. The catalog's side is read
+    /// at once (the worker's volumes, their snapshots, the operations) and
+    /// only a volume whose report would change something is swept, under
+    /// its lock and after looking again: a pass over a quiet catalog of
+    /// thousands of volumes costs a few reads per worker, not three per
+    /// volume. A volume an operation worked on at any time since `before`
+    /// is left to the next pass: the report may predate what the operation
+    /// did, so the difference says nothing, and looking again would cost a
+    /// worker call per volume (with many calls in flight, a pass that looked
+    /// at each such volume ran for minutes).
     async fn sweep(
         &self,
         worker_id: &str,
         reported: Vec<WorkerVolume>,
+        before: Activity,
         report: &mut Report,
     ) -> Result<()> {
         let reported: HashMap<String, WorkerVolume> =
             reported.into_iter().map(|v| (v.id.clone(), v)).collect();
-        let (listed, snaps, active) = {
+        let (listed, snaps, mut worked) = {
             let mut c = self.catalog.conn().await?;
             (
                 catalog::volumes::list_on_worker(&mut c, worker_id).await?,
                 catalog::snapshots::list_on_worker(&mut c, worker_id).await?,
-                catalog::operations::active(&mut c).await?,
+                // Every operation unfinished now either was then or was
+                // recorded since: these and `before.active` are all that
+                // worked since the report was asked for.
+                catalog::operations::after(&mut c, before.newest).await?,
             )
         };
+        worked.extend(before.active);
         let mut snaps_of: HashMap<&str, &[Snapshot]> = HashMap::new();
         for group in snaps.chunk_by(|a, b| a.volume_id == b.volume_id) {
             snaps_of.insert(group[0].volume_id.as_str(), group);
@@ -213,7 +248,7 @@ impl Reconciler {
         for v in &listed {
             let wv = reported.get(&v.id);
             let snaps = snaps_of.get(v.id.as_str()).copied().unwrap_or_default();
-            if works_on(&active, &v.id) || !needs_sweep(worker_id, v, snaps, wv) {
+            if works_on(&worked, &v.id) || !needs_sweep(worker_id, v, snaps, wv) {
                 continue;
             }
             let _g = self.ops.lock(&[&v.id]).await;
@@ -221,7 +256,9 @@ impl Reconciler {
         }
         let known: HashSet<&str> = listed.iter().map(|v| v.id.as_str()).collect();
         for (id, wv) in &reported {
-            if known.contains(id.as_str()) || matches!(wv.state, State::Creating | State::Deleting)
+            if known.contains(id.as_str())
+                || matches!(wv.state, State::Creating | State::Deleting)
+                || works_on(&worked, id)
             {
                 continue;
             }
@@ -447,11 +484,10 @@ impl Reconciler {
     }
 }
 
-/// Whether one of the unfinished operations `active` works on volume
-/// `vol` or one of its snapshots, or reads from them.
-fn works_on(active: &[Operation], vol: &str) -> bool {
-    active
-        .iter()
+/// Whether one of operations `ops` works on volume `vol` or one of its
+/// snapshots, or reads from them.
+fn works_on(ops: &[Operation], vol: &str) -> bool {
+    ops.iter()
         .any(|o| o.target.volume() == vol || o.source.as_ref().is_some_and(|s| s.volume() == vol))
 }
 

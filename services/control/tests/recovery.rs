@@ -792,3 +792,58 @@ async fn a_full_catalog_file_system_is_resource_exhausted_and_heals_without_a_re
     assert_consistent(&mut c, &w).await;
     control.stop().await;
 }
+
+/// A pass ends while clients keep calling: the unfinished operations it
+/// finds are in the hands of calls in flight, and the calls record new
+/// ones all the time. (A pass that chased them ran for minutes under the
+/// bench's stream of creates, each round waiting for the calls to end.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_ends_while_calls_keep_recording_operations() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    init_logs();
+    let dir = scratch();
+    let w = Worker::start(dir.path(), "node-a").await;
+    let control = Control::start(Control::config(dir.path(), &[&w])).await;
+    let mut c = control.clients().await;
+    const CLIENTS: usize = 16;
+    // Each client takes at most this many snapshots: far more than a pass
+    // needs, and an end to the stream if a pass did chase it.
+    const MOST: usize = 300;
+    let (stop, made) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut streams = Vec::new();
+    for i in 0..CLIENTS {
+        let vol = format!("v{i}");
+        c.create_volume(&vol, 4 * MIB).await;
+        let mut c = control.clients().await;
+        let (stop, made) = (stop.clone(), made.clone());
+        streams.push(tokio::spawn(async move {
+            for n in 0..MOST {
+                if stop.load(Ordering::SeqCst) {
+                    return n;
+                }
+                c.create_snapshot(&vol, &format!("s{n}")).await;
+                made.fetch_add(1, Ordering::SeqCst);
+            }
+            MOST
+        }));
+    }
+    while made.load(Ordering::SeqCst) < 4 * CLIENTS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = control.running().reconcile_now().await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let mut taken = Vec::new();
+    for s in streams {
+        taken.push(s.await.unwrap());
+    }
+    assert!(
+        taken.iter().all(|&n| n < MOST),
+        "the pass ended only once the calls stopped: {taken:?} snapshots per client"
+    );
+    assert_eq!(report.operations_pending, 0, "{report:?}");
+    assert_eq!(report.marked_failed + report.adopted, 0, "{report:?}");
+}

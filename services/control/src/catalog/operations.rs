@@ -142,6 +142,30 @@ pub async fn active(c: &mut SqliteConnection) -> Result<Vec<Operation>> {
     rows.into_iter().map(Row::into_op).collect()
 }
 
+/// The id of the newest operation recorded (0 when there is none).
+pub async fn newest_id(c: &mut SqliteConnection) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar!(r#"SELECT COALESCE(MAX(id), 0) AS "id!: i64" FROM operations"#)
+            .fetch_one(&mut *c)
+            .await?,
+    )
+}
+
+/// Every operation recorded after operation `id` (finished or not),
+/// oldest first.
+pub async fn after(c: &mut SqliteConnection, id: i64) -> Result<Vec<Operation>> {
+    let rows = sqlx::query_as!(
+        Row,
+        r#"SELECT id AS "id!: i64", kind, target, source, worker_id, args, state, worker_task,
+                  percent, error_kind, error_field, error_message, result, create_time, update_time, end_time
+           FROM operations WHERE id > ? ORDER BY id"#,
+        id
+    )
+    .fetch_all(&mut *c)
+    .await?;
+    rows.into_iter().map(Row::into_op).collect()
+}
+
 /// The unfinished operations working on `target` or reading from it.
 pub async fn active_on(c: &mut SqliteConnection, name: &str) -> Result<Vec<Operation>> {
     let rows = sqlx::query_as!(
@@ -265,4 +289,54 @@ pub async fn counts(c: &mut SqliteConnection) -> Result<Vec<(String, String, i64
     .fetch_all(&mut *c)
     .await?;
     Ok(rows.into_iter().map(|r| (r.kind, r.state, r.n)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn new_op<'a>(target: &'a str, args: &'a OpArgs) -> NewOp<'a> {
+        NewOp {
+            kind: OpKind::CreateVolume,
+            target,
+            source: "",
+            volume_id: target.trim_start_matches("volumes/"),
+            worker_id: "w1",
+            args,
+        }
+    }
+
+    #[tokio::test]
+    async fn after_the_newest_id_come_exactly_the_operations_recorded_since_finished_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
+        let args = OpArgs::default();
+        let mut c = cat.conn().await.unwrap();
+        assert_eq!(newest_id(&mut c).await.unwrap(), 0, "an empty catalog");
+        let old = insert(&mut c, new_op("volumes/old", &args), 1)
+            .await
+            .unwrap();
+        let newest = newest_id(&mut c).await.unwrap();
+        assert_eq!(newest, old.id);
+        let done = insert(&mut c, new_op("volumes/done", &args), 2)
+            .await
+            .unwrap();
+        finish(&mut c, done.id, Ok(None), 3).await.unwrap();
+        let open = insert(&mut c, new_op("volumes/open", &args), 4)
+            .await
+            .unwrap();
+        let since: Vec<(i64, OpState)> = after(&mut c, newest)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.id, o.state))
+            .collect();
+        assert_eq!(
+            since,
+            [(done.id, OpState::Succeeded), (open.id, OpState::Pending)],
+            "the finished one and the unfinished one, oldest first; not the one before"
+        );
+        assert!(after(&mut c, open.id).await.unwrap().is_empty());
+    }
 }
