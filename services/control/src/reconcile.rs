@@ -218,8 +218,8 @@ impl Reconciler {
     /// volume. A volume an operation worked on at any time since `before`
     /// is left to the next pass: the report may predate what the operation
     /// did, so the difference says nothing, and looking again would cost a
-    /// worker call per volume (with many calls in flight, a pass that looked
-    /// at each such volume ran for minutes).
+    /// worker call per volume, each waiting for the calls that hold its
+    /// lock.
     async fn sweep(
         &self,
         worker_id: &str,
