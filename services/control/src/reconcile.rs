@@ -152,9 +152,7 @@ impl Reconciler {
         // that chased them ran for minutes under a steady stream of
         // creates, each one waiting for its call to end).
         let mut tried = std::collections::HashSet::new();
-        let mut driven = usize::MAX;
-        while report.operations_driven != driven {
-            driven = report.operations_driven;
+        loop {
             let active: Vec<_> = {
                 let mut c = self.catalog.conn().await?;
                 catalog::operations::active(&mut c).await?
@@ -163,11 +161,14 @@ impl Reconciler {
             .filter(|o| tried.insert(o.id))
             .collect();
             if active.is_empty() {
-                break;
+                return Ok(());
             }
+            let driven = report.operations_driven;
             self.drive_all(active, report).await?;
+            if report.operations_driven == driven {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     async fn drive_all(&self, active: Vec<Operation>, report: &mut Report) -> Result<()> {

@@ -98,9 +98,9 @@ async fn a_default_sized_snapshot_survives_kills_during_write_storms() {
     qemu_io(&vol_uri, "write -P 0x11 0 256M");
     // Kill mid-storm until two restarts have found chunks lost to a kill
     // (bounded so the test ends: usually a few kills do; on a loaded CI
-    // machine 20 once found none, hence 40). A new default-sized snapshot each round
-    // keeps copies in flight: once a snapshot holds every chunk, writes no
-    // longer copy.
+    // machine 20 once found none, hence 40). A new default-sized snapshot
+    // each round keeps copies in flight: once a snapshot holds every chunk,
+    // writes no longer copy.
     let mut kills = 0;
     let mut snaps = Vec::new();
     while reuse_lines(&up) < 2 && kills < 40 {
