@@ -3,16 +3,20 @@
 //! addresses.
 //!
 //! Buffers are recycled: a freed buffer of up to [`POOL_MAX`] bytes goes
-//! back to a small pool per power-of-two size and the next one of that size
-//! reuses it (zeroed again). Fresh large allocations come from `mmap`, and
-//! faulting in and clearing their pages cost more CPU than the I/O itself
-//! (measured: page faults and page clearing were a fifth of the worker's
-//! CPU on 1 MiB writes).
+//! back to a pool per power-of-two size (at most [`POOL_BUDGET`] bytes idle
+//! in all) and the next one of that size reuses it: zeroed again by
+//! [`AlignedBuf::zeroed`], as it is by [`AlignedBuf::for_overwrite`], whose
+//! caller fills every byte before reading any (a device read, a request's
+//! payload, a copy). Fresh allocations and clearing cost more CPU than the
+//! I/O itself (measured on bench nbd's 1 MiB first-touch write: page faults
+//! and page clearing were a fifth of the worker's CPU before the pool; then
+//! clearing buffers about to be overwritten was another third).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Memory alignment of every buffer: the page size, which satisfies any
 /// device's logical block size.
@@ -24,22 +28,28 @@ pub const POOL_MAX: usize = 4 << 20;
 /// Size classes: `BUF_ALIGN << i` bytes.
 const CLASSES: usize = (POOL_MAX / BUF_ALIGN).trailing_zeros() as usize + 1;
 
-/// Idle buffers kept per class: at most 64, and at most 4 MiB of them (at
-/// least 2).
-const fn pool_limit(class: usize) -> usize {
-    let per = (4 << 20) / (BUF_ALIGN << class);
-    if per > 64 {
-        64
-    } else if per < 2 {
-        2
-    } else {
-        per
-    }
-}
+/// Most bytes kept idle in the pool, all classes together: room for what
+/// the write-back path of a volume cycles through (its held writes, the
+/// copies of a batch), so a first-touch storm reuses buffers instead of
+/// faulting in fresh pages.
+pub const POOL_BUDGET: usize = 64 << 20;
+
+/// Most idle buffers kept per class.
+const POOL_COUNT: usize = 256;
 
 /// Idle buffers by class, as addresses (each `BUF_ALIGN << class` bytes,
 /// allocated with that layout).
 static POOL: [Mutex<Vec<usize>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
+
+/// Bytes of the buffers idle in [`POOL`].
+static POOL_IDLE: AtomicUsize = AtomicUsize::new(0);
+
+/// A buffer of class `class` from the pool, if one is idle.
+fn pooled(class: usize) -> Option<NonNull<u8>> {
+    let addr = POOL[class].lock().expect("buffer pool").pop()?;
+    POOL_IDLE.fetch_sub(BUF_ALIGN << class, Ordering::Relaxed);
+    Some(NonNull::new(addr as *mut u8).expect("pooled buffers are non-null"))
+}
 
 /// The class whose buffers hold `len` bytes, when such buffers are pooled.
 fn class_of(len: usize) -> Option<usize> {
@@ -78,6 +88,8 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     cap: usize,
+    /// Taken from the pool: its bytes are those of its last use.
+    reused: bool,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -99,15 +111,36 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes, or an error when the allocator cannot
     /// give that much (address space or memory limit reached).
     pub fn try_zeroed(len: usize) -> Result<AlignedBuf, AllocError> {
+        let mut b = AlignedBuf::try_for_overwrite(len)?;
+        if b.reused {
+            b.fill(0);
+        }
+        Ok(b)
+    }
+
+    /// A buffer of `len` bytes for the caller to fill whole before it reads
+    /// any: a recycled one keeps the bytes of its last use (nothing is
+    /// cleared twice), a fresh one is zero. Aborts when memory runs out,
+    /// like [`zeroed`](AlignedBuf::zeroed).
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        AlignedBuf::try_for_overwrite(len).unwrap_or_else(|e| match e.layout {
+            Some(layout) => std::alloc::handle_alloc_error(layout),
+            None => panic!("{e}"),
+        })
+    }
+
+    /// [`for_overwrite`](AlignedBuf::for_overwrite), or an error when the
+    /// allocator cannot give that much.
+    pub fn try_for_overwrite(len: usize) -> Result<AlignedBuf, AllocError> {
         if let Some(class) = class_of(len) {
             let cap = BUF_ALIGN << class;
-            let reused = POOL[class].lock().expect("buffer pool").pop();
-            if let Some(addr) = reused {
-                let ptr = NonNull::new(addr as *mut u8).expect("pooled buffers are non-null");
-                // SAFETY: the pooled allocation is `cap` bytes, exclusively
-                // ours now; clearing `len` of them is in bounds.
-                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-                return Ok(AlignedBuf { ptr, len, cap });
+            if let Some(ptr) = pooled(class) {
+                return Ok(AlignedBuf {
+                    ptr,
+                    len,
+                    cap,
+                    reused: true,
+                });
             }
             return AlignedBuf::fresh(len, cap);
         }
@@ -126,12 +159,17 @@ impl AlignedBuf {
             len,
             layout: Some(layout),
         })?;
-        Ok(AlignedBuf { ptr, len, cap })
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            cap,
+            reused: false,
+        })
     }
 
     /// A buffer holding a copy of `data`.
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(data.len());
+        let mut b = AlignedBuf::for_overwrite(data.len());
         b.copy_from_slice(data);
         b
     }
@@ -157,7 +195,8 @@ impl AlignedBuf {
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for cap >= len bytes, initialised (zeroed).
+        // SAFETY: ptr is valid for cap >= len bytes, all initialised (zeroed
+        // when allocated, only written since).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -176,7 +215,13 @@ impl Drop for AlignedBuf {
             && BUF_ALIGN << class == self.cap
         {
             let mut idle = POOL[class].lock().expect("buffer pool");
-            if idle.len() < pool_limit(class) {
+            if idle.len() < POOL_COUNT
+                && POOL_IDLE
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n + self.cap <= POOL_BUDGET).then_some(n + self.cap)
+                    })
+                    .is_ok()
+            {
                 idle.push(self.ptr.as_ptr() as usize);
                 return;
             }
@@ -224,6 +269,41 @@ mod tests {
         // Beyond the pool: exact page multiples, freed on drop.
         let b = AlignedBuf::zeroed(POOL_MAX + 1);
         assert_eq!(b.capacity(), POOL_MAX + BUF_ALIGN);
+    }
+
+    #[test]
+    fn zeroed_buffers_are_zero_after_dirty_ones_went_back_to_the_pool() {
+        // Buffers for overwrite go back to the pool with their bytes; a
+        // zeroed one taken after them (recycled or not) is still all zero.
+        let dirty: Vec<AlignedBuf> = (0..32)
+            .map(|_| {
+                let mut b = AlignedBuf::for_overwrite(16384);
+                assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0);
+                assert_eq!(b.len(), 16384);
+                b.fill(0xab);
+                b
+            })
+            .collect();
+        drop(dirty);
+        for _ in 0..32 {
+            let b = AlignedBuf::zeroed(16384);
+            assert!(b.iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn the_pool_keeps_no_more_than_its_budget_idle() {
+        let n = POOL_BUDGET / (1 << 20) + 16;
+        let bufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::for_overwrite(1 << 20)).collect();
+        drop(bufs);
+        let idle = POOL_IDLE.load(Ordering::Relaxed);
+        assert!(idle <= POOL_BUDGET, "{idle} bytes idle");
+        let counted: usize = POOL
+            .iter()
+            .enumerate()
+            .map(|(c, p)| p.lock().unwrap().len() * (BUF_ALIGN << c))
+            .sum();
+        assert!(counted <= POOL_BUDGET, "{counted} bytes pooled");
     }
 
     #[test]

@@ -242,10 +242,12 @@ impl Device {
         self.read_into(offset, buf).await
     }
 
-    /// A zeroed buffer of `len` bytes for I/O at `offset`, or an `ENOMEM`
-    /// error naming this device.
+    /// A buffer of `len` bytes for reads at `offset` that fill it whole
+    /// (a read either fills its buffer or fails:
+    /// [`AlignedBuf::for_overwrite`]), or an `ENOMEM` error naming this
+    /// device.
     pub fn buffer(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
-        AlignedBuf::try_zeroed(len).map_err(|e| Error::Io {
+        AlignedBuf::try_for_overwrite(len).map_err(|e| Error::Io {
             device: self.inner.name.clone(),
             op: "read",
             offset,

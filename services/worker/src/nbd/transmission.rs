@@ -472,7 +472,8 @@ async fn read_payload<R: AsyncRead + Unpin>(
         skip(rd, len).await?;
         return Ok(Payload::Skipped);
     }
-    let mut buf = match AlignedBuf::try_zeroed(len as usize) {
+    // Filled whole below, or dropped with the connection's error.
+    let mut buf = match AlignedBuf::try_for_overwrite(len as usize) {
         Ok(b) => b,
         Err(e) => {
             skip(rd, len).await?;
