@@ -228,7 +228,13 @@ impl CopyOnWrite {
                 let at = ((recs[0].0 - run.first) * cb) as usize;
                 let want = recs.len() * cb as usize;
                 let have = want.min(src.len() - at);
-                let mut b = AlignedBuf::zeroed(want);
+                // Past the origin's end (its last chunk cut short) a copy
+                // is zero; otherwise every byte is copied over.
+                let mut b = if have == want {
+                    AlignedBuf::for_overwrite(want)
+                } else {
+                    AlignedBuf::zeroed(want)
+                };
                 b[..have].copy_from_slice(&src[at..at + have]);
                 b
             };
