@@ -39,4 +39,4 @@ pub use merge::MergeProgress;
 pub use origin::{AddedSnapshot, IoStats, Origin, SnapshotOptions, SnapshotStatus, Target};
 pub use pstore::{CommitStats, Usage};
 pub use snapshot::SnapId;
-pub use writeback::WriteBackStats;
+pub use writeback::{HeldBudget, WriteBackStats};

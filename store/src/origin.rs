@@ -37,7 +37,7 @@ use crate::io::{AlignedBuf, Device};
 use crate::pstore::{CommitStats, PStore, Usage};
 use crate::snapshot::{SnapId, Snapshot};
 use crate::table::{BUILD_INLINE_MAX, ExceptionTable};
-use crate::writeback::{self, WriteBack, WriteBackStats};
+use crate::writeback::{self, HeldBudget, WriteBack, WriteBackStats};
 
 /// What an I/O addresses: the origin, or one of its snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,7 +317,14 @@ impl Origin {
     /// they reach the origin (default [`writeback::DEFAULT_CAP`]); past it
     /// writes wait.
     pub fn set_writeback_cap(&self, bytes: u64) {
-        self.wb.set_cap(bytes);
+        self.wb.set_budget(HeldBudget::new(bytes));
+    }
+
+    /// Holds acknowledged writes under `budget`, a cap shared with the
+    /// other engines given it (a worker's volumes): past it, writes to any
+    /// of them wait.
+    pub fn share_writeback_budget(&self, budget: Arc<HeldBudget>) {
+        self.wb.set_budget(budget);
     }
 
     /// The byte ranges of the writes held now, as (offset, length).

@@ -7,7 +7,8 @@
 //! This module owns every origin write in flight outside a merge, held or
 //! not: the reads of held bytes, the per-byte order of overlapping writes
 //! (a write never reaches the device before an older overlapping one), the
-//! cap on held bytes (past it writers wait), what FLUSH and FUA wait for, and
+//! cap on held bytes (past it writers wait: a [`HeldBudget`], one per engine
+//! or shared by every volume of a worker), what FLUSH and FUA wait for, and
 //! the errors of background writes, kept for the next FLUSH (or FUA write)
 //! as a kernel keeps write-back errors for the next `fsync`.
 
@@ -22,8 +23,85 @@ use crate::cow::CopyOnWrite;
 use crate::error::{Error, Result};
 use crate::io::AlignedBuf;
 
-/// Held bytes per engine unless configured otherwise.
+/// Held bytes per engine (or per worker, sharing a [`HeldBudget`]) unless
+/// configured otherwise.
 pub const DEFAULT_CAP: u64 = 128 << 20;
+
+/// The cap on bytes held by the engines that share it (a worker's volumes):
+/// a write that would take the held bytes past it waits until held writes
+/// reach their origins, unless nothing is held at all (so a write larger
+/// than the cap still goes, alone).
+pub struct HeldBudget {
+    cap: u64,
+    /// Bytes held now, and the most ever held at once.
+    used: Mutex<(u64, u64)>,
+    /// Woken whenever held bytes are given back.
+    freed: Notify,
+}
+
+impl HeldBudget {
+    pub fn new(cap: u64) -> Arc<HeldBudget> {
+        Arc::new(HeldBudget {
+            cap,
+            used: Mutex::new((0, 0)),
+            freed: Notify::new(),
+        })
+    }
+
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// Bytes held now by every engine sharing the budget.
+    pub fn used(&self) -> u64 {
+        self.used.lock().expect("held budget").0
+    }
+
+    /// The most bytes they ever held at once.
+    pub fn max_used(&self) -> u64 {
+        self.used.lock().expect("held budget").1
+    }
+
+    fn fits(used: u64, len: u64, cap: u64) -> bool {
+        used == 0 || used + len <= cap
+    }
+
+    /// Takes `len` bytes if they fit.
+    fn try_take(&self, len: u64) -> bool {
+        let mut used = self.used.lock().expect("held budget");
+        let ok = HeldBudget::fits(used.0, len, self.cap);
+        if ok {
+            used.0 += len;
+            used.1 = used.1.max(used.0);
+        }
+        ok
+    }
+
+    /// Takes `len` bytes whether they fit or not (bytes moving in from
+    /// another budget: they are held already).
+    fn take_anyway(&self, len: u64) {
+        let mut used = self.used.lock().expect("held budget");
+        used.0 += len;
+        used.1 = used.1.max(used.0);
+    }
+
+    fn give_back(&self, len: u64) {
+        self.used.lock().expect("held budget").0 -= len;
+        self.freed.notify_waiters();
+    }
+
+    /// Waits until `len` bytes might fit (they may be gone again by the
+    /// time the caller takes them).
+    async fn wait_room(&self, len: u64) {
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if HeldBudget::fits(self.used(), len, self.cap) {
+            return;
+        }
+        freed.await;
+    }
+}
 
 /// Batches in flight at once: the next batch copies and commits while the
 /// one before writes the origin, and a batch takes at most a share of the
@@ -76,7 +154,7 @@ struct Failure {
 
 #[derive(Default)]
 struct State {
-    cap: u64,
+    budget: Option<Arc<HeldBudget>>,
     next_seq: u64,
     /// Writes in flight by sequence number (the order they were accepted).
     entries: BTreeMap<u64, Entry>,
@@ -133,7 +211,7 @@ impl WriteBack {
         WriteBack {
             cow,
             st: Mutex::new(State {
-                cap,
+                budget: Some(HeldBudget::new(cap)),
                 stats: WriteBackStats {
                     cap,
                     ..Default::default()
@@ -180,11 +258,19 @@ impl WriteBack {
         }
     }
 
-    pub(crate) fn set_cap(&self, cap: u64) {
+    /// Holds writes under `budget` from now on; the bytes held now move
+    /// to it.
+    pub(crate) fn set_budget(&self, budget: Arc<HeldBudget>) {
         let mut st = self.lock();
-        st.cap = cap;
-        st.stats.cap = cap;
+        budget.take_anyway(st.held_bytes);
+        let old = st.budget.replace(budget.clone()).expect("a budget");
+        old.give_back(st.held_bytes);
+        st.stats.cap = budget.cap;
         self.changed(&mut st);
+    }
+
+    fn budget(st: &State) -> &Arc<HeldBudget> {
+        st.budget.as_ref().expect("a budget")
     }
 
     pub(crate) fn stats(&self) -> WriteBackStats {
@@ -213,8 +299,8 @@ impl WriteBack {
             let wait = {
                 let mut st = self.lock();
                 let hold = copy || st.overlapping(off, len, u64::MAX).next().is_some();
-                if hold && st.held_bytes > 0 && st.held_bytes + len > st.cap {
-                    Err(st.epoch)
+                if hold && !WriteBack::budget(&st).try_take(len) {
+                    Err(WriteBack::budget(&st).clone())
                 } else {
                     let seq = st.next_seq;
                     st.next_seq += 1;
@@ -243,8 +329,9 @@ impl WriteBack {
             };
             match wait {
                 Ok(accepted) => break accepted,
-                // Backpressure: wait for held writes to leave.
-                Err(epoch) => self.wait_change(epoch).await,
+                // Backpressure: wait for held writes (of any engine that
+                // shares the budget) to leave.
+                Err(budget) => budget.wait_room(len).await,
             }
         };
         if !held {
@@ -271,7 +358,7 @@ impl WriteBack {
     /// share of the cap: its size follows the held work.
     fn kick(self: &Arc<Self>, st: &mut State) {
         while st.batches < MAX_BATCHES && !st.queue.is_empty() {
-            let limit = (st.cap / MAX_BATCHES).max(1);
+            let limit = (WriteBack::budget(st).cap / MAX_BATCHES).max(1);
             let (mut bytes, mut batch) = (0, Vec::new());
             while let Some(&seq) = st.queue.front() {
                 let e = &st.entries[&seq];
@@ -339,6 +426,7 @@ impl WriteBack {
         st.by_off.remove(&(e.off, seq));
         if e.data.is_some() {
             st.held_bytes -= e.len;
+            WriteBack::budget(&st).give_back(e.len);
             self.held.fetch_sub(1, Ordering::AcqRel);
             if let Err(detail) = &r {
                 tracing::error!(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cowsnap_store::io::fault::{FailRule, FaultController, FaultOp};
-use cowsnap_store::{AlignedBuf, Error, Origin, SnapId, SnapshotOptions, Target};
+use cowsnap_store::{AlignedBuf, Error, HeldBudget, Origin, SnapId, SnapshotOptions, Target};
 use futures::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -318,6 +318,74 @@ fn held_bytes_never_pass_the_cap() {
         o.flush().await.unwrap();
         let got = o.read(Target::Origin, 0, chunks * CB).await.unwrap();
         assert_chunks(&got, 0..chunks, |c| c as u8, "after the storm");
+    });
+}
+
+/// Two engines sharing one budget (a worker's volumes): storms on both at
+/// once never hold more than the budget together, every write succeeds,
+/// and all of it lands on each origin.
+#[test]
+fn engines_sharing_a_budget_never_hold_more_than_it_together() {
+    let chunks = 512u64; // 2 MiB per volume
+    let cap = 64 * 1024;
+    let dir = common::scratch();
+    let b = common::backend();
+    let budget = HeldBudget::new(cap);
+    common::runtime().block_on(async {
+        let mut origins = Vec::new();
+        for name in ["a", "b"] {
+            let origin_path =
+                common::pattern_file(&dir.path().join(format!("vol-{name}")), chunks * CB, 1);
+            let cow_path = common::sparse_file(
+                &dir.path().join(format!("snap-{name}")),
+                2 * chunks * CB + 64 * CB,
+            );
+            let o = Arc::new(Origin::new(b.open(&origin_path, true).unwrap()).unwrap());
+            snapshot(&o, b.open(&cow_path, true).unwrap()).await;
+            o.share_writeback_budget(budget.clone());
+            origins.push(o);
+        }
+        let writes = origins.iter().enumerate().flat_map(|(i, o)| {
+            (0..chunks).map(move |c| {
+                let o = o.clone();
+                async move {
+                    o.write(
+                        Target::Origin,
+                        c * CB,
+                        fill(CB, (c as u8) ^ (i as u8 * 0x80)),
+                        false,
+                    )
+                    .await
+                }
+            })
+        });
+        for r in join_all(writes).await {
+            r.expect("past the shared cap a write waits, it does not fail");
+        }
+        assert!(
+            budget.max_used() <= cap,
+            "held {} > cap {cap}",
+            budget.max_used()
+        );
+        assert!(
+            budget.max_used() >= cap / 2,
+            "the storms filled the cap: {}",
+            budget.max_used()
+        );
+        for (i, o) in origins.iter().enumerate() {
+            let st = o.writeback_stats();
+            assert_eq!(st.held_writes, chunks, "{st:?}");
+            assert_eq!(st.cap, cap, "{st:?}");
+            o.flush().await.unwrap();
+            let got = o.read(Target::Origin, 0, chunks * CB).await.unwrap();
+            assert_chunks(
+                &got,
+                0..chunks,
+                |c| (c as u8) ^ (i as u8 * 0x80),
+                "after the storms",
+            );
+        }
+        assert_eq!(budget.used(), 0, "everything reached its origin");
     });
 }
 

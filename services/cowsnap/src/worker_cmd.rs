@@ -113,9 +113,10 @@ pub struct WorkerArgs {
 /// The engines' write-back, on `cowsnap worker` and `cowsnap up`.
 #[derive(clap::Args, Debug)]
 pub struct WriteBackArgs {
-    /// Memory per volume for writes acknowledged before they reach the
-    /// device (plain writes that need copy-on-write; FLUSH and FUA wait
-    /// for them), e.g. 128m or 1g; past it writes wait [default: 128m].
+    /// Memory for writes acknowledged before they reach their device, all
+    /// volumes of the worker together (plain writes that need
+    /// copy-on-write; FLUSH and FUA wait for them), e.g. 128m or 1g; past
+    /// it writes wait [default: 128m].
     #[arg(long, env = "COWSNAP_WRITEBACK_CAP")]
     writeback_cap: Option<String>,
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cowsnap_proto::names;
-use cowsnap_store::{Backend, BackendChoice, IoStats, Layout, Origin, SnapId, Target};
+use cowsnap_store::{Backend, BackendChoice, HeldBudget, IoStats, Layout, Origin, SnapId, Target};
 use tokio::sync::Mutex;
 
 use crate::devices::Devices;
@@ -73,8 +73,9 @@ pub struct WorkerConfig {
     /// Globs of the raw block devices it may use.
     pub device_allow: Vec<String>,
     pub io: BackendChoice,
-    /// Bytes of acknowledged writes each volume's engine may hold before
-    /// they reach its device (D13 of docs/design.md).
+    /// Bytes of acknowledged writes the worker's engines may hold, all
+    /// volumes together, before they reach their devices (D13 of
+    /// docs/design.md).
     pub writeback_cap: u64,
 }
 
@@ -174,6 +175,8 @@ pub struct Worker {
     /// I/O counters of the engines of deleted volumes, so the worker's
     /// totals only grow.
     retired_io: std::sync::Mutex<IoStats>,
+    /// The cap on held writes that every engine of the worker shares.
+    writeback: Arc<HeldBudget>,
 }
 
 /// What a new snapshot or volume asks for, to compare with an existing one
@@ -210,6 +213,7 @@ impl Worker {
             Devices::new(&cfg.data_dir, &cfg.device_allow).map_err(|e| anyhow::anyhow!("{e}"))?;
         let file = StateFile::new(&cfg.data_dir);
         let st = file.load()?;
+        let writeback = HeldBudget::new(cfg.writeback_cap);
         let w = Arc::new(Worker {
             cfg,
             backend,
@@ -222,6 +226,7 @@ impl Worker {
             }),
             tasks: Tasks::default(),
             retired_io: std::sync::Mutex::new(IoStats::default()),
+            writeback,
         });
         w.recover().await?;
         Ok(w)

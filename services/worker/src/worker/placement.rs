@@ -68,8 +68,8 @@ impl Worker {
         })
     }
 
-    /// The engine over a volume's device, `size` bytes of it, with the
-    /// configured write-back cap.
+    /// The engine over a volume's device, `size` bytes of it, holding
+    /// writes under the worker's shared write-back cap.
     pub(super) fn open_engine(
         &self,
         path: &Path,
@@ -77,7 +77,7 @@ impl Worker {
         size: u64,
     ) -> Result<cowsnap_store::Origin> {
         let origin = cowsnap_store::Origin::new(self.open_sized(path, file_backed, size)?)?;
-        origin.set_writeback_cap(self.cfg.writeback_cap);
+        origin.share_writeback_budget(self.writeback.clone());
         Ok(origin)
     }
 
